@@ -1,0 +1,256 @@
+//! The task record as stored by the API worker, its list summary and its result.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{Operation, OperationKind, TaskStatus, Timestamp};
+
+/// One task: what to do, where, and everything that happened to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Task {
+    pub id: Uuid,
+    /// Serialized inline as `type` and `payload`.
+    #[serde(flatten)]
+    pub operation: Operation,
+    pub status: TaskStatus,
+    /// The server whose daemon runs the task: the request's `targetServer`, else the server
+    /// the VM registry has for the VM, else the API's default.
+    pub target_server: String,
+    /// The task submitted just before this one on the same VM; the daemon runs this one only
+    /// once that one is terminal, which keeps per-VM submission order through queue reordering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_task_id: Option<Uuid>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    /// How many claims have been made on the task (lease expiries count, releases do not).
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<Claim>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<TaskResult>,
+    /// Why the task failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Bumped on every change; lets readers and writers tell versions apart.
+    #[serde(default)]
+    pub gen: u64,
+    #[serde(default)]
+    pub timeline: Vec<TimelineEntry>,
+}
+
+/// The consumer currently allowed to work on a task, until `leaseExpiresAt`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Claim {
+    pub claim_id: Uuid,
+    pub consumer_id: String,
+    pub claimed_at: Timestamp,
+    pub lease_expires_at: Timestamp,
+}
+
+/// One event in a task's life: a status change (`from`/`to` set) or a note (retry, buffered,
+/// lease renewed...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TimelineEntry {
+    pub at: Timestamp,
+    /// Who did it: `api`, `consumer-worker`, `sweeper`, `client`, or the daemon's consumer id.
+    pub actor: String,
+    pub event: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<TaskStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<TaskStatus>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// A VM's lifecycle state as last reported by Arrakis, plus `DELETED` for a destroyed VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum VmState {
+    Running,
+    Paused,
+    Stopped,
+    Deleted,
+}
+
+impl VmState {
+    /// Parses Arrakis's uppercase status strings.
+    pub fn from_arrakis(s: &str) -> Option<Self> {
+        match s {
+            "RUNNING" => Some(Self::Running),
+            "PAUSED" => Some(Self::Paused),
+            "STOPPED" => Some(Self::Stopped),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortForward {
+    pub host_port: u16,
+    pub guest_port: u16,
+    pub description: String,
+}
+
+/// What a finished operation produced. Fields appear only where the operation has them.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_state: Option<VmState>,
+    /// Guest address without Arrakis's CIDR suffix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_device_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_forwards: Option<Vec<PortForward>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+    /// `run_command`: stdout and stderr, interleaved as Arrakis returns them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// `run_command`: Arrakis's `error`, e.g. `exit status 2`; absent on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `run_command`: the exit code when Arrakis reports one (0 on success).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Set when the operation's effect was already in place (deleting a VM that is gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// The part of a task kept in its KV key's metadata (≤ 1 KiB), so listing reads no values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskSummary {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    pub kind: OperationKind,
+    pub vm_name: String,
+    pub status: TaskStatus,
+    pub target_server: String,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+impl Task {
+    pub fn kind(&self) -> OperationKind {
+        self.operation.kind()
+    }
+
+    pub fn vm_name(&self) -> &str {
+        self.operation.vm_name()
+    }
+
+    pub fn summary(&self) -> TaskSummary {
+        TaskSummary {
+            id: self.id,
+            kind: self.kind(),
+            vm_name: self.vm_name().to_owned(),
+            status: self.status,
+            target_server: self.target_server.clone(),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+
+    /// Whether `claim_id` is the task's current claim.
+    pub fn is_claimed_by(&self, claim_id: Uuid) -> bool {
+        self.claim.as_ref().is_some_and(|c| c.claim_id == claim_id)
+    }
+
+    /// Records `event` on the timeline, with a status change when `to` is set, and bumps `gen`.
+    /// Callers check legality first (see [`TaskStatus::check_transition`]).
+    pub fn record(&mut self, at: Timestamp, actor: &str, event: &str, to: Option<TaskStatus>, message: impl Into<String>) {
+        let from = to.map(|_| self.status);
+        if let Some(to) = to {
+            self.status = to;
+        }
+        self.timeline.push(TimelineEntry {
+            at,
+            actor: actor.to_owned(),
+            event: event.to_owned(),
+            from,
+            to,
+            message: message.into(),
+        });
+        self.updated_at = at;
+        self.gen += 1;
+    }
+
+    /// When the task entered `status` most recently, from the timeline.
+    pub fn entered(&self, status: TaskStatus) -> Option<Timestamp> {
+        self.timeline.iter().rev().find(|e| e.to == Some(status)).map(|e| e.at)
+    }
+
+    /// When an event (`buffered`, say) was last recorded.
+    pub fn event_at(&self, event: &str) -> Option<Timestamp> {
+        self.timeline.iter().rev().find(|e| e.event == event).map(|e| e.at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::VmRef;
+
+    pub(crate) fn sample() -> Task {
+        Task {
+            id: Uuid::nil(),
+            operation: Operation::StopVm(VmRef { vm_name: "vm-1".into(), target_server: None }),
+            status: TaskStatus::Pending,
+            target_server: "production".into(),
+            previous_task_id: None,
+            created_at: Timestamp(1_000),
+            updated_at: Timestamp(1_000),
+            attempts: 0,
+            claim: None,
+            result: None,
+            error: None,
+            gen: 0,
+            timeline: vec![],
+        }
+    }
+
+    #[test]
+    fn stored_form_is_seed_shaped_and_round_trips() {
+        let task = sample();
+        let v = serde_json::to_value(&task).unwrap();
+        assert_eq!(v["type"], "stop_vm");
+        assert_eq!(v["payload"]["vmName"], "vm-1");
+        assert_eq!(v["status"], "pending");
+        assert_eq!(v["targetServer"], "production");
+        assert_eq!(v["createdAt"], "1970-01-01T00:00:01.000Z");
+        assert_eq!(serde_json::from_value::<Task>(v).unwrap(), task);
+    }
+
+    #[test]
+    fn record_tracks_status_changes_and_generations() {
+        let mut task = sample();
+        task.record(Timestamp(2_000), "consumer-worker", "buffered", None, "");
+        task.record(Timestamp(3_000), "host-a", "claimed", Some(TaskStatus::Processing), "");
+        assert_eq!(task.status, TaskStatus::Processing);
+        assert_eq!(task.gen, 2);
+        assert_eq!(task.updated_at, Timestamp(3_000));
+        assert_eq!(task.timeline[1].from, Some(TaskStatus::Pending));
+        assert_eq!(task.entered(TaskStatus::Processing), Some(Timestamp(3_000)));
+        assert_eq!(task.event_at("buffered"), Some(Timestamp(2_000)));
+    }
+
+    #[test]
+    fn summary_fits_in_kv_metadata() {
+        let mut task = sample();
+        let long = "x".repeat(crate::Limits::NAME_MAX);
+        task.operation = Operation::StopVm(VmRef { vm_name: long.clone(), target_server: None });
+        task.target_server = long;
+        let bytes = serde_json::to_vec(&task.summary()).unwrap();
+        assert!(bytes.len() < 1024, "{} bytes", bytes.len());
+    }
+}

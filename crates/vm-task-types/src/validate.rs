@@ -1,0 +1,181 @@
+//! Input rules shared by the API (which rejects bad input with a 4xx) and the daemon (which
+//! re-checks before building an Arrakis URL).
+//!
+//! VM names, snapshot ids and server names become Arrakis URL path segments, directories on
+//! the host and parts of KV keys, so one conservative rule covers all three.
+
+use std::fmt;
+
+/// Size limits on user input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits;
+
+impl Limits {
+    /// Longest VM or server name.
+    pub const NAME_MAX: usize = 63;
+    /// Longest snapshot id; longer than a name so `<vmName>-<suffix>` always fits.
+    pub const SNAPSHOT_ID_MAX: usize = 128;
+    /// Largest `run_command` command, in bytes.
+    pub const COMMAND_MAX_BYTES: usize = 16 * 1024;
+    /// Largest request body the API reads, in bytes.
+    pub const BODY_MAX_BYTES: usize = 64 * 1024;
+    /// Longest host path in `vmConfig` (kernel, rootfs, initramfs).
+    pub const PATH_MAX: usize = 4096;
+    /// Longest `Idempotency-Key` header.
+    pub const IDEMPOTENCY_KEY_MAX: usize = 255;
+    /// Longest wait a client may ask for on `GET /vm/tasks/:id?wait=N`, in seconds.
+    pub const WAIT_MAX_SECS: u64 = 60;
+    /// Largest page of `GET /vm/tasks`.
+    pub const LIST_LIMIT_MAX: usize = 1000;
+    /// Page size of `GET /vm/tasks` when `limit` is absent.
+    pub const LIST_LIMIT_DEFAULT: usize = 50;
+}
+
+/// A problem with one field of a request, named by its JSON path (`payload.vmName`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+/// Checks a name used as one URL path segment, directory and key part: 1 to `max` characters
+/// of `[A-Za-z0-9._-]`, not starting with `.` or `-` (which rules out `.`, `..` and
+/// option-like names).
+pub fn check_segment(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
+    if value.is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(FieldError::new(
+            field,
+            format!("must be at most {max} characters, got {}", value.chars().count()),
+        ));
+    }
+    if let Some(bad) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(FieldError::new(
+            field,
+            format!("contains {bad:?}; only letters, digits, '.', '_' and '-' are allowed"),
+        ));
+    }
+    if value.starts_with(['.', '-']) {
+        return Err(FieldError::new(field, "must not start with '.' or '-'"));
+    }
+    Ok(())
+}
+
+pub fn check_vm_name(field: &str, value: &str) -> Result<(), FieldError> {
+    check_segment(field, value, Limits::NAME_MAX)
+}
+
+pub fn check_server_name(field: &str, value: &str) -> Result<(), FieldError> {
+    check_segment(field, value, Limits::NAME_MAX)
+}
+
+pub fn check_snapshot_id(field: &str, value: &str) -> Result<(), FieldError> {
+    check_segment(field, value, Limits::SNAPSHOT_ID_MAX)
+}
+
+pub fn check_command(field: &str, value: &str) -> Result<(), FieldError> {
+    if value.trim().is_empty() {
+        return Err(FieldError::new(field, "must not be empty or only whitespace"));
+    }
+    if value.len() > Limits::COMMAND_MAX_BYTES {
+        return Err(FieldError::new(
+            field,
+            format!("must be at most {} bytes, got {}", Limits::COMMAND_MAX_BYTES, value.len()),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(FieldError::new(field, "must not contain NUL bytes"));
+    }
+    Ok(())
+}
+
+/// Host paths in `vmConfig`: optional, but when present non-empty, bounded and NUL-free.
+pub fn check_host_path(field: &str, value: &str) -> Result<(), FieldError> {
+    if value.is_empty() {
+        return Err(FieldError::new(field, "must not be empty when present"));
+    }
+    if value.len() > Limits::PATH_MAX {
+        return Err(FieldError::new(field, format!("must be at most {} bytes", Limits::PATH_MAX)));
+    }
+    if value.contains('\0') {
+        return Err(FieldError::new(field, "must not contain NUL bytes"));
+    }
+    Ok(())
+}
+
+/// Task ids are UUIDs in their canonical hyphenated form.
+pub fn parse_task_id(field: &str, value: &str) -> Result<uuid::Uuid, FieldError> {
+    uuid::Uuid::try_parse(value)
+        .ok()
+        .filter(|_| value.len() == 36)
+        .ok_or_else(|| FieldError::new(field, format!("{value:?} is not a UUID")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_ordinary_names() {
+        for ok in ["test-vm-001", "a", "vm_1.prod", "A9", &"x".repeat(63)] {
+            check_vm_name("vmName", ok).unwrap();
+        }
+    }
+
+    #[test]
+    fn rejects_names_that_are_not_one_safe_segment() {
+        let cases: [(&str, &str); 9] = [
+            ("", "must not be empty"),
+            ("a/b", "'/'"),
+            ("..", "must not start"),
+            (".hidden", "must not start"),
+            ("-rf", "must not start"),
+            ("has space", "' '"),
+            ("naïve", "'ï'"),
+            ("a%2Fb", "'%'"),
+            ("semi;colon", "';'"),
+        ];
+        for (bad, expected) in cases {
+            let err = check_vm_name("payload.vmName", bad).unwrap_err();
+            assert_eq!(err.field, "payload.vmName");
+            assert!(err.message.contains(expected), "{bad:?}: {}", err.message);
+        }
+        let long = "x".repeat(64);
+        assert!(check_vm_name("vmName", &long).unwrap_err().message.contains("at most 63"));
+    }
+
+    #[test]
+    fn commands_must_be_non_blank_and_bounded() {
+        check_command("c", "echo hi").unwrap();
+        assert!(check_command("c", "  \n").is_err());
+        assert!(check_command("c", &"x".repeat(Limits::COMMAND_MAX_BYTES + 1))
+            .unwrap_err()
+            .message
+            .contains("at most 16384 bytes"));
+        check_command("c", &"x".repeat(Limits::COMMAND_MAX_BYTES)).unwrap();
+    }
+
+    #[test]
+    fn task_ids_must_be_canonical_uuids() {
+        parse_task_id("id", "0190b5a4-3b7c-7def-8abc-0123456789ab").unwrap();
+        for bad in ["", "123", "0190b5a43b7c7def8abc0123456789ab", "not-a-uuid-at-all-not-a-uuid-at-all"] {
+            assert!(parse_task_id("id", bad).is_err(), "{bad}");
+        }
+    }
+}

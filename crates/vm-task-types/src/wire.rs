@@ -1,0 +1,292 @@
+//! Request and response bodies of both workers' HTTP APIs (camelCase JSON).
+//!
+//! The API worker's responses keep the original system's fields (`success`, `taskId`,
+//! `status`, `message`) and add to them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{OperationKind, PortForward, Task, TaskResult, TaskStatus, TaskSummary, Timestamp, VmState};
+
+/// Every error body: `success: false`, a message naming the problem, a stable code, and where
+/// it applies the field at fault or the task's current status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    pub success: bool,
+    pub error: String,
+    pub code: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_status: Option<TaskStatus>,
+    /// For a claim refused because another lease holds the task: when it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_expires_at: Option<Timestamp>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// API worker
+
+/// `POST /vm/tasks` → 202 (201-style body; 200 when an `Idempotency-Key` replays a task).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateTaskResponse {
+    pub success: bool,
+    pub task_id: Uuid,
+    pub status: TaskStatus,
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: OperationKind,
+    pub vm_name: String,
+    pub target_server: String,
+    pub created_at: Timestamp,
+}
+
+/// `GET /vm/tasks/:id/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskStatusResponse {
+    pub success: bool,
+    pub task_id: Uuid,
+    #[serde(rename = "type")]
+    pub kind: OperationKind,
+    pub status: TaskStatus,
+    pub vm_name: String,
+    pub target_server: String,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<TaskResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl TaskStatusResponse {
+    pub fn of(task: &Task) -> Self {
+        Self {
+            success: true,
+            task_id: task.id,
+            kind: task.kind(),
+            status: task.status,
+            vm_name: task.vm_name().to_owned(),
+            target_server: task.target_server.clone(),
+            created_at: task.created_at,
+            updated_at: task.updated_at,
+            attempts: task.attempts,
+            result: task.result.clone(),
+            error: task.error.clone(),
+        }
+    }
+}
+
+/// `GET /vm/tasks/:id`: the whole record with its timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskDetailResponse {
+    pub success: bool,
+    pub task: Task,
+}
+
+/// `GET /vm/tasks?limit=&cursor=`: newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListTasksResponse {
+    pub success: bool,
+    pub tasks: Vec<TaskSummary>,
+    pub count: usize,
+    /// Pass back as `cursor` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    pub list_complete: bool,
+}
+
+/// `PUT /vm/tasks/:id/status`, sent by the daemon holding the task's claim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateStatusRequest {
+    pub status: TaskStatus,
+    pub claim_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<TaskResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Transient failures the daemon retried on the way, recorded on the task's timeline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retries: Vec<RetryNote>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryNote {
+    pub at: Timestamp,
+    pub attempt: u32,
+    pub error: String,
+}
+
+/// `PUT /vm/tasks/:id/status` and `DELETE /vm/tasks/:id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateStatusResponse {
+    pub success: bool,
+    pub task_id: Uuid,
+    pub status: TaskStatus,
+    pub message: String,
+}
+
+/// `GET /vm/:vmName/status`, answered from the VM registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStatusResponse {
+    pub success: bool,
+    pub vm_name: String,
+    pub server: String,
+    /// Last state a finished task established; absent until one has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<VmState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_forwards: Option<Vec<PortForward>>,
+    /// The task that established `state`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_task_id: Option<Uuid>,
+    pub last_task_id: Uuid,
+    pub last_task_status: TaskStatus,
+    #[serde(rename = "lastTaskType")]
+    pub last_task_kind: OperationKind,
+    pub updated_at: Timestamp,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consumer worker
+
+/// One buffered task as listed from KV metadata, without reading its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BufferedTask {
+    pub task_id: Uuid,
+    #[serde(rename = "type")]
+    pub kind: OperationKind,
+    pub vm_name: String,
+    pub target_server: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_task_id: Option<Uuid>,
+    pub created_at: Timestamp,
+    pub buffered_at: Timestamp,
+}
+
+/// `GET /tasks/ready?server=a,b&wait=S&since=BELL`: oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadyTasksResponse {
+    pub success: bool,
+    pub tasks: Vec<BufferedTask>,
+    pub count: usize,
+    /// The doorbell value at the time of the listing; pass it back as `since` to wait for work
+    /// that arrives after it.
+    pub bell: String,
+    /// False when the listing stopped at its page limit and more tasks are buffered.
+    pub list_complete: bool,
+}
+
+/// `POST /tasks/:id/claim`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimRequest {
+    pub consumer_id: String,
+    /// Requested lease; bounded by the worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimResponse {
+    pub success: bool,
+    pub task: Task,
+    pub claim_id: Uuid,
+    pub lease_expires_at: Timestamp,
+}
+
+/// `POST /tasks/:id/heartbeat` renews a lease; `POST /tasks/:id/release` gives the task back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseRequest {
+    pub claim_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseResponse {
+    pub success: bool,
+    pub task_id: Uuid,
+    pub status: TaskStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_expires_at: Option<Timestamp>,
+}
+
+/// `GET /tasks/all`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AllBufferedResponse {
+    pub success: bool,
+    pub tasks: Vec<BufferedTask>,
+    pub count: usize,
+    pub list_complete: bool,
+}
+
+/// KV and queue operations one worker isolate has made since it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OpCounts {
+    pub kv_reads: u64,
+    pub kv_writes: u64,
+    pub kv_deletes: u64,
+    pub kv_lists: u64,
+    pub queue_sends: u64,
+    pub queue_acks: u64,
+    pub queue_retries: u64,
+}
+
+impl OpCounts {
+    /// Writes, deletes and lists: the operations KV bills at the write price.
+    pub fn kv_write_class(&self) -> u64 {
+        self.kv_writes + self.kv_deletes + self.kv_lists
+    }
+}
+
+/// `GET /stats` on either worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsResponse {
+    pub success: bool,
+    pub worker: String,
+    /// When this isolate started counting; counters are per isolate.
+    pub since: Timestamp,
+    pub ops: OpCounts,
+    /// Consumer worker only: buffered tasks per server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffered_by_server: Option<BTreeMap<String, usize>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffered_total: Option<usize>,
+}
+
+/// `GET /health` on either worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthResponse {
+    pub success: bool,
+    pub status: String,
+    pub worker: String,
+    pub timestamp: Timestamp,
+}
