@@ -1,0 +1,456 @@
+//! The API worker: clients submit, read, list and cancel tasks; daemons report on them.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+use vm_task_types::{
+    validate::{self, parse_task_id},
+    wire::{
+        CreateTaskResponse, HealthResponse, ListTasksResponse, StatsResponse, TaskDetailResponse,
+        TaskStatusResponse, UpdateStatusRequest, UpdateStatusResponse, VmStatusResponse,
+    },
+    FieldError, Limits, Operation, Task, TaskStatus, TaskSummary, Timestamp,
+};
+
+use crate::{
+    auth::{self, Cors, Tokens},
+    counting::OpCounters,
+    http::{Request, Response},
+    registry::{Fold, VmRecord},
+    routes::{match_route, Matched, API_ROUTES},
+    store::{BufferStore, TaskStore},
+    AppError, Clock, Ids, KvStore, QueueMessage, TaskQueue,
+};
+
+/// Settings from the worker's vars and secrets.
+#[derive(Debug, Clone, Default)]
+pub struct ApiConfig {
+    /// `API_TOKENS`: bearer tokens for clients.
+    pub client_tokens: Tokens,
+    /// `CONSUMER_TOKENS`: bearer tokens for daemons (status reports).
+    pub consumer_tokens: Tokens,
+    /// `ALLOWED_ORIGINS`: browser origins allowed on authenticated routes.
+    pub cors: Cors,
+    /// `DEFAULT_TARGET_SERVER`: where tasks go when neither the request nor the registry says.
+    pub default_target_server: Option<String>,
+    /// Key that signs list cursors (`CURSOR_SECRET`, else derived from the tokens).
+    pub cursor_secret: Vec<u8>,
+    /// How often `?wait=` re-reads the task.
+    pub wait_poll_ms: u64,
+    /// Served at `/openapi.json`.
+    pub openapi: Option<&'static str>,
+}
+
+/// The API worker's handlers over its ports.
+#[derive(Debug)]
+pub struct ApiService<'a, S, B, Q, C, I> {
+    pub tasks: TaskStore<S>,
+    pub buffer: BufferStore<B>,
+    pub queue: Q,
+    pub clock: C,
+    pub ids: I,
+    pub config: &'a ApiConfig,
+    pub counters: &'a OpCounters,
+}
+
+/// Stored under `idem:{sha256(key)}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IdempotencyRecord {
+    task_id: Uuid,
+    body_hash: String,
+}
+
+impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B, Q, C, I> {
+    /// Routes and answers one request. Never panics on input; every error is a JSON body.
+    pub async fn handle(&self, request: Request) -> Response {
+        if request.method == "OPTIONS" {
+            return self.preflight(&request);
+        }
+        let response = match match_route(API_ROUTES, &request.method, &request.path) {
+            Ok(route) => self.dispatch(&route, &request).await.unwrap_or_else(Response::from),
+            Err(e) => e.into(),
+        };
+        self.with_cors(&request, response)
+    }
+
+    async fn dispatch(&self, route: &Matched, request: &Request) -> Result<Response, AppError> {
+        match route.pattern {
+            "/health" => Ok(self.health()),
+            "/" => Ok(index()),
+            "/openapi.json" => match self.config.openapi {
+                Some(doc) => Ok(Response { status: 200, headers: vec![("content-type".into(), "application/json".into())], body: doc.as_bytes().to_vec() }),
+                None => Err(AppError::NotFound("no OpenAPI document is bundled".into())),
+            },
+            "/stats" => {
+                self.config.client_tokens.check(request, "client")?;
+                Ok(Response::json(200, &self.stats()))
+            }
+            "/vm/tasks" if request.method == "POST" => {
+                self.config.client_tokens.check(request, "client")?;
+                self.create_task(request).await
+            }
+            "/vm/tasks" => {
+                self.config.client_tokens.check(request, "client")?;
+                self.list_tasks(request).await
+            }
+            "/vm/tasks/{id}" if request.method == "DELETE" => {
+                self.config.client_tokens.check(request, "client")?;
+                self.cancel_task(route.param(0)).await
+            }
+            "/vm/tasks/{id}" => {
+                self.config.client_tokens.check(request, "client")?;
+                let task = self.get_waiting(route.param(0), request).await?;
+                Ok(Response::json(200, &TaskDetailResponse { success: true, task }))
+            }
+            "/vm/tasks/{id}/status" if request.method == "PUT" => {
+                self.config.consumer_tokens.check(request, "consumer")?;
+                self.update_status(route.param(0), request).await
+            }
+            "/vm/tasks/{id}/status" => {
+                self.config.client_tokens.check(request, "client")?;
+                let task = self.get_waiting(route.param(0), request).await?;
+                Ok(Response::json(200, &TaskStatusResponse::of(&task)))
+            }
+            "/vm/{vmName}/status" => {
+                self.config.client_tokens.check(request, "client")?;
+                self.vm_status(route.param(0)).await
+            }
+            other => Err(AppError::NotFound(format!("no handler for {other}"))),
+        }
+    }
+
+    fn health(&self) -> Response {
+        Response::json(
+            200,
+            &HealthResponse { success: true, status: "healthy".into(), worker: "vm-api-worker".into(), timestamp: self.clock.now() },
+        )
+    }
+
+    fn stats(&self) -> StatsResponse {
+        StatsResponse {
+            success: true,
+            worker: "vm-api-worker".into(),
+            since: Timestamp(0),
+            ops: self.counters.snapshot(),
+            buffered_by_server: None,
+            buffered_total: None,
+        }
+    }
+
+    async fn create_task(&self, request: &Request) -> Result<Response, AppError> {
+        let body = request.json_value()?;
+        let mut operation = Operation::parse(&body)?;
+        let idempotency = match request.get_header("idempotency-key") {
+            Some(key) => Some(self.idempotency_lookup(key, &body).await?),
+            None => None,
+        };
+        if let Some(Idempotency::Replay(task)) = idempotency {
+            return Ok(created_response(200, &task));
+        }
+        let now = self.clock.now();
+        let id = self.ids.task_id(now);
+        let vm_name = operation.vm_name().to_owned();
+        let mut registry = self.tasks.vm(&vm_name).await?;
+        let target_server = self.route(&operation, registry.as_ref())?;
+        if let Operation::SnapshotVm(snapshot) = &mut operation {
+            // Arrakis snapshot ids are global and single-use: give each task a fresh one.
+            snapshot.snapshot_id.get_or_insert_with(|| format!("{vm_name}-{}", &id.simple().to_string()[20..]));
+        }
+        let mut task = Task {
+            id,
+            operation,
+            status: TaskStatus::Pending,
+            target_server,
+            previous_task_id: registry.as_ref().map(|r| r.last_task_id),
+            created_at: now,
+            updated_at: now,
+            attempts: 0,
+            claim: None,
+            result: None,
+            error: None,
+            gen: 0,
+            timeline: Vec::new(),
+        };
+        task.record(now, "api", "created", None, format!("queued for server {}", task.target_server));
+        self.tasks.save(&task).await?;
+        if let Err(e) = self.queue.send(&QueueMessage::of(&task)).await {
+            // The client gets a readable terminal task, never a silently lost one.
+            task.record(self.clock.now(), "api", "queue_failed", Some(TaskStatus::Failed), e.to_string());
+            task.error = Some(format!("could not be queued: {e}"));
+            self.tasks.save(&task).await?;
+            return Err(AppError::Unavailable(format!("task {id} could not be queued and was marked failed: {e}")));
+        }
+        match registry.as_mut() {
+            Some(record) => {
+                self.fold_registry(record).await?;
+                record.push_task(&task);
+            }
+            None => registry = Some(VmRecord::new_for(&task)),
+        }
+        if let Some(record) = &registry {
+            self.tasks.save_vm(record).await?;
+        }
+        if let Some(Idempotency::New { key_hash, body_hash }) = idempotency {
+            self.tasks.put_json(&crate::keys::idempotency(&key_hash), &IdempotencyRecord { task_id: id, body_hash }).await?;
+        }
+        Ok(created_response(202, &task))
+    }
+
+    /// Which server runs the task: the request's, else the registry's, else the default.
+    fn route(&self, operation: &Operation, registry: Option<&VmRecord>) -> Result<String, AppError> {
+        if let Some(server) = operation.requested_server() {
+            return Ok(server.to_owned());
+        }
+        if let Some(record) = registry {
+            return Ok(record.server.clone());
+        }
+        self.config.default_target_server.clone().ok_or_else(|| AppError::Unprocessable {
+            code: "no_target_server",
+            message: format!(
+                "payload.targetServer is required: VM {:?} is not in the registry and no DEFAULT_TARGET_SERVER is configured",
+                operation.vm_name()
+            ),
+            field: Some("payload.targetServer".into()),
+        })
+    }
+
+    async fn idempotency_lookup(&self, key: &str, body: &Value) -> Result<Idempotency, AppError> {
+        if key.is_empty() || key.len() > Limits::IDEMPOTENCY_KEY_MAX || !key.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+            return Err(AppError::BadRequest {
+                code: "invalid_idempotency_key",
+                message: format!("Idempotency-Key must be 1 to {} visible ASCII characters", Limits::IDEMPOTENCY_KEY_MAX),
+                field: Some("Idempotency-Key".into()),
+            });
+        }
+        let key_hash = auth::sha256_hex(key.as_bytes());
+        let body_hash = auth::sha256_hex(canonical_json(body).as_bytes());
+        let existing: Option<IdempotencyRecord> = self.tasks.get_json(&crate::keys::idempotency(&key_hash)).await?;
+        match existing {
+            None => Ok(Idempotency::New { key_hash, body_hash }),
+            Some(record) if record.body_hash == body_hash => match self.tasks.load(record.task_id).await? {
+                Some(task) => Ok(Idempotency::Replay(task)),
+                None => Ok(Idempotency::New { key_hash, body_hash }),
+            },
+            Some(record) => Err(AppError::Unprocessable {
+                code: "idempotency_key_reused",
+                message: format!("Idempotency-Key was already used for task {} with a different body", record.task_id),
+                field: Some("Idempotency-Key".into()),
+            }),
+        }
+    }
+
+    async fn list_tasks(&self, request: &Request) -> Result<Response, AppError> {
+        let limit = match request.query_param("limit") {
+            None => Limits::LIST_LIMIT_DEFAULT,
+            Some(raw) => raw.parse::<usize>().ok().filter(|n| (1..=Limits::LIST_LIMIT_MAX).contains(n)).ok_or_else(|| {
+                AppError::invalid_field(FieldError::new("limit", format!("must be an integer from 1 to {}, got {raw:?}", Limits::LIST_LIMIT_MAX)))
+            })?,
+        };
+        let kv_cursor = match request.query_param("cursor") {
+            None | Some("") => None,
+            Some(signed) => Some(auth::verify_cursor(&self.config.cursor_secret, signed)?),
+        };
+        let page = self.tasks.list(limit, kv_cursor.as_deref()).await?;
+        let tasks: Vec<TaskSummary> =
+            page.keys.iter().filter_map(|k| k.metadata.clone().and_then(|m| serde_json::from_value(m).ok())).collect();
+        let cursor = page.cursor.filter(|_| !page.list_complete).map(|c| auth::sign_cursor(&self.config.cursor_secret, &c));
+        Ok(Response::json(
+            200,
+            &ListTasksResponse { success: true, count: tasks.len(), tasks, list_complete: cursor.is_none(), cursor },
+        ))
+    }
+
+    /// Loads a task, waiting up to `?wait=N` seconds for it to become terminal.
+    async fn get_waiting(&self, raw_id: &str, request: &Request) -> Result<Task, AppError> {
+        let id = parse_task_id("id", raw_id)?;
+        let wait_secs = match request.query_param("wait") {
+            None => 0,
+            Some(raw) => raw.parse::<u64>().ok().filter(|n| *n <= Limits::WAIT_MAX_SECS).ok_or_else(|| {
+                AppError::invalid_field(FieldError::new("wait", format!("must be whole seconds from 0 to {}, got {raw:?}", Limits::WAIT_MAX_SECS)))
+            })?,
+        };
+        let deadline = self.clock.now().plus_secs(wait_secs);
+        loop {
+            let task = self.tasks.require(id).await?;
+            let now = self.clock.now();
+            if task.status.is_terminal() || now >= deadline {
+                return Ok(task);
+            }
+            self.clock.sleep_ms(self.config.wait_poll_ms.max(10).min(deadline.millis_since(now))).await;
+        }
+    }
+
+    async fn update_status(&self, raw_id: &str, request: &Request) -> Result<Response, AppError> {
+        let id = parse_task_id("id", raw_id)?;
+        let update: UpdateStatusRequest = request.json()?;
+        let mut task = self.tasks.require(id).await?;
+        if !task.is_claimed_by(update.claim_id) {
+            return Err(AppError::Conflict {
+                message: format!("claim {} does not hold task {id}; only the consumer holding its current claim may report on it", update.claim_id),
+                current_status: Some(task.status),
+                lease_expires_at: task.claim.as_ref().map(|c| c.lease_expires_at),
+            });
+        }
+        if task.status == update.status {
+            // A repeated report (the daemon retried after a lost response): nothing to write.
+            return Ok(Response::json(200, &status_response(&task, "status unchanged")));
+        }
+        if update.status == TaskStatus::Pending {
+            return Err(AppError::conflict("a task goes back to pending only by release or lease expiry", task.status));
+        }
+        task.status.check_transition(update.status).map_err(|e| AppError::conflict(e.to_string(), task.status))?;
+        let consumer = task.claim.as_ref().map(|c| c.consumer_id.clone()).unwrap_or_default();
+        for retry in &update.retries {
+            task.timeline.push(vm_task_types::TimelineEntry {
+                at: retry.at,
+                actor: consumer.clone(),
+                event: "retry".into(),
+                from: None,
+                to: None,
+                message: format!("attempt {} failed: {}", retry.attempt, retry.error),
+            });
+        }
+        task.result = update.result.clone().or(task.result.take());
+        task.error = update.error.clone().or(task.error.take());
+        let message = update.message.clone().or_else(|| update.error.clone()).unwrap_or_default();
+        task.record(self.clock.now(), &consumer, update.status.as_str(), Some(update.status), message);
+        self.tasks.save(&task).await?;
+        if task.status.is_terminal() {
+            self.buffer.remove(&task.target_server, id).await?;
+        }
+        Ok(Response::json(200, &status_response(&task, "status updated")))
+    }
+
+    async fn cancel_task(&self, raw_id: &str) -> Result<Response, AppError> {
+        let id = parse_task_id("id", raw_id)?;
+        let mut task = self.tasks.require(id).await?;
+        match task.status {
+            TaskStatus::Cancelled => return Ok(Response::json(200, &status_response(&task, "task was already cancelled"))),
+            TaskStatus::Pending => {}
+            other => {
+                return Err(AppError::conflict(
+                    format!("task {id} is {other}; only a pending task can be cancelled"),
+                    other,
+                ))
+            }
+        }
+        task.record(self.clock.now(), "client", "cancelled", Some(TaskStatus::Cancelled), "cancelled by client");
+        task.error = Some("cancelled by client".into());
+        self.tasks.save(&task).await?;
+        // Best effort: a claim attempt would also find the task cancelled and drop the entry.
+        self.buffer.remove(&task.target_server, id).await?;
+        Ok(Response::json(200, &status_response(&task, "task cancelled")))
+    }
+
+    async fn vm_status(&self, vm_name: &str) -> Result<Response, AppError> {
+        validate::check_vm_name("vmName", vm_name)?;
+        let mut record = self.tasks.vm(vm_name).await?.ok_or_else(|| AppError::NotFound(format!("VM {vm_name:?} is not in the registry")))?;
+        self.fold_registry(&mut record).await?;
+        let last = self.tasks.load(record.last_task_id).await?;
+        let known = record.known.clone();
+        Ok(Response::json(
+            200,
+            &VmStatusResponse {
+                success: true,
+                vm_name: record.vm_name.clone(),
+                server: record.server.clone(),
+                state: known.as_ref().map(|k| k.state),
+                ip: known.as_ref().and_then(|k| k.ip.clone()),
+                port_forwards: known.as_ref().and_then(|k| k.port_forwards.clone()),
+                state_task_id: known.as_ref().map(|k| k.task_id),
+                last_task_id: record.last_task_id,
+                last_task_status: last.as_ref().map(|t| t.status).unwrap_or(TaskStatus::Pending),
+                last_task_kind: record.last_task_kind,
+                updated_at: last.map(|t| t.updated_at).unwrap_or(record.updated_at),
+            },
+        ))
+    }
+
+    /// Folds finished lifecycle tasks into the record's known state, oldest first.
+    async fn fold_registry(&self, record: &mut VmRecord) -> Result<(), AppError> {
+        let mut folded = 0;
+        for id in record.pending_lifecycle.clone() {
+            match self.tasks.load(id).await? {
+                Some(task) if record.fold(&task) == Fold::Stop => break,
+                _ => folded += 1,
+            }
+        }
+        record.pending_lifecycle.drain(..folded);
+        Ok(())
+    }
+
+    fn preflight(&self, request: &Request) -> Response {
+        match self.config.cors.allow_origin(request) {
+            Some(origin) => Response::empty(204)
+                .with_header("access-control-allow-origin", &origin)
+                .with_header("access-control-allow-methods", "GET, POST, PUT, DELETE, OPTIONS")
+                .with_header("access-control-allow-headers", "authorization, content-type, idempotency-key")
+                .with_header("access-control-max-age", "600")
+                .with_header("vary", "origin"),
+            None => Response::from(AppError::Unauthorized("origin is not allowed".into())),
+        }
+    }
+
+    fn with_cors(&self, request: &Request, response: Response) -> Response {
+        if request.path == "/health" {
+            return response.with_header("access-control-allow-origin", "*");
+        }
+        match self.config.cors.allow_origin(request) {
+            Some(origin) => response.with_header("access-control-allow-origin", &origin).with_header("vary", "origin"),
+            None => response,
+        }
+    }
+}
+
+enum Idempotency {
+    New { key_hash: String, body_hash: String },
+    Replay(Task),
+}
+
+fn created_response(status: u16, task: &Task) -> Response {
+    let body = CreateTaskResponse {
+        success: true,
+        task_id: task.id,
+        status: task.status,
+        message: format!("{} task queued successfully", task.kind().describe()),
+        kind: task.kind(),
+        vm_name: task.vm_name().to_owned(),
+        target_server: task.target_server.clone(),
+        created_at: task.created_at,
+    };
+    Response::json(status, &body).with_header("location", &format!("/vm/tasks/{}", task.id))
+}
+
+fn status_response(task: &Task, message: &str) -> UpdateStatusResponse {
+    UpdateStatusResponse { success: true, task_id: task.id, status: task.status, message: message.to_owned() }
+}
+
+fn index() -> Response {
+    Response::json(
+        200,
+        &serde_json::json!({
+            "success": true,
+            "name": "vm-api-worker",
+            "description": "VM task queue: submit VM operations, follow them to completion",
+            "endpoints": API_ROUTES.iter().map(|(m, p)| format!("{m} {p}")).collect::<Vec<_>>(),
+            "operations": vm_task_types::OperationKind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
+        }),
+    )
+}
+
+/// JSON with object keys sorted at every level, so equal bodies hash equal.
+pub fn canonical_json(value: &Value) -> String {
+    fn sort(value: &Value) -> Value {
+        match value {
+            Value::Object(map) => {
+                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                Value::Object(entries.into_iter().map(|(k, v)| (k.clone(), sort(v))).collect())
+            }
+            Value::Array(items) => Value::Array(items.iter().map(sort).collect()),
+            other => other.clone(),
+        }
+    }
+    sort(value).to_string()
+}

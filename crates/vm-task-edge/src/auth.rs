@@ -1,0 +1,182 @@
+//! Bearer-token checks, CORS, and the signature that makes list cursors unforgeable.
+//!
+//! Tokens come from worker secrets as comma-separated lists so a new token can be added
+//! before the old one is removed. Comparisons take the same time whatever the input.
+
+use sha2::{Digest, Sha256};
+
+use crate::{http::Request, AppError};
+
+/// A set of accepted bearer tokens. Debug output never shows them.
+#[derive(Clone, Default)]
+pub struct Tokens(Vec<String>);
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokens({} configured)", self.0.len())
+    }
+}
+
+impl Tokens {
+    /// Parses `"tok1,tok2"`; blanks are dropped.
+    pub fn parse(list: &str) -> Self {
+        Self(list.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Checks the request's `Authorization: Bearer` header against every token, in constant
+    /// time per token, and without stopping at the first match.
+    pub fn check(&self, request: &Request, what: &str) -> Result<(), AppError> {
+        if self.0.is_empty() {
+            return Err(AppError::Unavailable(format!(
+                "no {what} tokens are configured on this worker; set them with `wrangler secret put`"
+            )));
+        }
+        let header = request.get_header("authorization").ok_or_else(|| {
+            AppError::Unauthorized(format!("missing Authorization header; send `Authorization: Bearer <{what} token>`"))
+        })?;
+        let presented = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .ok_or_else(|| AppError::Unauthorized("Authorization header must use the Bearer scheme".into()))?;
+        let mut matched = false;
+        for token in &self.0 {
+            matched |= constant_time_eq(token.as_bytes(), presented.as_bytes());
+        }
+        if matched {
+            Ok(())
+        } else {
+            Err(AppError::Unauthorized(format!("invalid {what} token")))
+        }
+    }
+}
+
+/// Compares two byte strings in time that depends only on their lengths. Hashing first makes
+/// the lengths equal, so not even the token's length leaks.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let (ha, hb) = (Sha256::digest(a), Sha256::digest(b));
+    ha.iter().zip(hb.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Origins allowed to call authenticated routes from a browser.
+#[derive(Debug, Clone, Default)]
+pub struct Cors {
+    origins: Vec<String>,
+}
+
+impl Cors {
+    pub fn parse(list: &str) -> Self {
+        Self { origins: list.split(',').map(str::trim).filter(|o| !o.is_empty()).map(str::to_owned).collect() }
+    }
+
+    /// The `Access-Control-Allow-Origin` value for this request, if its origin is allowed.
+    pub fn allow_origin(&self, request: &Request) -> Option<String> {
+        let origin = request.get_header("origin")?;
+        self.origins.iter().any(|o| o == origin || o == "*").then(|| origin.to_owned())
+    }
+}
+
+/// HMAC-SHA256 (RFC 2104), written out because it is ten lines over `sha2`.
+pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let mut block_key = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        block_key[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block_key[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block_key.map(|k| k ^ byte);
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(message).finalize();
+    Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+/// Wraps a KV cursor so that clients cannot hand KV a cursor it did not issue: `<hex cursor>.<mac>`.
+pub fn sign_cursor(secret: &[u8], kv_cursor: &str) -> String {
+    let mac = hmac_sha256(secret, kv_cursor.as_bytes());
+    format!("{}.{}", hex(kv_cursor.as_bytes()), hex(&mac[..16]))
+}
+
+/// The KV cursor inside a signed cursor, or a 400 naming the problem.
+pub fn verify_cursor(secret: &[u8], cursor: &str) -> Result<String, AppError> {
+    let invalid = || AppError::BadRequest {
+        code: "invalid_cursor",
+        message: "cursor is not one this API issued; pass back the `cursor` of a previous page".into(),
+        field: Some("cursor".into()),
+    };
+    let (body_hex, mac_hex) = cursor.split_once('.').ok_or_else(invalid)?;
+    let body = unhex(body_hex).ok_or_else(invalid)?;
+    let expected = hmac_sha256(secret, &body);
+    if !constant_time_eq(hex(&expected[..16]).as_bytes(), mac_hex.as_bytes()) {
+        return Err(invalid());
+    }
+    String::from_utf8(body).map_err(|_| invalid())
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_accept_any_configured_one_and_refuse_the_rest() {
+        let tokens = Tokens::parse(" old-token , new-token ,");
+        let ok = |t: &str| tokens.check(&Request::new("GET", "/").bearer(t), "client");
+        ok("old-token").unwrap();
+        ok("new-token").unwrap();
+        assert_eq!(ok("new-token-x").unwrap_err().status(), 401);
+        assert_eq!(ok("").unwrap_err().status(), 401);
+        let missing = tokens.check(&Request::new("GET", "/"), "client").unwrap_err();
+        assert!(missing.to_string().contains("missing Authorization"));
+        let basic = tokens.check(&Request::new("GET", "/").header("authorization", "Basic abc"), "client");
+        assert!(basic.unwrap_err().to_string().contains("Bearer"));
+        assert!(!format!("{tokens:?}").contains("token"), "Debug must not show tokens");
+    }
+
+    #[test]
+    fn no_configured_tokens_fails_closed() {
+        let err = Tokens::parse("").check(&Request::new("GET", "/").bearer("x"), "client").unwrap_err();
+        assert_eq!(err.status(), 503);
+    }
+
+    #[test]
+    fn hmac_matches_rfc_4231_case_2() {
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(hex(&mac), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    }
+
+    #[test]
+    fn cursors_round_trip_and_forgeries_are_refused() {
+        let signed = sign_cursor(b"secret", "kv-cursor-123");
+        assert_eq!(verify_cursor(b"secret", &signed).unwrap(), "kv-cursor-123");
+        for forged in ["kv-cursor-123", "abc", &signed.replace('.', ""), &format!("00{signed}")] {
+            assert_eq!(verify_cursor(b"secret", forged).unwrap_err().status(), 400, "{forged}");
+        }
+        assert!(verify_cursor(b"other", &signed).is_err());
+    }
+
+    #[test]
+    fn cors_allows_only_configured_origins() {
+        let cors = Cors::parse("https://console.example.com");
+        let from = |o: &str| cors.allow_origin(&Request::new("GET", "/").header("origin", o));
+        assert_eq!(from("https://console.example.com").as_deref(), Some("https://console.example.com"));
+        assert_eq!(from("https://evil.example.com"), None);
+    }
+}

@@ -1,0 +1,106 @@
+//! The VM registry: for each VM, the server that runs it, its last task, and its last known
+//! state. Written once per submitted task (by the API), never by the daemon: the state is
+//! folded in from finished tasks when the registry is next read, so reporting a result costs
+//! no extra KV write.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use vm_task_types::{OperationKind, PortForward, Task, TaskStatus, Timestamp, VmState};
+
+/// Lifecycle tasks remembered while unfinished; beyond this the oldest are folded away.
+const MAX_PENDING_LIFECYCLE: usize = 16;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmRecord {
+    pub vm_name: String,
+    pub server: String,
+    pub last_task_id: Uuid,
+    pub last_task_kind: OperationKind,
+    pub updated_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known: Option<KnownState>,
+    /// Lifecycle tasks submitted after `known` was established, oldest first.
+    #[serde(default)]
+    pub pending_lifecycle: Vec<Uuid>,
+}
+
+/// What a finished task established about the VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KnownState {
+    pub state: VmState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_forwards: Option<Vec<PortForward>>,
+    pub task_id: Uuid,
+    pub at: Timestamp,
+}
+
+/// What folding one pending lifecycle task did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fold {
+    /// The task is finished and has been taken into account.
+    Done,
+    /// The task is still running: stop folding to keep order.
+    Stop,
+}
+
+impl VmRecord {
+    /// Applies a finished lifecycle task to `known`. Unfinished tasks stop the fold.
+    pub fn fold(&mut self, task: &Task) -> Fold {
+        if !task.status.is_terminal() {
+            return Fold::Stop;
+        }
+        if task.status == TaskStatus::Completed {
+            let previous = self.known.take();
+            let result = task.result.clone().unwrap_or_default();
+            let state = result.vm_state.or_else(|| implied_state(task.kind())).unwrap_or(VmState::Running);
+            let (ip, port_forwards) = match (task.kind(), state) {
+                (_, VmState::Deleted) => (None, None),
+                (OperationKind::LaunchVm, _) => (result.ip, result.port_forwards),
+                _ => previous.map(|p| (p.ip, p.port_forwards)).unwrap_or((None, None)),
+            };
+            self.known = Some(KnownState { state, ip, port_forwards, task_id: task.id, at: task.updated_at });
+        }
+        Fold::Done
+    }
+
+    /// Notes a newly submitted task.
+    pub fn push_task(&mut self, task: &Task) {
+        self.last_task_id = task.id;
+        self.last_task_kind = task.kind();
+        self.updated_at = task.created_at;
+        self.server = task.target_server.clone();
+        if task.kind().changes_vm_state() {
+            self.pending_lifecycle.push(task.id);
+            let excess = self.pending_lifecycle.len().saturating_sub(MAX_PENDING_LIFECYCLE);
+            self.pending_lifecycle.drain(..excess);
+        }
+    }
+
+    pub fn new_for(task: &Task) -> Self {
+        let mut record = Self {
+            vm_name: task.vm_name().to_owned(),
+            server: task.target_server.clone(),
+            last_task_id: task.id,
+            last_task_kind: task.kind(),
+            updated_at: task.created_at,
+            known: None,
+            pending_lifecycle: Vec::new(),
+        };
+        record.push_task(task);
+        record
+    }
+}
+
+fn implied_state(kind: OperationKind) -> Option<VmState> {
+    match kind {
+        OperationKind::LaunchVm | OperationKind::ResumeVm | OperationKind::SnapshotVm => Some(VmState::Running),
+        OperationKind::StopVm => Some(VmState::Stopped),
+        OperationKind::PauseVm => Some(VmState::Paused),
+        OperationKind::DeleteVm => Some(VmState::Deleted),
+        OperationKind::RunCommand => None,
+    }
+}

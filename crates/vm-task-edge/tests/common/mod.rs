@@ -1,0 +1,160 @@
+//! A whole edge (both services over shared in-memory KV, queue and clock) for native tests.
+
+#![allow(dead_code)]
+
+use futures::executor::block_on;
+use serde_json::{json, Value};
+use uuid::Uuid;
+use vm_task_edge::{
+    api::{ApiConfig, ApiService},
+    auth::{Cors, Tokens},
+    consumer::{ConsumerConfig, ConsumerService, Delivery},
+    counting::{CountingKv, CountingQueue, OpCounters},
+    http::{Request, Response},
+    memory::{ManualClock, MemoryKv, MemoryQueue, SeqIds},
+    store::{BufferStore, TaskStore},
+};
+use vm_task_types::wire::{ClaimResponse, ReadyTasksResponse};
+
+pub const CLIENT: &str = "client-token";
+pub const CONSUMER: &str = "consumer-token";
+pub const START_MS: u64 = 1_800_000_000_000;
+
+pub struct Edge {
+    pub tasks: MemoryKv,
+    pub buffer: MemoryKv,
+    pub queue: MemoryQueue,
+    pub clock: ManualClock,
+    pub ids: SeqIds,
+    pub api_config: ApiConfig,
+    pub consumer_config: ConsumerConfig,
+    pub counters: OpCounters,
+}
+
+pub type Api<'a> = ApiService<'a, CountingKv<'a, MemoryKv>, CountingKv<'a, MemoryKv>, CountingQueue<'a, MemoryQueue>, ManualClock, SeqIds>;
+pub type Consumer<'a> = ConsumerService<'a, CountingKv<'a, MemoryKv>, CountingKv<'a, MemoryKv>, ManualClock, SeqIds>;
+
+impl Edge {
+    pub fn new() -> Self {
+        Self {
+            tasks: MemoryKv::new(),
+            buffer: MemoryKv::new(),
+            queue: MemoryQueue::new(),
+            clock: ManualClock::at(START_MS),
+            ids: SeqIds::default(),
+            api_config: ApiConfig {
+                client_tokens: Tokens::parse(CLIENT),
+                consumer_tokens: Tokens::parse(CONSUMER),
+                cors: Cors::parse("https://console.example.com"),
+                default_target_server: None,
+                cursor_secret: b"test-secret".to_vec(),
+                wait_poll_ms: 250,
+                openapi: None,
+            },
+            consumer_config: ConsumerConfig {
+                consumer_tokens: Tokens::parse(CONSUMER),
+                max_attempts: 3,
+                lease_default_secs: 180,
+                lease_min_secs: 2,
+                ..ConsumerConfig::default()
+            },
+            counters: OpCounters::new(),
+        }
+    }
+
+    pub fn api(&self) -> Api<'_> {
+        ApiService {
+            tasks: TaskStore::new(CountingKv::new(self.tasks.clone(), &self.counters)),
+            buffer: BufferStore::new(CountingKv::new(self.buffer.clone(), &self.counters)),
+            queue: CountingQueue::new(self.queue.clone(), &self.counters),
+            clock: self.clock.clone(),
+            ids: self.ids.clone(),
+            config: &self.api_config,
+            counters: &self.counters,
+        }
+    }
+
+    pub fn consumer(&self) -> Consumer<'_> {
+        ConsumerService {
+            tasks: TaskStore::new(CountingKv::new(self.tasks.clone(), &self.counters)),
+            buffer: BufferStore::new(CountingKv::new(self.buffer.clone(), &self.counters)),
+            clock: self.clock.clone(),
+            ids: self.ids.clone(),
+            config: &self.consumer_config,
+            counters: &self.counters,
+        }
+    }
+
+    pub fn api_call(&self, request: Request) -> Response {
+        block_on(self.api().handle(request))
+    }
+
+    pub fn consumer_call(&self, request: Request) -> Response {
+        block_on(self.consumer().handle(request))
+    }
+
+    /// Submits a task as a client; panics unless accepted.
+    pub fn submit(&self, body: Value) -> Uuid {
+        let response = self.api_call(Request::new("POST", "/vm/tasks").bearer(CLIENT).json_body(&body));
+        assert_eq!(response.status, 202, "{}", String::from_utf8_lossy(&response.body));
+        let v: Value = response.json_body().unwrap();
+        v["taskId"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Delivers everything queued so far to the consumer worker, as one batch.
+    pub fn deliver(&self) -> Vec<Delivery> {
+        let bodies: Vec<Value> = self.queue.drain().iter().map(|m| serde_json::to_value(m).unwrap()).collect();
+        let attempts = vec![1; bodies.len()];
+        block_on(self.consumer().buffer_batch(&bodies, &attempts))
+    }
+
+    pub fn ready(&self, server: &str) -> ReadyTasksResponse {
+        let r = self.consumer_call(Request::new("GET", &format!("/tasks/ready?server={server}")).bearer(CONSUMER));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json_body().unwrap()
+    }
+
+    pub fn claim(&self, id: Uuid, lease_seconds: Option<u64>) -> Response {
+        self.consumer_call(
+            Request::new("POST", &format!("/tasks/{id}/claim"))
+                .bearer(CONSUMER)
+                .json_body(&json!({"consumerId": "host-a", "leaseSeconds": lease_seconds})),
+        )
+    }
+
+    pub fn claimed(&self, id: Uuid) -> ClaimResponse {
+        let r = self.claim(id, None);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json_body().unwrap()
+    }
+
+    pub fn report(&self, id: Uuid, claim_id: Uuid, body: Value) -> Response {
+        let mut body = body;
+        body["claimId"] = json!(claim_id);
+        self.api_call(Request::new("PUT", &format!("/vm/tasks/{id}/status")).bearer(CONSUMER).json_body(&body))
+    }
+
+    pub fn status(&self, id: Uuid) -> Value {
+        let r = self.api_call(Request::new("GET", &format!("/vm/tasks/{id}/status")).bearer(CLIENT));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json_body().unwrap()
+    }
+
+    pub fn detail(&self, id: Uuid) -> Value {
+        let r = self.api_call(Request::new("GET", &format!("/vm/tasks/{id}")).bearer(CLIENT));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json_body::<Value>().unwrap()["task"].clone()
+    }
+}
+
+pub fn launch(vm: &str, server: &str) -> Value {
+    json!({"type": "launch_vm", "payload": {"vmName": vm, "vmConfig": {"memory": "2G"}, "targetServer": server}})
+}
+
+pub fn op(kind: &str, vm: &str) -> Value {
+    json!({"type": kind, "payload": {"vmName": vm}})
+}
+
+pub fn body_text(r: &Response) -> String {
+    String::from_utf8_lossy(&r.body).into_owned()
+}

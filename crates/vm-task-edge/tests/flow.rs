@@ -1,0 +1,130 @@
+//! The task lifecycle through both services, natively: submit, buffer, claim, report, read.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use vm_task_edge::{consumer::Delivery, http::Request};
+use vm_task_types::wire::OpCounts;
+
+#[test]
+fn a_launch_goes_from_submission_to_completed_with_a_readable_result() {
+    let edge = Edge::new();
+    let response = edge.api_call(Request::new("POST", "/vm/tasks").bearer(CLIENT).json_body(&launch("test-vm-001", "production")));
+    assert_eq!(response.status, 202);
+    let created: Value = response.json_body().unwrap();
+    assert_eq!(created["success"], true);
+    assert_eq!(created["status"], "pending");
+    assert_eq!(created["message"], "VM launch task queued successfully");
+    let id = created["taskId"].as_str().unwrap().parse().unwrap();
+    assert_eq!(response.get_header("location"), Some(format!("/vm/tasks/{id}").as_str()));
+
+    assert_eq!(edge.deliver(), vec![Delivery::Ack]);
+    let ready = edge.ready("production");
+    assert_eq!(ready.count, 1);
+    assert_eq!(ready.tasks[0].task_id, id);
+    assert_eq!(ready.tasks[0].vm_name, "test-vm-001");
+
+    edge.clock.advance_ms(40);
+    let claim = edge.claimed(id);
+    assert_eq!(claim.task.status.as_str(), "processing");
+    assert_eq!(claim.task.attempts, 1);
+    // The report of `processing` the original daemon sent is accepted as a no-op.
+    assert_eq!(edge.report(id, claim.claim_id, json!({"status": "processing"})).status, 200);
+
+    edge.clock.advance_ms(500);
+    let result = json!({"vmState": "RUNNING", "ip": "10.20.1.2", "portForwards": [{"hostPort": 3000, "guestPort": 5901, "description": "gui"}]});
+    let r = edge.report(id, claim.claim_id, json!({"status": "completed", "result": result}));
+    assert_eq!(r.status, 200, "{}", body_text(&r));
+
+    let status = edge.status(id);
+    assert_eq!(status["status"], "completed");
+    assert_eq!(status["result"]["ip"], "10.20.1.2");
+    assert!(edge.buffer.keys().iter().all(|k| !k.starts_with("ready:")), "buffer entry removed: {:?}", edge.buffer.keys());
+
+    let timeline = edge.detail(id)["timeline"].clone();
+    let events: Vec<&str> = timeline.as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["created", "buffered", "claimed", "completed"]);
+    assert_eq!(timeline[3]["from"], "processing");
+    assert_eq!(timeline[3]["actor"], "host-a");
+
+    let vm: Value = edge.api_call(Request::new("GET", "/vm/test-vm-001/status").bearer(CLIENT)).json_body().unwrap();
+    assert_eq!(vm["state"], "RUNNING");
+    assert_eq!(vm["ip"], "10.20.1.2");
+    assert_eq!(vm["server"], "production");
+    assert_eq!(vm["lastTaskStatus"], "completed");
+}
+
+#[test]
+fn all_seven_operations_are_accepted_and_later_ones_route_through_the_registry() {
+    let edge = Edge::new();
+    let first = edge.submit(launch("vm-1", "production"));
+    let bodies = [
+        json!({"type": "run_command", "payload": {"vmName": "vm-1", "command": "echo Hello from VM", "blocking": true}}),
+        json!({"type": "snapshot_vm", "payload": {"vmName": "vm-1"}}),
+        op("pause_vm", "vm-1"),
+        op("resume_vm", "vm-1"),
+        op("stop_vm", "vm-1"),
+        op("delete_vm", "vm-1"),
+    ];
+    let mut previous = first;
+    for body in bodies {
+        let id = edge.submit(body);
+        let task = edge.detail(id);
+        assert_eq!(task["targetServer"], "production", "routed by the registry");
+        assert_eq!(task["previousTaskId"], json!(previous), "chained to the VM's previous task");
+        previous = id;
+    }
+    let snapshot = &edge.detail(edge.queue.drain()[2].task_id)["payload"]["snapshotId"];
+    assert!(snapshot.as_str().unwrap().starts_with("vm-1-"), "generated snapshot id: {snapshot}");
+}
+
+#[test]
+fn a_vm_nobody_launched_needs_a_target_server() {
+    let edge = Edge::new();
+    let r = edge.api_call(Request::new("POST", "/vm/tasks").bearer(CLIENT).json_body(&op("stop_vm", "ghost")));
+    assert_eq!(r.status, 422);
+    let body: Value = r.json_body().unwrap();
+    assert_eq!(body["field"], "payload.targetServer");
+    assert!(body["error"].as_str().unwrap().contains("not in the registry"));
+}
+
+#[test]
+fn tasks_list_newest_first_from_metadata_with_signed_cursors() {
+    let edge = Edge::new();
+    let ids: Vec<_> = (0..5)
+        .map(|i| {
+            edge.clock.advance_ms(10);
+            edge.submit(launch(&format!("vm-{i}"), "production"))
+        })
+        .collect();
+    let reads_before = edge.counters.snapshot().kv_reads;
+    let page1: Value = edge.api_call(Request::new("GET", "/vm/tasks?limit=3").bearer(CLIENT)).json_body().unwrap();
+    assert_eq!(edge.counters.snapshot().kv_reads, reads_before, "listing reads no values");
+    let listed: Vec<&str> = page1["tasks"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, [ids[4].to_string(), ids[3].to_string(), ids[2].to_string()]);
+    assert_eq!(page1["listComplete"], false);
+    let cursor = page1["cursor"].as_str().unwrap();
+    let page2: Value =
+        edge.api_call(Request::new("GET", &format!("/vm/tasks?limit=3&cursor={cursor}")).bearer(CLIENT)).json_body().unwrap();
+    assert_eq!(page2["count"], 2);
+    assert_eq!(page2["listComplete"], true);
+    assert_eq!(page2["tasks"][1]["id"], json!(ids[0]));
+
+    let forged = edge.api_call(Request::new("GET", "/vm/tasks?cursor=task:000").bearer(CLIENT));
+    assert_eq!(forged.status, 400);
+    assert_eq!(forged.json_body::<Value>().unwrap()["code"], "invalid_cursor");
+}
+
+#[test]
+fn a_lone_task_costs_six_writes_one_delete_and_one_list() {
+    let edge = Edge::new();
+    let id = edge.submit(launch("vm-1", "production"));
+    edge.deliver();
+    edge.ready("production");
+    let claim = edge.claimed(id);
+    edge.report(id, claim.claim_id, json!({"status": "completed"}));
+    let OpCounts { kv_writes, kv_deletes, kv_lists, queue_sends, .. } = edge.counters.snapshot();
+    // Writes: task created, registry, buffer entry, doorbell, claim, completion.
+    assert_eq!((kv_writes, kv_deletes, kv_lists, queue_sends), (6, 1, 1, 1));
+}
