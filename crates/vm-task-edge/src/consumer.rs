@@ -98,6 +98,9 @@ pub struct ConsumerService<'a, S, B, C, I> {
 const WORKER: &str = "consumer-worker";
 /// Listing pages the sweep and stats read per run; beyond this they pick up next time.
 const MAX_SCAN_PAGES: usize = 20;
+/// Delay before a message that could not be buffered is delivered again. workers-rs does not
+/// expose the delivery count, so the delay is flat; the queue's `max_retries` bounds it.
+const RETRY_DELAY_SECS: u32 = 5;
 
 impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
     pub async fn handle(&self, request: Request) -> Response {
@@ -135,13 +138,13 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
     /// Buffers one queue batch. Each message is acked once its buffer entry and its server's
     /// doorbell are written; otherwise it is retried, together with every later message for
     /// the same VM so the buffer never holds a VM's later task without its earlier one.
-    pub async fn buffer_batch(&self, bodies: &[Value], attempts: &[u32]) -> Vec<Delivery> {
+    pub async fn buffer_batch(&self, bodies: &[Value]) -> Vec<Delivery> {
         let now = self.clock.now();
         let mut decisions = vec![Delivery::Ack; bodies.len()];
         let mut blocked_vms = BTreeSet::new();
         let mut by_server: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, body) in bodies.iter().enumerate() {
-            let retry = Delivery::Retry { delay_secs: backoff_secs(attempts.get(i).copied().unwrap_or(1)) };
+            let retry = Delivery::Retry { delay_secs: RETRY_DELAY_SECS };
             let Ok(message) = serde_json::from_value::<QueueMessage>(body.clone()) else {
                 // Unreadable forever: retrying would only dead-letter it. Acked and counted.
                 continue;
@@ -163,7 +166,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             let bell = self.ids.random_uuid().simple().to_string();
             if self.buffer.ring(&server, &bell[..12]).await.is_err() {
                 for i in indices {
-                    decisions[i] = Delivery::Retry { delay_secs: backoff_secs(attempts.get(i).copied().unwrap_or(1)) };
+                    decisions[i] = Delivery::Retry { delay_secs: RETRY_DELAY_SECS };
                 }
             }
         }
@@ -496,10 +499,6 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
     }
 }
 
-/// Queue retry delay: 2, 4, 8... seconds, capped at a minute.
-fn backoff_secs(attempt: u32) -> u32 {
-    2u32.saturating_pow(attempt.clamp(1, 6)).min(60)
-}
 
 fn parse_servers(raw: Option<&str>) -> Result<Vec<String>, AppError> {
     let Some(raw) = raw.filter(|r| !r.is_empty()) else { return Ok(Vec::new()) };

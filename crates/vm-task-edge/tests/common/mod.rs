@@ -104,8 +104,7 @@ impl Edge {
     /// Delivers everything queued so far to the consumer worker, as one batch.
     pub fn deliver(&self) -> Vec<Delivery> {
         let bodies: Vec<Value> = self.queue.drain().iter().map(|m| serde_json::to_value(m).unwrap()).collect();
-        let attempts = vec![1; bodies.len()];
-        block_on(self.consumer().buffer_batch(&bodies, &attempts))
+        block_on(self.consumer().buffer_batch(&bodies))
     }
 
     pub fn ready(&self, server: &str) -> ReadyTasksResponse {

@@ -1,0 +1,61 @@
+//! The API worker: a thin adapter from workers-rs to [`vm_task_edge::api::ApiService`].
+//!
+//! Bindings (names match `wrangler-api.toml`): KV `TASK_STORAGE` (task records, VM registry),
+//! KV `TASK_BUFFER` (to drop a finished task's buffer entry), queue producer `VM_TASK_QUEUE`.
+
+use vm_task_edge::{
+    api::{ApiConfig, ApiService},
+    auth::{Cors, Tokens},
+    counting::{CountingKv, CountingQueue, OpCounters},
+    store::{BufferStore, TaskStore},
+};
+use worker::{event, Context, Env};
+use worker_glue::{setting, to_core_request, to_worker_response, WorkerClock, WorkerIds, WorkerKv, WorkerQueue};
+
+const TASK_STORAGE: &str = "TASK_STORAGE";
+const TASK_BUFFER: &str = "TASK_BUFFER";
+const VM_TASK_QUEUE: &str = "VM_TASK_QUEUE";
+
+/// The OpenAPI document of both workers, served at `/openapi.json`.
+const OPENAPI: &str = include_str!("../../openapi.json");
+
+static COUNTERS: OpCounters = OpCounters::new();
+
+fn config(env: &Env) -> ApiConfig {
+    let client_tokens = setting(env, "API_TOKENS");
+    let consumer_tokens = setting(env, "CONSUMER_TOKENS");
+    let cursor_secret = match setting(env, "CURSOR_SECRET") {
+        s if s.is_empty() => format!("cursor:{client_tokens}"),
+        s => s,
+    };
+    ApiConfig {
+        client_tokens: Tokens::parse(&client_tokens),
+        consumer_tokens: Tokens::parse(&consumer_tokens),
+        cors: Cors::parse(&setting(env, "ALLOWED_ORIGINS")),
+        default_target_server: Some(setting(env, "DEFAULT_TARGET_SERVER")).filter(|s| !s.trim().is_empty()),
+        cursor_secret: cursor_secret.into_bytes(),
+        wait_poll_ms: worker_glue::number(env, "WAIT_POLL_MS", 250),
+        openapi: Some(OPENAPI),
+    }
+}
+
+#[event(fetch)]
+async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<worker::Response> {
+    let request = to_core_request(req).await?;
+    let config = config(&env);
+    let service = ApiService {
+        tasks: TaskStore::new(CountingKv::new(WorkerKv(env.kv(TASK_STORAGE)?), &COUNTERS)),
+        buffer: BufferStore::new(CountingKv::new(WorkerKv(env.kv(TASK_BUFFER)?), &COUNTERS)),
+        queue: CountingQueue::new(WorkerQueue(env.queue(VM_TASK_QUEUE)?), &COUNTERS),
+        clock: WorkerClock,
+        ids: WorkerIds,
+        config: &config,
+        counters: &COUNTERS,
+    };
+    let (method, path) = (request.method.clone(), request.path.clone());
+    let response = service.handle(request).await;
+    if response.status >= 500 {
+        worker::console_error!("{method} {path} -> {}: {}", response.status, String::from_utf8_lossy(&response.body));
+    }
+    to_worker_response(response)
+}

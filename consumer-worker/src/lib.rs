@@ -1,0 +1,116 @@
+//! The consumer worker: a thin adapter from workers-rs to
+//! [`vm_task_edge::consumer::ConsumerService`] for HTTP, queue batches and the cron trigger.
+//!
+//! Bindings (names match `wrangler-consumer.toml`): KV `TASK_BUFFER` (per-server buffer and
+//! doorbells), KV `TASK_STORAGE` (task records: the claim is recorded there), consumer of
+//! `vm-task-queue` and of its dead letter queue `vm-task-dlq`.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde_json::Value;
+use vm_task_edge::{
+    auth::Tokens,
+    consumer::{ConsumerConfig, ConsumerService, Delivery},
+    counting::{CountingKv, OpCounters},
+    store::{BufferStore, TaskStore},
+    Clock,
+};
+use vm_task_types::Timestamp;
+use worker::{event, Context, Env, MessageBatch, MessageExt, QueueRetryOptionsBuilder, ScheduleContext, ScheduledEvent};
+use worker_glue::{number, setting, to_core_request, to_worker_response, WorkerClock, WorkerIds, WorkerKv};
+
+const TASK_STORAGE: &str = "TASK_STORAGE";
+const TASK_BUFFER: &str = "TASK_BUFFER";
+
+static COUNTERS: OpCounters = OpCounters::new();
+static STARTED_AT: AtomicU64 = AtomicU64::new(0);
+
+fn config(env: &Env) -> ConsumerConfig {
+    let now = WorkerClock.now().as_millis();
+    let _ = STARTED_AT.compare_exchange(0, now, Relaxed, Relaxed);
+    let defaults = ConsumerConfig::default();
+    ConsumerConfig {
+        consumer_tokens: Tokens::parse(&setting(env, "CONSUMER_TOKENS")),
+        max_attempts: number(env, "MAX_ATTEMPTS", defaults.max_attempts as u64) as u32,
+        lease_default_secs: number(env, "LEASE_SECONDS", defaults.lease_default_secs),
+        lease_min_secs: defaults.lease_min_secs,
+        lease_max_secs: number(env, "MAX_LEASE_SECONDS", defaults.lease_max_secs),
+        bell_check_ms: number(env, "BELL_CHECK_MS", defaults.bell_check_ms),
+        max_wait_secs: number(env, "MAX_WAIT_SECONDS", defaults.max_wait_secs),
+        max_queued_secs: number(env, "MAX_QUEUED_SECONDS", defaults.max_queued_secs),
+        started_at: Timestamp(STARTED_AT.load(Relaxed)),
+    }
+}
+
+type Service<'a> = ConsumerService<'a, CountingKv<'static, WorkerKv>, CountingKv<'static, WorkerKv>, WorkerClock, WorkerIds>;
+
+fn service<'a>(env: &Env, config: &'a ConsumerConfig) -> worker::Result<Service<'a>> {
+    Ok(ConsumerService {
+        tasks: TaskStore::new(CountingKv::new(WorkerKv(env.kv(TASK_STORAGE)?), &COUNTERS)),
+        buffer: BufferStore::new(CountingKv::new(WorkerKv(env.kv(TASK_BUFFER)?), &COUNTERS)),
+        clock: WorkerClock,
+        ids: WorkerIds,
+        config,
+        counters: &COUNTERS,
+    })
+}
+
+#[event(fetch)]
+async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<worker::Response> {
+    let request = to_core_request(req).await?;
+    let config = config(&env);
+    let (method, path) = (request.method.clone(), request.path.clone());
+    let response = service(&env, &config)?.handle(request).await;
+    if response.status >= 500 {
+        worker::console_error!("{method} {path} -> {}: {}", response.status, String::from_utf8_lossy(&response.body));
+    }
+    to_worker_response(response)
+}
+
+#[event(queue)]
+async fn queue(batch: MessageBatch<Value>, env: Env, _ctx: Context) -> worker::Result<()> {
+    let config = config(&env);
+    let service = service(&env, &config)?;
+    let messages = batch.messages()?;
+    let bodies: Vec<Value> = messages.iter().map(|m| m.body().clone()).collect();
+    let dead_letter_queue = setting(&env, "DEAD_LETTER_QUEUE");
+    let is_dlq = batch.queue() == if dead_letter_queue.is_empty() { "vm-task-dlq" } else { dead_letter_queue.as_str() };
+    let decisions = if is_dlq {
+        service.dead_letter_batch(&bodies).await
+    } else {
+        service.buffer_batch(&bodies).await
+    };
+    let (mut acks, mut retries) = (0, 0);
+    for (message, decision) in messages.iter().zip(decisions) {
+        match decision {
+            Delivery::Ack => {
+                message.ack();
+                acks += 1;
+            }
+            Delivery::Retry { delay_secs } => {
+                message.retry_with_options(&QueueRetryOptionsBuilder::new().with_delay_seconds(delay_secs).build());
+                retries += 1;
+            }
+        }
+    }
+    COUNTERS.count_acks(acks, retries);
+    if retries > 0 {
+        worker::console_warn!("queue {}: {acks} buffered, {retries} retried", batch.queue());
+    }
+    Ok(())
+}
+
+#[event(scheduled)]
+async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
+    let config = config(&env);
+    match service(&env, &config) {
+        Ok(service) => match service.sweep().await {
+            Ok(report) if report.returned_to_ready + report.failed + report.cleaned > 0 => {
+                worker::console_log!("sweep: {report:?}")
+            }
+            Ok(_) => {}
+            Err(e) => worker::console_error!("sweep failed: {e}"),
+        },
+        Err(e) => worker::console_error!("sweep could not start: {e}"),
+    }
+}

@@ -1,0 +1,130 @@
+//! Adapters between workers-rs and `vm-task-edge`: KV, Queue, clock and randomness behind the
+//! edge's traits, and request/response conversion. No decisions are made here.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use vm_task_edge::{http, Clock, Ids, KvKey, KvPage, KvStore, QueueMessage, StoreError, TaskQueue};
+use vm_task_types::Timestamp;
+use worker::{Date, Delay, Env};
+
+/// A Workers KV namespace.
+pub struct WorkerKv(pub worker::kv::KvStore);
+
+fn store_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+impl KvStore for WorkerKv {
+    async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.0.get(key).text().await.map_err(store_err)
+    }
+
+    async fn get_with_metadata(&self, key: &str) -> Result<Option<(String, Option<Value>)>, StoreError> {
+        let (value, metadata) = self.0.get(key).text_with_metadata::<Value>().await.map_err(store_err)?;
+        Ok(value.map(|v| (v, metadata)))
+    }
+
+    async fn put(&self, key: &str, value: &str, metadata: Option<&Value>) -> Result<(), StoreError> {
+        let mut builder = self.0.put(key, value).map_err(store_err)?;
+        if let Some(m) = metadata {
+            builder = builder.metadata(m).map_err(store_err)?;
+        }
+        builder.execute().await.map_err(store_err)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.0.delete(key).await.map_err(store_err)
+    }
+
+    async fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> Result<KvPage, StoreError> {
+        let mut builder = self.0.list().prefix(prefix.to_owned()).limit(limit as u64);
+        if let Some(c) = cursor {
+            builder = builder.cursor(c.to_owned());
+        }
+        let page = builder.execute().await.map_err(store_err)?;
+        Ok(KvPage {
+            keys: page.keys.into_iter().map(|k| KvKey { name: k.name, metadata: k.metadata }).collect(),
+            cursor: page.cursor.filter(|c| !c.is_empty()),
+            list_complete: page.list_complete,
+        })
+    }
+}
+
+/// The task queue producer binding.
+pub struct WorkerQueue(pub worker::Queue);
+
+impl TaskQueue for WorkerQueue {
+    async fn send(&self, message: &QueueMessage) -> Result<(), StoreError> {
+        self.0.send(message).await.map_err(store_err)
+    }
+}
+
+/// `Date.now()` and `setTimeout`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkerClock;
+
+impl Clock for WorkerClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(Date::now().as_millis())
+    }
+
+    async fn sleep_ms(&self, ms: u64) {
+        Delay::from(Duration::from_millis(ms)).await;
+    }
+}
+
+/// `crypto.getRandomValues`, through uuid's `js` feature.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkerIds;
+
+impl Ids for WorkerIds {
+    fn random_bytes(&self) -> [u8; 16] {
+        uuid::Uuid::new_v4().into_bytes()
+    }
+}
+
+/// Reads a var or secret, empty when unset.
+pub fn setting(env: &Env, name: &str) -> String {
+    env.secret(name)
+        .map(|s| s.to_string())
+        .or_else(|_| env.var(name).map(|v| v.to_string()))
+        .unwrap_or_default()
+}
+
+/// A numeric setting, or `default` when unset or unparsable.
+pub fn number(env: &Env, name: &str, default: u64) -> u64 {
+    setting(env, name).trim().parse().unwrap_or(default)
+}
+
+pub async fn to_core_request(mut req: worker::Request) -> worker::Result<http::Request> {
+    let url = req.url()?;
+    let mut headers = Vec::new();
+    for (name, value) in req.headers().entries() {
+        headers.push((name.to_ascii_lowercase(), value));
+    }
+    let body = match req.method() {
+        worker::Method::Get | worker::Method::Head | worker::Method::Options => Vec::new(),
+        _ => req.bytes().await.unwrap_or_default(),
+    };
+    Ok(http::Request {
+        method: req.method().to_string(),
+        path: url.path().to_owned(),
+        query: url.query().map(http::parse_query).unwrap_or_default(),
+        headers,
+        body,
+    })
+}
+
+pub fn to_worker_response(response: http::Response) -> worker::Result<worker::Response> {
+    let mut out = if response.body.is_empty() {
+        worker::Response::empty()?
+    } else {
+        worker::Response::from_bytes(response.body)?
+    }
+    .with_status(response.status);
+    for (name, value) in &response.headers {
+        out.headers_mut().set(name, value)?;
+    }
+    Ok(out)
+}

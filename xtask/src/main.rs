@@ -1,0 +1,227 @@
+//! `cargo xtask <command>`: the one command surface of this repository.
+//!
+//! Kept to `std` and `anyhow` so that `cargo xtask build-worker`, which `wrangler` runs as
+//! each worker's build command, compiles in seconds. Commands that drive running services
+//! (`dev`, `e2e`, `bench`) delegate to the `stack` crate's binary.
+
+use std::{
+    env,
+    ffi::OsStr,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::SystemTime,
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Tool versions the build is pinned to. wasm-bindgen's comes from Cargo.lock.
+const WORKER_BUILD_VERSION: &str = "0.8.7";
+const WORKERS: [&str; 2] = ["api-worker", "consumer-worker"];
+
+const HELP: &str = "\
+cargo xtask <command>
+
+  setup              install pinned tools: wasm32 target, wasm-bindgen-cli, worker-build, npm packages
+  build-worker NAME  build one worker to wasm (api-worker | consumer-worker); skipped when up to date
+  build              setup, then build both workers and the native binaries
+  dev                run the whole local stack (workers, Arrakis simulator, daemon) until Ctrl-C
+  test               the full test suite: lint, native tests, end-to-end tests on the local stack,
+                     and `wrangler deploy --dry-run` of both workers
+  lint               cargo fmt --check and clippy -D warnings (native and wasm32)
+  e2e                end-to-end tests only (builds first)
+  bench              benchmarks on the local stack; prints a table (not part of `test`)
+";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let root = project_root();
+    env::set_current_dir(&root)?;
+    match args.first().map(String::as_str) {
+        Some("setup") => setup(&root),
+        Some("build-worker") => {
+            let name = args.get(1).context("usage: cargo xtask build-worker <api-worker|consumer-worker>")?;
+            build_worker(&root, name)
+        }
+        Some("build") => build(&root),
+        Some("lint") => lint(),
+        Some("test") => test(&root),
+        Some("e2e") => {
+            build(&root)?;
+            e2e()
+        }
+        Some("dev") => {
+            build(&root)?;
+            run_stack(&["dev"], &args[1..])
+        }
+        Some("bench") => {
+            build(&root)?;
+            run_stack(&["bench"], &args[1..])
+        }
+        Some("help" | "--help" | "-h") | None => {
+            print!("{HELP}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown command {other:?}\n\n{HELP}"),
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("$ {}", describe(cmd));
+    let status = cmd.status().with_context(|| format!("could not start {}", describe(cmd)))?;
+    if !status.success() {
+        bail!("{} failed with {status}", describe(cmd));
+    }
+    Ok(())
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(OsStr::to_string_lossy).collect::<Vec<_>>().join(" ")
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    cmd.output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+}
+
+/// Installs what a fresh machine lacks, skipping what is present at the pinned version.
+fn setup(root: &Path) -> Result<()> {
+    let targets = output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    if !targets.lines().any(|t| t == "wasm32-unknown-unknown") {
+        run(Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"]))?;
+    }
+
+    let bindgen = locked_version(root, "wasm-bindgen")?;
+    if output(Command::new("wasm-bindgen").arg("--version")).as_deref() != Some(&format!("wasm-bindgen {bindgen}")) {
+        // `--locked` reproduces the CLI's own lockfile; fall back when the registry mirror
+        // lacks one of its exact versions.
+        let locked = run(Command::new("cargo").args(["install", "wasm-bindgen-cli", "--version", &bindgen, "--locked"]));
+        if locked.is_err() {
+            run(Command::new("cargo").args(["install", "wasm-bindgen-cli", "--version", &bindgen]))?;
+        }
+    }
+    if output(Command::new("worker-build").arg("--version")).as_deref() != Some(WORKER_BUILD_VERSION) {
+        run(Command::new("cargo").args(["install", "worker-build", "--version", WORKER_BUILD_VERSION, "--locked"]))?;
+    }
+
+    let installed = fs::read(root.join("node_modules/.package-lock.json")).ok();
+    let wanted = fs::read(root.join("package-lock.json")).context("package-lock.json is missing")?;
+    if !installed.is_some_and(|i| same_packages(&i, &wanted)) {
+        run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]))?;
+    }
+    Ok(())
+}
+
+/// npm writes node_modules/.package-lock.json without the root entry; compare package lists.
+fn same_packages(installed: &[u8], wanted: &[u8]) -> bool {
+    let strip = |text: &[u8]| -> Vec<String> {
+        String::from_utf8_lossy(text)
+            .lines()
+            .filter(|l| l.trim_start().starts_with("\"node_modules/") || l.contains("\"version\""))
+            .map(|l| l.trim().to_owned())
+            .collect()
+    };
+    let (a, b) = (strip(installed), strip(wanted));
+    !a.is_empty() && b.iter().filter(|l| l.starts_with("\"node_modules/")).all(|l| a.contains(l))
+}
+
+fn locked_version(root: &Path, package: &str) -> Result<String> {
+    let lock = fs::read_to_string(root.join("Cargo.lock"))?;
+    let marker = format!("name = \"{package}\"\nversion = \"");
+    let start = lock.find(&marker).with_context(|| format!("{package} is not in Cargo.lock"))? + marker.len();
+    Ok(lock[start..].split('"').next().unwrap_or_default().to_owned())
+}
+
+/// Builds a worker with worker-build, pointing it at local tools instead of downloads.
+fn build_worker(root: &Path, name: &str) -> Result<()> {
+    if !WORKERS.contains(&name) {
+        bail!("unknown worker {name:?}; expected one of {WORKERS:?}");
+    }
+    let crate_dir = root.join(name);
+    let out = crate_dir.join("build/worker/shim.mjs");
+    let sources = [
+        root.join("crates/vm-task-types"),
+        root.join("crates/vm-task-edge"),
+        root.join("crates/worker-glue"),
+        crate_dir.join("src"),
+        crate_dir.join("Cargo.toml"),
+        root.join("Cargo.lock"),
+        root.join("openapi.json"),
+    ];
+    if let Ok(built) = fs::metadata(&out).and_then(|m| m.modified()) {
+        if sources.iter().all(|s| newest_mtime(s) <= built) {
+            eprintln!("{name}: up to date");
+            return Ok(());
+        }
+    }
+    let mut cmd = Command::new("worker-build");
+    cmd.arg("--release").current_dir(&crate_dir);
+    for (var, path) in [("ESBUILD_BIN", "node_modules/.bin/esbuild"), ("WASM_OPT_BIN", "node_modules/.bin/wasm-opt")] {
+        let tool = root.join(path);
+        if env::var_os(var).is_none() && tool.exists() {
+            cmd.env(var, tool);
+        }
+    }
+    if env::var_os("WASM_BINDGEN_BIN").is_none() {
+        if let Some(home) = env::var_os("CARGO_HOME").map(PathBuf::from).or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo"))) {
+            let bin = home.join("bin/wasm-bindgen");
+            if bin.exists() {
+                cmd.env("WASM_BINDGEN_BIN", bin);
+            }
+        }
+    }
+    run(&mut cmd)
+}
+
+fn newest_mtime(path: &Path) -> SystemTime {
+    let own = fs::metadata(path).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+    if !path.is_dir() {
+        return own;
+    }
+    let Ok(entries) = fs::read_dir(path) else { return own };
+    entries
+        .flatten()
+        .filter(|e| !matches!(e.file_name().to_str(), Some("target" | "build" | "node_modules")))
+        .map(|e| newest_mtime(&e.path()))
+        .fold(own, SystemTime::max)
+}
+
+fn build(root: &Path) -> Result<()> {
+    setup(root)?;
+    for worker in WORKERS {
+        build_worker(root, worker)?;
+    }
+    run(Command::new("cargo").args(["build", "--release", "-p", "arrakis-sim", "-p", "local-consumer", "-p", "stack"]))
+}
+
+fn lint() -> Result<()> {
+    run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    run(Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(Command::new("cargo").args([
+        "clippy", "--target", "wasm32-unknown-unknown", "-p", "api-worker", "-p", "consumer-worker", "--", "-D", "warnings",
+    ]))
+}
+
+fn test(root: &Path) -> Result<()> {
+    build(root)?;
+    lint()?;
+    run(Command::new("cargo").args(["test", "--workspace"]))?;
+    e2e()?;
+    for config in ["wrangler-api.toml", "wrangler-consumer.toml"] {
+        run(Command::new("npx").args(["wrangler", "deploy", "--dry-run", "-c", config, "--outdir", "target/dry-run"]))?;
+    }
+    eprintln!("all checks passed");
+    Ok(())
+}
+
+/// End-to-end tests: they start their own stacks from the release binaries and wasm builds.
+fn e2e() -> Result<()> {
+    run(Command::new("cargo").args(["test", "--release", "-p", "stack", "--", "--ignored", "--test-threads=2"]))
+}
+
+fn run_stack(command: &[&str], extra: &[String]) -> Result<()> {
+    run(Command::new("cargo").args(["run", "--release", "-q", "-p", "stack", "--bin", "stack", "--"]).args(command).args(extra))
+}
