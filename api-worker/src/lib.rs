@@ -3,11 +3,14 @@
 //! Bindings (names match `wrangler-api.toml`): KV `TASK_STORAGE` (task records, VM registry),
 //! KV `TASK_BUFFER` (to drop a finished task's buffer entry), queue producer `VM_TASK_QUEUE`.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
 use vm_task_edge::{
     api::{ApiConfig, ApiService},
     auth::{Cors, Tokens},
     counting::{CountingKv, CountingQueue, OpCounters},
     store::{BufferStore, TaskStore},
+    Clock,
 };
 use worker::{event, Context, Env};
 use worker_glue::{setting, to_core_request, to_worker_response, WorkerClock, WorkerIds, WorkerKv, WorkerQueue};
@@ -20,8 +23,10 @@ const VM_TASK_QUEUE: &str = "VM_TASK_QUEUE";
 const OPENAPI: &str = include_str!("../../openapi.json");
 
 static COUNTERS: OpCounters = OpCounters::new();
+static STARTED_AT: AtomicU64 = AtomicU64::new(0);
 
 fn config(env: &Env) -> ApiConfig {
+    let _ = STARTED_AT.compare_exchange(0, WorkerClock.now().as_millis(), Relaxed, Relaxed);
     let client_tokens = setting(env, "API_TOKENS");
     let consumer_tokens = setting(env, "CONSUMER_TOKENS");
     let cursor_secret = match setting(env, "CURSOR_SECRET") {
@@ -36,6 +41,7 @@ fn config(env: &Env) -> ApiConfig {
         cursor_secret: cursor_secret.into_bytes(),
         wait_poll_ms: worker_glue::number(env, "WAIT_POLL_MS", 250),
         openapi: Some(OPENAPI),
+        started_at: vm_task_types::Timestamp(STARTED_AT.load(Relaxed)),
     }
 }
 

@@ -16,7 +16,9 @@ use vm_task_edge::{
     Clock,
 };
 use vm_task_types::Timestamp;
-use worker::{event, Context, Env, MessageBatch, MessageExt, QueueRetryOptionsBuilder, ScheduleContext, ScheduledEvent};
+use worker::{
+    event, Context, Env, MessageBatch, MessageExt, QueueRetryOptionsBuilder, ScheduleContext, ScheduledEvent,
+};
 use worker_glue::{number, setting, to_core_request, to_worker_response, WorkerClock, WorkerIds, WorkerKv};
 
 const TASK_STORAGE: &str = "TASK_STORAGE";
@@ -42,7 +44,8 @@ fn config(env: &Env) -> ConsumerConfig {
     }
 }
 
-type Service<'a> = ConsumerService<'a, CountingKv<'static, WorkerKv>, CountingKv<'static, WorkerKv>, WorkerClock, WorkerIds>;
+type Service<'a> =
+    ConsumerService<'a, CountingKv<'static, WorkerKv>, CountingKv<'static, WorkerKv>, WorkerClock, WorkerIds>;
 
 fn service<'a>(env: &Env, config: &'a ConsumerConfig) -> worker::Result<Service<'a>> {
     Ok(ConsumerService {
@@ -75,11 +78,7 @@ async fn queue(batch: MessageBatch<Value>, env: Env, _ctx: Context) -> worker::R
     let bodies: Vec<Value> = messages.iter().map(|m| m.body().clone()).collect();
     let dead_letter_queue = setting(&env, "DEAD_LETTER_QUEUE");
     let is_dlq = batch.queue() == if dead_letter_queue.is_empty() { "vm-task-dlq" } else { dead_letter_queue.as_str() };
-    let decisions = if is_dlq {
-        service.dead_letter_batch(&bodies).await
-    } else {
-        service.buffer_batch(&bodies).await
-    };
+    let decisions = if is_dlq { service.dead_letter_batch(&bodies).await } else { service.buffer_batch(&bodies).await };
     let (mut acks, mut retries) = (0, 0);
     for (message, decision) in messages.iter().zip(decisions) {
         match decision {

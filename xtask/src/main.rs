@@ -98,7 +98,8 @@ fn setup(root: &Path) -> Result<()> {
     if output(Command::new("wasm-bindgen").arg("--version")).as_deref() != Some(&format!("wasm-bindgen {bindgen}")) {
         // `--locked` reproduces the CLI's own lockfile; fall back when the registry mirror
         // lacks one of its exact versions.
-        let locked = run(Command::new("cargo").args(["install", "wasm-bindgen-cli", "--version", &bindgen, "--locked"]));
+        let locked =
+            run(Command::new("cargo").args(["install", "wasm-bindgen-cli", "--version", &bindgen, "--locked"]));
         if locked.is_err() {
             run(Command::new("cargo").args(["install", "wasm-bindgen-cli", "--version", &bindgen]))?;
         }
@@ -166,7 +167,10 @@ fn build_worker(root: &Path, name: &str) -> Result<()> {
         }
     }
     if env::var_os("WASM_BINDGEN_BIN").is_none() {
-        if let Some(home) = env::var_os("CARGO_HOME").map(PathBuf::from).or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo"))) {
+        if let Some(home) = env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        {
             let bin = home.join("bin/wasm-bindgen");
             if bin.exists() {
                 cmd.env("WASM_BINDGEN_BIN", bin);
@@ -201,7 +205,16 @@ fn lint() -> Result<()> {
     run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
     run(Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(Command::new("cargo").args([
-        "clippy", "--target", "wasm32-unknown-unknown", "-p", "api-worker", "-p", "consumer-worker", "--", "-D", "warnings",
+        "clippy",
+        "--target",
+        "wasm32-unknown-unknown",
+        "-p",
+        "api-worker",
+        "-p",
+        "consumer-worker",
+        "--",
+        "-D",
+        "warnings",
     ]))
 }
 
@@ -223,5 +236,8 @@ fn e2e() -> Result<()> {
 }
 
 fn run_stack(command: &[&str], extra: &[String]) -> Result<()> {
-    run(Command::new("cargo").args(["run", "--release", "-q", "-p", "stack", "--bin", "stack", "--"]).args(command).args(extra))
+    run(Command::new("cargo")
+        .args(["run", "--release", "-q", "-p", "stack", "--bin", "stack", "--"])
+        .args(command)
+        .args(extra))
 }

@@ -16,18 +16,11 @@ pub enum ArrakisError {
     NotFound { vm_name: String, message: String },
     /// Any other error body `{"error":{"message":…}}` a handler sent.
     #[error("arrakis answered HTTP {status} ({kind:?}): {message}")]
-    Api {
-        status: u16,
-        kind: ApiErrorKind,
-        message: String,
-    },
+    Api { status: u16, kind: ApiErrorKind, message: String },
     /// No complete response within the operation's timeout. The operation may still have
     /// taken effect on the server.
     #[error("arrakis {operation} timed out after {after:?}")]
-    Timeout {
-        operation: &'static str,
-        after: Duration,
-    },
+    Timeout { operation: &'static str, after: Duration },
     /// Could not connect: refused, DNS failure, unreachable.
     #[error("cannot connect to arrakis: {message}")]
     Connect { message: String },
@@ -71,9 +64,7 @@ impl ArrakisError {
     /// dropped connections, unclassified 5xx and gateway statuses.
     pub fn is_transient(&self) -> bool {
         match self {
-            ArrakisError::Connect { .. }
-            | ArrakisError::Dropped { .. }
-            | ArrakisError::Timeout { .. } => true,
+            ArrakisError::Connect { .. } | ArrakisError::Dropped { .. } | ArrakisError::Timeout { .. } => true,
             ArrakisError::Api { kind, .. } => *kind == ApiErrorKind::Unavailable,
             ArrakisError::Protocol { status, .. } => matches!(status, 502..=504),
             ArrakisError::NotFound { .. } | ArrakisError::InvalidName { .. } => false,
@@ -93,11 +84,7 @@ const CONFLICT: &[&str] = &[
 ];
 
 /// Message fragments for exhausted allocators (§2.3, §4, §6.7).
-const EXHAUSTED: &[&str] = &[
-    "no available IPs",
-    "no available ports",
-    "no available CIDs",
-];
+const EXHAUSTED: &[&str] = &["no available IPs", "no available ports", "no available CIDs"];
 
 /// Turns an error body into an [`ArrakisError`]. `vm_name` is the VM the call addressed, if
 /// any; only a message naming exactly that VM counts as not-found.
@@ -105,13 +92,9 @@ pub(crate) fn classify(status: u16, message: String, vm_name: Option<&str>) -> A
     if status == 500 {
         if let Some(name) = vm_name.filter(|n| !n.is_empty()) {
             // Both wordings occur (§0.1); a bare "not found" does not count.
-            if message.ends_with(&format!("vm not found: {name}"))
-                || message.ends_with(&format!("vm {name} not found"))
+            if message.ends_with(&format!("vm not found: {name}")) || message.ends_with(&format!("vm {name} not found"))
             {
-                return ArrakisError::NotFound {
-                    vm_name: name.to_string(),
-                    message,
-                };
+                return ArrakisError::NotFound { vm_name: name.to_string(), message };
             }
         }
     }
@@ -120,11 +103,7 @@ pub(crate) fn classify(status: u16, message: String, vm_name: Option<&str>) -> A
         500 => classify_500(&message),
         _ => ApiErrorKind::Unavailable,
     };
-    ArrakisError::Api {
-        status,
-        kind,
-        message,
-    }
+    ArrakisError::Api { status, kind, message }
 }
 
 fn classify_500(message: &str) -> ApiErrorKind {
@@ -173,13 +152,7 @@ mod tests {
             let err = classify(500, message.to_string(), Some("vm1"));
             assert!(err.is_not_found(), "{message}: {err:?}");
             assert!(!err.is_transient());
-            assert_eq!(
-                err,
-                ArrakisError::NotFound {
-                    vm_name: "vm1".into(),
-                    message: message.into()
-                }
-            );
+            assert_eq!(err, ArrakisError::NotFound { vm_name: "vm1".into(), message: message.into() });
         }
     }
 
@@ -207,17 +180,10 @@ mod tests {
             "No files provided for upload",
             "Missing 'paths' query parameter",
         ] {
-            assert_eq!(
-                kind(400, message),
-                ApiErrorKind::InvalidRequest,
-                "{message}"
-            );
+            assert_eq!(kind(400, message), ApiErrorKind::InvalidRequest, "{message}");
         }
         assert_eq!(
-            kind(
-                500,
-                "Failed to execute command: request failed with status: 400"
-            ),
+            kind(500, "Failed to execute command: request failed with status: 400"),
             ApiErrorKind::InvalidRequest
         );
         assert_eq!(
@@ -241,16 +207,7 @@ mod tests {
         ];
         for message in &messages {
             let err = classify(500, message.clone(), Some("vm1"));
-            assert!(
-                matches!(
-                    err,
-                    ArrakisError::Api {
-                        kind: ApiErrorKind::Conflict,
-                        ..
-                    }
-                ),
-                "{message}"
-            );
+            assert!(matches!(err, ArrakisError::Api { kind: ApiErrorKind::Conflict, .. }), "{message}");
             assert!(!err.is_transient(), "{message}");
         }
     }
@@ -287,35 +244,14 @@ mod tests {
         }
         for status in [502, 503, 504] {
             assert!(classify(status, "gateway".into(), None).is_transient());
-            assert!(ArrakisError::Protocol {
-                status,
-                message: String::new()
-            }
-            .is_transient());
+            assert!(ArrakisError::Protocol { status, message: String::new() }.is_transient());
         }
         for status in [301, 404, 405, 200] {
-            assert!(!ArrakisError::Protocol {
-                status,
-                message: String::new()
-            }
-            .is_transient());
+            assert!(!ArrakisError::Protocol { status, message: String::new() }.is_transient());
         }
-        assert!(ArrakisError::Dropped {
-            message: String::new()
-        }
-        .is_transient());
-        assert!(ArrakisError::Connect {
-            message: String::new()
-        }
-        .is_transient());
-        assert!(ArrakisError::Timeout {
-            operation: "cmd",
-            after: Duration::from_secs(1)
-        }
-        .is_transient());
-        assert!(!ArrakisError::InvalidName {
-            name: String::new()
-        }
-        .is_transient());
+        assert!(ArrakisError::Dropped { message: String::new() }.is_transient());
+        assert!(ArrakisError::Connect { message: String::new() }.is_transient());
+        assert!(ArrakisError::Timeout { operation: "cmd", after: Duration::from_secs(1) }.is_transient());
+        assert!(!ArrakisError::InvalidName { name: String::new() }.is_transient());
     }
 }

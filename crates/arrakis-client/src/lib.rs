@@ -19,17 +19,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use error::{ApiErrorKind, ArrakisError};
-pub use types::{
-    CommandOutput, FileDownload, FileUpload, Health, PortForward, StartVmRequest, VmInfo, VmStatus,
-};
+pub use types::{CommandOutput, FileDownload, FileUpload, Health, PortForward, StartVmRequest, VmInfo, VmStatus};
 
 /// Everything but RFC 3986's unreserved characters is escaped in a path segment, so `/`, `%`,
 /// `?`, `#`, spaces and non-ASCII never change the URL's structure.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 /// The same for a `paths` query value, keeping `/` readable.
 const QUERY_PATH: &AsciiSet = &SEGMENT.remove(b'/');
 /// Time allowed to establish a TCP connection, whatever the operation's timeout.
@@ -91,9 +85,7 @@ impl ArrakisClient {
     /// slash is fine). Fails with [`ArrakisError::InvalidName`] unless the URL is http(s) with
     /// a host and without query or fragment.
     pub fn new(base_url: &str) -> Result<Self, ArrakisError> {
-        let invalid = || ArrakisError::InvalidName {
-            name: base_url.to_string(),
-        };
+        let invalid = || ArrakisError::InvalidName { name: base_url.to_string() };
         let url = reqwest::Url::parse(base_url.trim()).map_err(|_| invalid())?;
         if !matches!(url.scheme(), "http" | "https")
             || url.host_str().is_none_or(str::is_empty)
@@ -108,14 +100,8 @@ impl ArrakisClient {
             // followed 301 would turn a POST into a GET.
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| ArrakisError::Connect {
-                message: error_chain(&e),
-            })?;
-        Ok(Self {
-            http,
-            base: url.as_str().trim_end_matches('/').to_string(),
-            timeouts: Timeouts::default(),
-        })
+            .map_err(|e| ArrakisError::Connect { message: error_chain(&e) })?;
+        Ok(Self { http, base: url.as_str().trim_end_matches('/').to_string(), timeouts: Timeouts::default() })
     }
 
     pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
@@ -146,9 +132,7 @@ impl ArrakisClient {
             vms: Option<Vec<VmInfo>>,
         }
         let req = self.request(Method::GET, "/v1/vms");
-        let list: List = self
-            .call("list_vms", self.timeouts.default, None, req)
-            .await?;
+        let list: List = self.call("list_vms", self.timeouts.default, None, req).await?;
         Ok(list.vms.unwrap_or_default())
     }
 
@@ -160,15 +144,13 @@ impl ArrakisClient {
             check_name(id)?;
         }
         let builder = self.request(Method::POST, "/v1/vms").json(req);
-        self.call("start_vm", self.timeouts.start, Some(&req.vm_name), builder)
-            .await
+        self.call("start_vm", self.timeouts.start, Some(&req.vm_name), builder).await
     }
 
     /// `GET /v1/vms/{name}`.
     pub async fn get_vm(&self, name: &str) -> Result<VmInfo, ArrakisError> {
         let req = self.request(Method::GET, &vm_path(name, "")?);
-        self.call("get_vm", self.timeouts.default, Some(name), req)
-            .await
+        self.call("get_vm", self.timeouts.default, Some(name), req).await
     }
 
     /// A hard power-off; the VM stays registered as STOPPED with all its resources.
@@ -189,28 +171,20 @@ impl ArrakisClient {
         struct Patch<'a> {
             status: &'a str,
         }
-        let req = self
-            .request(Method::PATCH, &vm_path(name, "")?)
-            .json(&Patch { status });
-        self.call::<serde_json::Value>(op, self.timeouts.default, Some(name), req)
-            .await
-            .map(drop)
+        let req = self.request(Method::PATCH, &vm_path(name, "")?).json(&Patch { status });
+        self.call::<serde_json::Value>(op, self.timeouts.default, Some(name), req).await.map(drop)
     }
 
     /// `DELETE /v1/vms/{name}`: destroys the VM and its disk. Its host ports are not freed.
     pub async fn delete_vm(&self, name: &str) -> Result<(), ArrakisError> {
         let req = self.request(Method::DELETE, &vm_path(name, "")?);
-        self.call::<serde_json::Value>("delete_vm", self.timeouts.delete, Some(name), req)
-            .await
-            .map(drop)
+        self.call::<serde_json::Value>("delete_vm", self.timeouts.delete, Some(name), req).await.map(drop)
     }
 
     /// `DELETE /v1/vms`: destroys every VM.
     pub async fn delete_all_vms(&self) -> Result<(), ArrakisError> {
         let req = self.request(Method::DELETE, "/v1/vms");
-        self.call::<serde_json::Value>("delete_all_vms", self.timeouts.delete, None, req)
-            .await
-            .map(drop)
+        self.call::<serde_json::Value>("delete_all_vms", self.timeouts.delete, None, req).await.map(drop)
     }
 
     /// `POST /v1/vms/{name}/snapshots`; returns the snapshot id. Ids are global and must be
@@ -222,27 +196,16 @@ impl ArrakisClient {
             snapshot_id: String,
         }
         check_name(snapshot_id)?;
-        let body = Snapshot {
-            snapshot_id: snapshot_id.to_string(),
-        };
-        let req = self
-            .request(Method::POST, &vm_path(name, "/snapshots")?)
-            .json(&body);
-        let resp: Snapshot = self
-            .call("snapshot_vm", self.timeouts.snapshot, Some(name), req)
-            .await?;
+        let body = Snapshot { snapshot_id: snapshot_id.to_string() };
+        let req = self.request(Method::POST, &vm_path(name, "/snapshots")?).json(&body);
+        let resp: Snapshot = self.call("snapshot_vm", self.timeouts.snapshot, Some(name), req).await?;
         Ok(resp.snapshot_id)
     }
 
     /// `POST /v1/vms/{name}/cmd`: runs `bash -c cmd` as root in `/tmp/server_files`. A
     /// non-zero exit is `Ok` with [`CommandOutput::exit_code`] set; with `blocking = false` the
     /// output is only the "started in background" notice.
-    pub async fn run_command(
-        &self,
-        name: &str,
-        cmd: &str,
-        blocking: bool,
-    ) -> Result<CommandOutput, ArrakisError> {
+    pub async fn run_command(&self, name: &str, cmd: &str, blocking: bool) -> Result<CommandOutput, ArrakisError> {
         #[derive(Serialize)]
         struct Cmd<'a> {
             cmd: &'a str,
@@ -255,12 +218,8 @@ impl ArrakisClient {
             #[serde(default)]
             error: String,
         }
-        let req = self
-            .request(Method::POST, &vm_path(name, "/cmd")?)
-            .json(&Cmd { cmd, blocking });
-        let out: Output = self
-            .call("run_command", self.timeouts.cmd, Some(name), req)
-            .await?;
+        let req = self.request(Method::POST, &vm_path(name, "/cmd")?).json(&Cmd { cmd, blocking });
+        let out: Output = self.call("run_command", self.timeouts.cmd, Some(name), req).await?;
         Ok(CommandOutput::from_wire(out.output, out.error))
     }
 
@@ -270,23 +229,15 @@ impl ArrakisClient {
         struct Upload<'a> {
             files: &'a [FileUpload],
         }
-        let req = self
-            .request(Method::POST, &vm_path(name, "/files")?)
-            .json(&Upload { files });
-        self.call::<serde_json::Value>("upload_files", self.timeouts.files, Some(name), req)
-            .await
-            .map(drop)
+        let req = self.request(Method::POST, &vm_path(name, "/files")?).json(&Upload { files });
+        self.call::<serde_json::Value>("upload_files", self.timeouts.files, Some(name), req).await.map(drop)
     }
 
     /// `GET /v1/vms/{name}/files?paths=…`. Every path resolves under `/tmp/server_files`, even
     /// absolute ones; a missing file is an entry with `error` set. Paths containing `,`, `&`,
     /// `#`, `%`, `+` or whitespace cannot survive the server's unescaped forwarding (§2.11)
     /// and are rejected with [`ArrakisError::InvalidName`].
-    pub async fn download_files(
-        &self,
-        name: &str,
-        paths: &[String],
-    ) -> Result<Vec<FileDownload>, ArrakisError> {
+    pub async fn download_files(&self, name: &str, paths: &[String]) -> Result<Vec<FileDownload>, ArrakisError> {
         #[derive(Deserialize)]
         struct Entry {
             path: String,
@@ -301,29 +252,18 @@ impl ArrakisClient {
             files: Vec<Entry>,
         }
         for path in paths {
-            if path.chars().any(|c| {
-                matches!(c, ',' | '&' | '#' | '%' | '+') || c.is_whitespace() || c.is_control()
-            }) {
+            if path.chars().any(|c| matches!(c, ',' | '&' | '#' | '%' | '+') || c.is_whitespace() || c.is_control()) {
                 return Err(ArrakisError::InvalidName { name: path.clone() });
             }
         }
-        let joined: Vec<String> = paths
-            .iter()
-            .map(|p| utf8_percent_encode(p, QUERY_PATH).to_string())
-            .collect();
+        let joined: Vec<String> = paths.iter().map(|p| utf8_percent_encode(p, QUERY_PATH).to_string()).collect();
         let path = format!("{}?paths={}", vm_path(name, "/files")?, joined.join(","));
         let req = self.request(Method::GET, &path);
-        let files: Files = self
-            .call("download_files", self.timeouts.files, Some(name), req)
-            .await?;
+        let files: Files = self.call("download_files", self.timeouts.files, Some(name), req).await?;
         Ok(files
             .files
             .into_iter()
-            .map(|e| FileDownload {
-                path: e.path,
-                content: e.content,
-                error: (!e.error.is_empty()).then_some(e.error),
-            })
+            .map(|e| FileDownload { path: e.path, content: e.content, error: (!e.error.is_empty()).then_some(e.error) })
             .collect())
     }
 
@@ -341,18 +281,11 @@ impl ArrakisClient {
     ) -> Result<T, ArrakisError> {
         let transport = |e: reqwest::Error| {
             if e.is_timeout() {
-                ArrakisError::Timeout {
-                    operation,
-                    after: timeout,
-                }
+                ArrakisError::Timeout { operation, after: timeout }
             } else if e.is_connect() {
-                ArrakisError::Connect {
-                    message: error_chain(&e),
-                }
+                ArrakisError::Connect { message: error_chain(&e) }
             } else {
-                ArrakisError::Dropped {
-                    message: error_chain(&e),
-                }
+                ArrakisError::Dropped { message: error_chain(&e) }
             }
         };
         let resp = req.timeout(timeout).send().await.map_err(transport)?;
@@ -362,10 +295,7 @@ impl ArrakisClient {
         if (200..300).contains(&status) {
             return serde_json::from_slice(&body).map_err(|e| ArrakisError::Protocol {
                 status,
-                message: format!(
-                    "cannot decode the {operation} response ({e}): {}",
-                    snippet(&body)
-                ),
+                message: format!("cannot decode the {operation} response ({e}): {}", snippet(&body)),
             });
         }
         Err(error_from_response(status, &headers, &body, vm_name))
@@ -374,12 +304,7 @@ impl ArrakisClient {
 
 /// Classifies a non-2xx answer: a handler's error body, or something only a router or proxy
 /// sends.
-fn error_from_response(
-    status: u16,
-    headers: &HeaderMap,
-    body: &[u8],
-    vm_name: Option<&str>,
-) -> ArrakisError {
+fn error_from_response(status: u16, headers: &HeaderMap, body: &[u8], vm_name: Option<&str>) -> ArrakisError {
     if let Ok(err) = serde_json::from_slice::<ErrorBody>(body) {
         return error::classify(status, err.error.message, vm_name);
     }
@@ -419,25 +344,15 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Rejects names that cannot address one VM: the server routes on the decoded path, so an
 /// encoded `/` still splits the segment, and `.`/`..` are cleaned away (301).
 fn check_name(name: &str) -> Result<(), ArrakisError> {
-    if name.is_empty()
-        || name == "."
-        || name == ".."
-        || name.contains('/')
-        || name.chars().any(char::is_control)
-    {
-        return Err(ArrakisError::InvalidName {
-            name: name.to_string(),
-        });
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.chars().any(char::is_control) {
+        return Err(ArrakisError::InvalidName { name: name.to_string() });
     }
     Ok(())
 }
 
 fn vm_path(name: &str, suffix: &str) -> Result<String, ArrakisError> {
     check_name(name)?;
-    Ok(format!(
-        "/v1/vms/{}{suffix}",
-        utf8_percent_encode(name, SEGMENT)
-    ))
+    Ok(format!("/v1/vms/{}{suffix}", utf8_percent_encode(name, SEGMENT)))
 }
 
 #[cfg(test)]
@@ -446,50 +361,21 @@ mod tests {
 
     #[test]
     fn base_urls() {
-        assert_eq!(
-            ArrakisClient::new("http://h:7000/").unwrap().base_url(),
-            "http://h:7000"
-        );
-        assert_eq!(
-            ArrakisClient::new("http://h:7000/api/").unwrap().base_url(),
-            "http://h:7000/api"
-        );
-        assert_eq!(
-            ArrakisClient::new("https://h").unwrap().base_url(),
-            "https://h"
-        );
-        for bad in [
-            "",
-            "h:7000",
-            "ftp://h",
-            "http://",
-            "http://h/?x=1",
-            "http://h/#f",
-            "not a url",
-        ] {
-            assert!(
-                matches!(
-                    ArrakisClient::new(bad),
-                    Err(ArrakisError::InvalidName { .. })
-                ),
-                "{bad:?}"
-            );
+        assert_eq!(ArrakisClient::new("http://h:7000/").unwrap().base_url(), "http://h:7000");
+        assert_eq!(ArrakisClient::new("http://h:7000/api/").unwrap().base_url(), "http://h:7000/api");
+        assert_eq!(ArrakisClient::new("https://h").unwrap().base_url(), "https://h");
+        for bad in ["", "h:7000", "ftp://h", "http://", "http://h/?x=1", "http://h/#f", "not a url"] {
+            assert!(matches!(ArrakisClient::new(bad), Err(ArrakisError::InvalidName { .. })), "{bad:?}");
         }
     }
 
     #[test]
     fn names_become_one_encoded_segment() {
         assert_eq!(vm_path("vm-1_a.b", "").unwrap(), "/v1/vms/vm-1_a.b");
-        assert_eq!(
-            vm_path("a b?c#d%e", "/cmd").unwrap(),
-            "/v1/vms/a%20b%3Fc%23d%25e/cmd"
-        );
+        assert_eq!(vm_path("a b?c#d%e", "/cmd").unwrap(), "/v1/vms/a%20b%3Fc%23d%25e/cmd");
         assert_eq!(vm_path("ü", "").unwrap(), "/v1/vms/%C3%BC");
         for bad in ["", ".", "..", "a/b", "a\nb", "\0"] {
-            assert_eq!(
-                vm_path(bad, ""),
-                Err(ArrakisError::InvalidName { name: bad.into() })
-            );
+            assert_eq!(vm_path(bad, ""), Err(ArrakisError::InvalidName { name: bad.into() }));
         }
     }
 
@@ -497,31 +383,16 @@ mod tests {
     fn non_handler_answers_are_protocol_errors() {
         let headers = HeaderMap::new();
         let e = error_from_response(404, &headers, b"404 page not found\n", Some("x"));
-        assert_eq!(
-            e,
-            ArrakisError::Protocol {
-                status: 404,
-                message: "404 page not found".into()
-            }
-        );
+        assert_eq!(e, ArrakisError::Protocol { status: 404, message: "404 page not found".into() });
         let e = error_from_response(405, &headers, b"", None);
         assert!(matches!(e, ArrakisError::Protocol { status: 405, .. }));
         let mut redirect = HeaderMap::new();
         redirect.insert(LOCATION, "/v1/vms".parse().unwrap());
         let e = error_from_response(301, &redirect, b"", None);
-        assert!(
-            matches!(&e, ArrakisError::Protocol { status: 301, message } if message.contains("/v1/vms"))
-        );
+        assert!(matches!(&e, ArrakisError::Protocol { status: 301, message } if message.contains("/v1/vms")));
         let e = error_from_response(502, &headers, b"<html>bad gateway</html>", None);
         assert!(e.is_transient());
         let e = error_from_response(500, &headers, br#"{"error":{"message":"boom"}}"#, None);
-        assert!(matches!(
-            e,
-            ArrakisError::Api {
-                status: 500,
-                kind: ApiErrorKind::Unavailable,
-                ..
-            }
-        ));
+        assert!(matches!(e, ArrakisError::Api { status: 500, kind: ApiErrorKind::Unavailable, .. }));
     }
 }

@@ -36,20 +36,13 @@ pub struct StartVmRequest {
 impl StartVmRequest {
     /// A fresh boot with the server's default kernel and images.
     pub fn new(vm_name: impl Into<String>) -> Self {
-        Self {
-            vm_name: vm_name.into(),
-            ..Self::default()
-        }
+        Self { vm_name: vm_name.into(), ..Self::default() }
     }
 
     /// A restore of `snapshot_id` under `vm_name` (which must be the snapshot's source VM,
     /// destroyed first; BEHAVIOR.md §3.5).
     pub fn restore(vm_name: impl Into<String>, snapshot_id: impl Into<String>) -> Self {
-        Self {
-            vm_name: vm_name.into(),
-            snapshot_id: Some(snapshot_id.into()),
-            ..Self::default()
-        }
+        Self { vm_name: vm_name.into(), snapshot_id: Some(snapshot_id.into()), ..Self::default() }
     }
 }
 
@@ -71,9 +64,7 @@ pub struct VmInfo {
 impl VmInfo {
     /// The guest address without its `/NN` suffix, ready to connect to.
     pub fn ip_address(&self) -> &str {
-        self.ip
-            .split_once('/')
-            .map_or(self.ip.as_str(), |(addr, _)| addr)
+        self.ip.split_once('/').map_or(self.ip.as_str(), |(addr, _)| addr)
     }
 }
 
@@ -164,15 +155,9 @@ impl CommandOutput {
         let exit_code = if error.is_empty() {
             Some(0)
         } else {
-            error
-                .strip_prefix("exit status ")
-                .and_then(|n| n.trim().parse().ok())
+            error.strip_prefix("exit status ").and_then(|n| n.trim().parse().ok())
         };
-        Self {
-            output,
-            error: (!error.is_empty()).then_some(error),
-            exit_code,
-        }
+        Self { output, error: (!error.is_empty()).then_some(error), exit_code }
     }
 
     /// True when the command exited 0.
@@ -191,10 +176,7 @@ pub struct FileUpload {
 
 impl FileUpload {
     pub fn new(path: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            content: content.into(),
-        }
+        Self { path: path.into(), content: content.into() }
     }
 }
 
@@ -220,41 +202,25 @@ mod tests {
         assert_eq!(vm.ip, "10.20.1.2/24");
         assert_eq!(vm.ip_address(), "10.20.1.2");
         assert_eq!(vm.port_forwards[0].host_port_number(), Some(3000));
-        let odd: VmInfo =
-            serde_json::from_str(r#"{"vmName":"x","status":"CREATED","ip":""}"#).unwrap();
+        let odd: VmInfo = serde_json::from_str(r#"{"vmName":"x","status":"CREATED","ip":""}"#).unwrap();
         assert_eq!(odd.status, VmStatus::Other("CREATED".into()));
         assert_eq!(odd.ip_address(), "");
     }
 
     #[test]
     fn start_request_sends_only_set_camel_case_keys() {
-        let req = StartVmRequest {
-            entry_point: Some("/bin/x".into()),
-            ..StartVmRequest::new("a")
-        };
-        assert_eq!(
-            serde_json::to_string(&req).unwrap(),
-            r#"{"vmName":"a","entryPoint":"/bin/x"}"#
-        );
+        let req = StartVmRequest { entry_point: Some("/bin/x".into()), ..StartVmRequest::new("a") };
+        assert_eq!(serde_json::to_string(&req).unwrap(), r#"{"vmName":"a","entryPoint":"/bin/x"}"#);
         let req = StartVmRequest::restore("a", "s1");
-        assert_eq!(
-            serde_json::to_string(&req).unwrap(),
-            r#"{"vmName":"a","snapshotId":"s1"}"#
-        );
+        assert_eq!(serde_json::to_string(&req).unwrap(), r#"{"vmName":"a","snapshotId":"s1"}"#);
     }
 
     #[test]
     fn command_output_exit_codes() {
         let ok = CommandOutput::from_wire("hi\n".into(), String::new());
-        assert_eq!(
-            (ok.error.as_deref(), ok.exit_code, ok.success()),
-            (None, Some(0), true)
-        );
+        assert_eq!((ok.error.as_deref(), ok.exit_code, ok.success()), (None, Some(0), true));
         let failed = CommandOutput::from_wire(String::new(), "exit status 127".into());
-        assert_eq!(
-            (failed.error.as_deref(), failed.exit_code),
-            (Some("exit status 127"), Some(127))
-        );
+        assert_eq!((failed.error.as_deref(), failed.exit_code), (Some("exit status 127"), Some(127)));
         let killed = CommandOutput::from_wire(String::new(), "signal: killed".into());
         assert_eq!(killed.exit_code, None);
         assert!(!killed.success());

@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use arrakis_client::{
-    ApiErrorKind, ArrakisClient, ArrakisError, FileUpload, StartVmRequest, Timeouts, VmStatus,
-};
+use arrakis_client::{ApiErrorKind, ArrakisClient, ArrakisError, FileUpload, StartVmRequest, Timeouts, VmStatus};
 use arrakis_sim::{spawn, Failure, Op, SimConfig, SimHandle};
 
 async fn setup(config: SimConfig) -> (SimHandle, ArrakisClient) {
@@ -34,19 +32,10 @@ async fn lifecycle_happy_path() {
 
     let vm = c.start_vm(&StartVmRequest::new("a")).await.unwrap();
     assert_eq!((vm.vm_name.as_str(), &vm.status), ("a", &VmStatus::Running));
-    assert_eq!(
-        (vm.ip.as_str(), vm.ip_address()),
-        ("10.20.1.2/24", "10.20.1.2")
-    );
+    assert_eq!((vm.ip.as_str(), vm.ip_address()), ("10.20.1.2/24", "10.20.1.2"));
     assert_eq!(vm.tap_device_name, "tap0");
     assert_eq!(vm.port_forwards.len(), 6);
-    assert_eq!(
-        (
-            vm.port_forwards[0].host_port.as_str(),
-            vm.port_forwards[0].guest_port.as_str()
-        ),
-        ("3000", "5901")
-    );
+    assert_eq!((vm.port_forwards[0].host_port.as_str(), vm.port_forwards[0].guest_port.as_str()), ("3000", "5901"));
     assert_eq!(vm.port_forwards[1].description, "code (range 5736-5740)");
     assert_eq!(c.get_vm("a").await.unwrap(), vm);
     assert_eq!(c.list_vms().await.unwrap(), vec![vm.clone()]);
@@ -73,45 +62,22 @@ async fn commands_and_files() {
     let (h, c) = sim().await;
     c.start_vm(&StartVmRequest::new("v")).await.unwrap();
     let out = c.run_command("v", "echo hi", true).await.unwrap();
-    assert_eq!(
-        (out.output.as_str(), out.error.as_deref(), out.exit_code),
-        ("hi\n", None, Some(0))
-    );
+    assert_eq!((out.output.as_str(), out.error.as_deref(), out.exit_code), ("hi\n", None, Some(0)));
     let out = c.run_command("v", "echo oops; exit 7", true).await.unwrap();
-    assert_eq!(
-        (out.error.as_deref(), out.exit_code),
-        (Some("exit status 7"), Some(7))
-    );
+    assert_eq!((out.error.as_deref(), out.exit_code), (Some("exit status 7"), Some(7)));
     let out = c.run_command("v", "nosuch", true).await.unwrap();
     assert_eq!(out.exit_code, Some(127));
     let out = c.run_command("v", "echo bg > bg.txt", false).await.unwrap();
-    assert!(
-        out.output.ends_with("started in background"),
-        "{}",
-        out.output
-    );
+    assert!(out.output.ends_with("started in background"), "{}", out.output);
 
     c.run_command("v", "mkdir -p sub", true).await.unwrap();
-    let files = [
-        FileUpload::new("sub/a.txt", "A <&> ü"),
-        FileUpload::new("/root/b.txt", "B"),
-    ];
+    let files = [FileUpload::new("sub/a.txt", "A <&> ü"), FileUpload::new("/root/b.txt", "B")];
     c.upload_files("v", &files).await.unwrap();
     assert_eq!(h.sim.vm_file("v", "/root/b.txt").as_deref(), Some("B"));
-    let got = c
-        .download_files(
-            "v",
-            &["sub/a.txt".into(), "missing".into(), "sub/a.txt".into()],
-        )
-        .await
-        .unwrap();
+    let got = c.download_files("v", &["sub/a.txt".into(), "missing".into(), "sub/a.txt".into()]).await.unwrap();
     assert_eq!(got.len(), 3);
     assert_eq!(
-        (
-            got[0].path.as_str(),
-            got[0].content.as_str(),
-            got[0].error.as_deref()
-        ),
+        (got[0].path.as_str(), got[0].content.as_str(), got[0].error.as_deref()),
         ("sub/a.txt", "A <&> ü", None)
     );
     assert_eq!(
@@ -119,10 +85,7 @@ async fn commands_and_files() {
         Some("Failed to read file: open /tmp/server_files/missing: no such file or directory")
     );
     // Missing parent directories are a server-side 500.
-    let err = c
-        .upload_files("v", &[FileUpload::new("no/dir/f", "x")])
-        .await
-        .unwrap_err();
+    let err = c.upload_files("v", &[FileUpload::new("no/dir/f", "x")]).await.unwrap_err();
     assert_eq!(kind(&err), Some(ApiErrorKind::Unavailable));
     // Paths the server cannot forward are refused before sending.
     for bad in ["a,b", "a b", "a&b", "a#b", "100%"] {
@@ -138,43 +101,25 @@ async fn commands_and_files() {
 #[tokio::test]
 async fn sends_exactly_the_documented_keys() {
     let (h, c) = sim().await;
-    let req = StartVmRequest {
-        kernel: Some("/k".into()),
-        ..StartVmRequest::new("v")
-    };
+    let req = StartVmRequest { kernel: Some("/k".into()), ..StartVmRequest::new("v") };
     c.start_vm(&req).await.unwrap();
     c.run_command("v", "true", true).await.unwrap();
-    c.upload_files("v", &[FileUpload::new("p", "c")])
-        .await
-        .unwrap();
+    c.upload_files("v", &[FileUpload::new("p", "c")]).await.unwrap();
     c.pause_vm("v").await.unwrap();
     c.resume_vm("v").await.unwrap();
     c.snapshot_vm("v", "s1").await.unwrap();
-    c.download_files("v", &["p".into(), "dir/q".into()])
-        .await
-        .unwrap();
-    let bodies: Vec<(Option<Op>, String)> = h
-        .sim
-        .log()
-        .into_iter()
-        .map(|e| (e.op, e.request_body))
-        .collect();
+    c.download_files("v", &["p".into(), "dir/q".into()]).await.unwrap();
+    let bodies: Vec<(Option<Op>, String)> = h.sim.log().into_iter().map(|e| (e.op, e.request_body)).collect();
     let expected = [
         (Some(Op::Start), r#"{"vmName":"v","kernel":"/k"}"#),
         (Some(Op::Cmd), r#"{"cmd":"true","blocking":true}"#),
-        (
-            Some(Op::Upload),
-            r#"{"files":[{"path":"p","content":"c"}]}"#,
-        ),
+        (Some(Op::Upload), r#"{"files":[{"path":"p","content":"c"}]}"#),
         (Some(Op::Pause), r#"{"status":"paused"}"#),
         (Some(Op::Resume), r#"{"status":"resume"}"#),
         (Some(Op::Snapshot), r#"{"snapshotId":"s1"}"#),
         (Some(Op::Download), ""),
     ];
-    let expected: Vec<(Option<Op>, String)> = expected
-        .into_iter()
-        .map(|(op, b)| (op, b.to_string()))
-        .collect();
+    let expected: Vec<(Option<Op>, String)> = expected.into_iter().map(|(op, b)| (op, b.to_string())).collect();
     assert_eq!(bodies, expected);
     assert_eq!(h.sim.log()[6].query.as_deref(), Some("paths=p,dir/q"));
 }
@@ -188,41 +133,19 @@ async fn snapshot_and_restore() {
 
     let err = c.snapshot_vm("src", "snap-1").await.unwrap_err();
     assert_eq!(kind(&err), Some(ApiErrorKind::Conflict), "{err}");
-    let err = c
-        .start_vm(&StartVmRequest::restore("src", "snap-1"))
-        .await
-        .unwrap_err();
+    let err = c.start_vm(&StartVmRequest::restore("src", "snap-1")).await.unwrap_err();
     assert_eq!(kind(&err), Some(ApiErrorKind::Conflict), "tap held: {err}");
-    let err = c
-        .start_vm(&StartVmRequest::restore("src", "nope"))
-        .await
-        .unwrap_err();
+    let err = c.start_vm(&StartVmRequest::restore("src", "nope")).await.unwrap_err();
     assert_eq!(kind(&err), Some(ApiErrorKind::InvalidRequest), "{err}");
 
     c.delete_vm("src").await.unwrap();
-    let vm = c
-        .start_vm(&StartVmRequest::restore("src", "snap-1"))
-        .await
-        .unwrap();
-    assert_eq!(
-        (vm.ip_address(), vm.tap_device_name.as_str()),
-        ("10.20.1.2", "tap0")
-    );
-    assert_eq!(
-        c.run_command("src", "cat f", true).await.unwrap().output,
-        "saved\n"
-    );
+    let vm = c.start_vm(&StartVmRequest::restore("src", "snap-1")).await.unwrap();
+    assert_eq!((vm.ip_address(), vm.tap_device_name.as_str()), ("10.20.1.2", "tap0"));
+    assert_eq!(c.run_command("src", "cat f", true).await.unwrap().output, "saved\n");
     let err = c.snapshot_vm("src", "snap-2").await.unwrap_err();
-    assert_eq!(
-        kind(&err),
-        Some(ApiErrorKind::Conflict),
-        "restored VM: {err}"
-    );
+    assert_eq!(kind(&err), Some(ApiErrorKind::Conflict), "restored VM: {err}");
     assert!(!err.is_transient());
-    assert!(matches!(
-        c.snapshot_vm("src", "").await,
-        Err(ArrakisError::InvalidName { .. })
-    ));
+    assert!(matches!(c.snapshot_vm("src", "").await, Err(ArrakisError::InvalidName { .. })));
 }
 
 #[tokio::test]
@@ -237,9 +160,7 @@ async fn not_found_on_every_endpoint() {
         c.delete_vm(n).await.unwrap_err(),
         c.snapshot_vm(n, "s").await.unwrap_err(),
         c.run_command(n, "ls", true).await.unwrap_err(),
-        c.upload_files(n, &[FileUpload::new("a", "b")])
-            .await
-            .unwrap_err(),
+        c.upload_files(n, &[FileUpload::new("a", "b")]).await.unwrap_err(),
         c.download_files(n, &["a".into()]).await.unwrap_err(),
     ];
     for err in errors {
@@ -271,21 +192,8 @@ async fn state_conflicts_and_exhaustion() {
     assert!(!err.is_transient());
     // A command the guest agent refuses to parse is a bad request, not a transient 500.
     c.start_vm(&StartVmRequest::new("v")).await.unwrap();
-    let err = c
-        .run_command("v", "echo 'unbalanced", true)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ArrakisError::Api {
-                status: 500,
-                kind: ApiErrorKind::InvalidRequest,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    let err = c.run_command("v", "echo 'unbalanced", true).await.unwrap_err();
+    assert!(matches!(err, ArrakisError::Api { status: 500, kind: ApiErrorKind::InvalidRequest, .. }), "{err}");
 }
 
 #[tokio::test]
@@ -293,33 +201,16 @@ async fn injected_faults_are_transient() {
     let (h, c) = sim().await;
     h.sim.set_error_rate(1.0, 5);
     let err = c.health().await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ArrakisError::Api {
-                status: 500,
-                kind: ApiErrorKind::Unavailable,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, ArrakisError::Api { status: 500, kind: ApiErrorKind::Unavailable, .. }), "{err}");
     assert!(err.is_transient());
     let err = c.start_vm(&StartVmRequest::new("v")).await.unwrap_err();
     assert!(err.is_transient());
     h.sim.set_error_rate(0.0, 5);
-    assert!(
-        c.get_vm("v").await.unwrap_err().is_not_found(),
-        "the fault came before the effect"
-    );
+    assert!(c.get_vm("v").await.unwrap_err().is_not_found(), "the fault came before the effect");
 
-    h.sim
-        .fail_next(Op::List, Failure::status(503, "Service Unavailable"));
+    h.sim.fail_next(Op::List, Failure::status(503, "Service Unavailable"));
     let err = c.list_vms().await.unwrap_err();
-    assert!(
-        matches!(err, ArrakisError::Api { status: 503, .. }) && err.is_transient(),
-        "{err}"
-    );
+    assert!(matches!(err, ArrakisError::Api { status: 503, .. }) && err.is_transient(), "{err}");
 
     h.sim.fail_next(Op::Get, Failure::Drop);
     let err = c.get_vm("v").await.unwrap_err();
@@ -335,46 +226,21 @@ async fn injected_faults_are_transient() {
     // The guest proxy timing out on a paused VM is transient too.
     c.pause_vm("z").await.unwrap();
     let err = c.run_command("z", "true", true).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ArrakisError::Api {
-                kind: ApiErrorKind::Unavailable,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, ArrakisError::Api { kind: ApiErrorKind::Unavailable, .. }), "{err}");
 }
 
 #[tokio::test]
 async fn hangs_time_out_with_the_operations_timeout() {
     let (h, c) = sim().await;
-    h.sim
-        .set_hang([Op::Cmd, Op::Health], Duration::from_secs(30));
-    let timeouts = Timeouts {
-        cmd: Duration::from_millis(100),
-        default: Duration::from_millis(150),
-        ..Timeouts::default()
-    };
+    h.sim.set_hang([Op::Cmd, Op::Health], Duration::from_secs(30));
+    let timeouts =
+        Timeouts { cmd: Duration::from_millis(100), default: Duration::from_millis(150), ..Timeouts::default() };
     let c = c.with_timeouts(timeouts);
     assert_eq!(c.timeouts().cmd, Duration::from_millis(100));
     let err = c.health().await.unwrap_err();
-    assert_eq!(
-        err,
-        ArrakisError::Timeout {
-            operation: "health",
-            after: Duration::from_millis(150)
-        }
-    );
+    assert_eq!(err, ArrakisError::Timeout { operation: "health", after: Duration::from_millis(150) });
     let err = c.run_command("v", "true", true).await.unwrap_err();
-    assert_eq!(
-        err,
-        ArrakisError::Timeout {
-            operation: "run_command",
-            after: Duration::from_millis(100)
-        }
-    );
+    assert_eq!(err, ArrakisError::Timeout { operation: "run_command", after: Duration::from_millis(100) });
     assert!(err.is_transient());
     // The server is not wedged by the abandoned requests.
     h.sim.set_hang([], Duration::ZERO);
@@ -399,34 +265,18 @@ async fn odd_names_are_percent_encoded_and_bad_ones_refused() {
     let vm = c.start_vm(&StartVmRequest::new(name)).await.unwrap();
     assert_eq!(vm.vm_name, name);
     assert_eq!(c.get_vm(name).await.unwrap().vm_name, name);
-    assert_eq!(
-        c.run_command(name, "hostname", true).await.unwrap().output,
-        format!("{name}\n")
-    );
+    assert_eq!(c.run_command(name, "hostname", true).await.unwrap().output, format!("{name}\n"));
     c.pause_vm(name).await.unwrap();
     c.delete_vm(name).await.unwrap();
-    assert!(h
-        .sim
-        .log()
-        .iter()
-        .any(|e| e.path == "/v1/vms/odd%20name%3F%23%25%C3%BC"));
+    assert!(h.sim.log().iter().any(|e| e.path == "/v1/vms/odd%20name%3F%23%25%C3%BC"));
     assert!(c.get_vm(name).await.unwrap_err().is_not_found());
 
     h.sim.clear_log();
     for bad in ["", ".", "..", "a/b", "tab\there"] {
-        assert_eq!(
-            c.get_vm(bad).await.unwrap_err(),
-            ArrakisError::InvalidName { name: bad.into() }
-        );
-        assert!(matches!(
-            c.start_vm(&StartVmRequest::new(bad)).await,
-            Err(ArrakisError::InvalidName { .. })
-        ));
+        assert_eq!(c.get_vm(bad).await.unwrap_err(), ArrakisError::InvalidName { name: bad.into() });
+        assert!(matches!(c.start_vm(&StartVmRequest::new(bad)).await, Err(ArrakisError::InvalidName { .. })));
     }
-    assert!(
-        h.sim.log().is_empty(),
-        "no request may be sent for an invalid name"
-    );
+    assert!(h.sim.log().is_empty(), "no request may be sent for an invalid name");
 }
 
 #[tokio::test]
@@ -434,20 +284,11 @@ async fn router_answers_are_protocol_errors() {
     let (h, _) = sim().await;
     let c = ArrakisClient::new(&format!("{}/prefix", h.url())).unwrap();
     let err = c.health().await.unwrap_err();
-    assert_eq!(
-        err,
-        ArrakisError::Protocol {
-            status: 404,
-            message: "404 page not found".into()
-        }
-    );
+    assert_eq!(err, ArrakisError::Protocol { status: 404, message: "404 page not found".into() });
     assert!(!err.is_transient());
     let c = ArrakisClient::new(&format!("{}/v1/vms/x", h.url())).unwrap();
     // Lands on /v1/vms/x/v1/vms: a 404 as well, never a redirect followed.
-    assert!(matches!(
-        c.list_vms().await,
-        Err(ArrakisError::Protocol { status: 404, .. })
-    ));
+    assert!(matches!(c.list_vms().await, Err(ArrakisError::Protocol { status: 404, .. })));
     let c = ArrakisClient::new(&format!("{}/v1/.", h.url())).unwrap();
     assert_eq!(c.base_url(), format!("{}/v1", h.url()));
 }

@@ -24,20 +24,10 @@ use crate::world::{VmStatus, WireVmInfo};
 /// Bodies are read whole; nothing legitimate comes near this.
 const MAX_BODY: usize = 64 * 1024 * 1024;
 /// Go's client error when the agent answers nothing within the proxy timeout.
-const CLIENT_TIMEOUT: &str =
-    "context deadline exceeded (Client.Timeout exceeded while awaiting headers)";
+const CLIENT_TIMEOUT: &str = "context deadline exceeded (Client.Timeout exceeded while awaiting headers)";
 /// Characters Go's `url.URL.EscapedPath` escapes in a redirect's path.
-const PATH_ESCAPE: &AsciiSet = &CONTROLS
-    .add(b' ')
-    .add(b'"')
-    .add(b'#')
-    .add(b'%')
-    .add(b'<')
-    .add(b'>')
-    .add(b'?')
-    .add(b'`')
-    .add(b'{')
-    .add(b'}');
+const PATH_ESCAPE: &AsciiSet =
+    &CONTROLS.add(b' ').add(b'"').add(b'#').add(b'%').add(b'<').add(b'>').add(b'?').add(b'`').add(b'{').add(b'}');
 
 /// Marks a response whose connection must be closed without sending it.
 #[derive(Debug, Clone, Copy)]
@@ -75,19 +65,11 @@ struct Success {
 
 impl Reply {
     fn ok<T: Serialize>(value: &T) -> Self {
-        Reply::Json {
-            status: 200,
-            body: gojson::go_encode(value),
-        }
+        Reply::Json { status: 200, body: gojson::go_encode(value) }
     }
 
     fn error(status: u16, message: &str) -> Self {
-        Reply::Json {
-            status,
-            body: gojson::go_encode(&ErrorBody {
-                error: ErrorMessage { message },
-            }),
-        }
+        Reply::Json { status, body: gojson::go_encode(&ErrorBody { error: ErrorMessage { message } }) }
     }
 
     fn success() -> Self {
@@ -116,16 +98,12 @@ impl IntoResponse for Reply {
     fn into_response(self) -> Response {
         match self {
             Reply::Json { status, body } => {
-                let code =
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                 (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
             }
             Reply::NotFound => (
                 StatusCode::NOT_FOUND,
-                [
-                    (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
-                    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-                ],
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")],
                 "404 page not found\n",
             )
                 .into_response(),
@@ -193,12 +171,8 @@ impl Drop for LogGuard {
 pub(crate) async fn entry(State(sim): State<Simulator>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     // A body that cannot be read is as good as empty: decoding then fails with EOF.
-    let body = axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .unwrap_or_default();
-    handle(&sim, &parts.method, &parts.uri, body)
-        .await
-        .into_response()
+    let body = axum::body::to_bytes(body, MAX_BODY).await.unwrap_or_default();
+    handle(&sim, &parts.method, &parts.uri, body).await.into_response()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,11 +236,7 @@ fn clean_path(p: &str) -> String {
     if p.is_empty() {
         return "/".into();
     }
-    let rooted = if p.starts_with('/') {
-        p.to_string()
-    } else {
-        format!("/{p}")
-    };
+    let rooted = if p.starts_with('/') { p.to_string() } else { format!("/{p}") };
     let mut cleaned = resolve("/", &rooted);
     if rooted.ends_with('/') && cleaned != "/" {
         cleaned.push('/');
@@ -276,9 +246,7 @@ fn clean_path(p: &str) -> String {
 
 async fn handle(sim: &Simulator, method: &Method, uri: &Uri, body: Bytes) -> Reply {
     let raw_path = uri.path();
-    let decoded = percent_decode_str(raw_path)
-        .decode_utf8_lossy()
-        .into_owned();
+    let decoded = percent_decode_str(raw_path).decode_utf8_lossy().into_owned();
     let start_ms = sim.now_ms();
     let mut guard = LogGuard {
         sim: sim.clone(),
@@ -393,18 +361,13 @@ fn health() -> Reply {
         status: &'static str,
         timestamp: String,
     }
-    Reply::ok(&Health {
-        status: "healthy",
-        timestamp: rfc3339_now(),
-    })
+    Reply::ok(&Health { status: "healthy", timestamp: rfc3339_now() })
 }
 
 /// Current UTC time as RFC 3339 to the second, like Go's `time.RFC3339` on a UTC time.
 fn rfc3339_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
     let days = (secs / 86400) as i64;
     let rem = secs % 86400;
     // Howard Hinnant's civil_from_days.
@@ -417,12 +380,7 @@ fn rfc3339_now() -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem / 60) % 60, rem % 60)
 }
 
 fn list(sim: &Simulator) -> Reply {
@@ -458,28 +416,21 @@ const START_FIELDS: &[gojson::Field] = &[
 fn start_name(body: &[u8]) -> Option<String> {
     let value = gojson::decode_first(body).ok()?;
     let fields = gojson::lenient(&value, "serverapi.StartVMRequest", START_FIELDS).ok()?;
-    fields
-        .string("vmName")
-        .filter(|n| !n.is_empty())
-        .map(str::to_string)
+    fields.string("vmName").filter(|n| !n.is_empty()).map(str::to_string)
 }
 
 /// POST /v1/vms. Returns the reply and whether the zombie hook fired.
 async fn start(sim: &Simulator, body: &[u8]) -> (Reply, bool) {
-    let fields = match gojson::decode_first(body)
-        .and_then(|v| gojson::lenient(&v, "serverapi.StartVMRequest", START_FIELDS))
-    {
-        Ok(f) => f,
-        Err(e) => return (invalid_format(&e), false),
-    };
+    let fields =
+        match gojson::decode_first(body).and_then(|v| gojson::lenient(&v, "serverapi.StartVMRequest", START_FIELDS)) {
+            Ok(f) => f,
+            Err(e) => return (invalid_format(&e), false),
+        };
     let name = fields.string("vmName").unwrap_or_default().to_string();
     if name.is_empty() {
         return (Reply::error(400, "Empty vm name"), false);
     }
-    let snapshot_id = fields
-        .string("snapshotId")
-        .filter(|s| !s.is_empty())
-        .map(str::to_string);
+    let snapshot_id = fields.string("snapshotId").filter(|s| !s.is_empty()).map(str::to_string);
     let (result, zombie) = {
         let mut world = sim.world();
         let zombie = snapshot_id.is_none() && !world.vms.contains_key(&name) && sim.take_zombie();
@@ -495,11 +446,7 @@ async fn start(sim: &Simulator, body: &[u8]) -> (Reply, bool) {
 
 fn patch_status(body: &[u8]) -> Result<String, String> {
     let value = gojson::decode_first(body)?;
-    let fields = gojson::lenient(
-        &value,
-        "serverapi.V1VmsNamePatchRequest",
-        &[("status", FieldType::String)],
-    )?;
+    let fields = gojson::lenient(&value, "serverapi.V1VmsNamePatchRequest", &[("status", FieldType::String)])?;
     Ok(fields.string("status").unwrap_or_default().to_string())
 }
 
@@ -526,13 +473,9 @@ async fn snapshot(sim: &Simulator, name: &str, body: &[u8]) -> Reply {
     struct Snapshot {
         snapshot_id: String,
     }
-    let id = match gojson::decode_first(body).and_then(|v| {
-        gojson::lenient(
-            &v,
-            "struct { SnapshotId string }",
-            &[("snapshotId", FieldType::String)],
-        )
-    }) {
+    let id = match gojson::decode_first(body)
+        .and_then(|v| gojson::lenient(&v, "struct { SnapshotId string }", &[("snapshotId", FieldType::String)]))
+    {
         Ok(f) => f.string("snapshotId").unwrap_or_default().to_string(),
         Err(e) => return invalid_format(&e),
     };
@@ -570,19 +513,9 @@ impl GuestRef {
     fn lookup(sim: &Simulator, name: &str, not_found_prefix: &str) -> Result<Self, Reply> {
         let world = sim.world();
         let vm = world.vms.get(name).ok_or_else(|| {
-            Reply::error(
-                500,
-                &format!(
-                    "{not_found_prefix}: rpc error: code = NotFound desc = vm not found: {name}"
-                ),
-            )
+            Reply::error(500, &format!("{not_found_prefix}: rpc error: code = NotFound desc = vm not found: {name}"))
         })?;
-        Ok(Self {
-            ip: vm.ip_addr().to_string(),
-            status: vm.status,
-            incarnation: vm.incarnation,
-            boot_gen: vm.boot_gen,
-        })
+        Ok(Self { ip: vm.ip_addr().to_string(), status: vm.status, incarnation: vm.incarnation, boot_gen: vm.boot_gen })
     }
 
     /// Waits out the proxy timeout for a guest that cannot answer and returns Go's error
@@ -606,12 +539,11 @@ async fn cmd(sim: &Simulator, name: &str, body: &[u8]) -> Reply {
         error: String,
         output: String,
     }
-    let fields = match gojson::decode_first(body)
-        .and_then(|v| gojson::strict(&v, "VmCommandRequest", &["cmd"], CMD_FIELDS))
-    {
-        Ok(f) => f,
-        Err(e) => return invalid_format(&e),
-    };
+    let fields =
+        match gojson::decode_first(body).and_then(|v| gojson::strict(&v, "VmCommandRequest", &["cmd"], CMD_FIELDS)) {
+            Ok(f) => f,
+            Err(e) => return invalid_format(&e),
+        };
     let command = fields.string("cmd").unwrap_or_default().to_string();
     if command.is_empty() {
         return Reply::error(400, "Command cannot be empty");
@@ -626,25 +558,14 @@ async fn cmd(sim: &Simulator, name: &str, body: &[u8]) -> Reply {
         let detail = guest.unreachable(sim).await;
         return Reply::error(
             500,
-            &format!(
-                "Failed to execute command: failed to execute request: Post \"{url}\": {detail}"
-            ),
+            &format!("Failed to execute command: failed to execute request: Post \"{url}\": {detail}"),
         );
     };
     if !shell::precheck(&command) {
-        return Reply::error(
-            500,
-            "Failed to execute command: request failed with status: 400",
-        );
+        return Reply::error(500, "Failed to execute command: request failed with status: 400");
     }
     let program = Program::new(&command, name);
-    let task = tokio::spawn(run_program(
-        sim.clone(),
-        name.to_string(),
-        guest.incarnation,
-        guest.boot_gen,
-        program,
-    ));
+    let task = tokio::spawn(run_program(sim.clone(), name.to_string(), guest.incarnation, guest.boot_gen, program));
     if !blocking {
         return Reply::ok(&CmdResponse {
             error: String::new(),
@@ -657,10 +578,9 @@ async fn cmd(sim: &Simulator, name: &str, body: &[u8]) -> Reply {
             output,
         }),
         // The guest vanished mid-command (destroyed, stopped or restarted).
-        Ok(_) => Reply::error(
-            500,
-            &format!("Failed to execute command: failed to execute request: Post \"{url}\": EOF"),
-        ),
+        Ok(_) => {
+            Reply::error(500, &format!("Failed to execute command: failed to execute request: Post \"{url}\": EOF"))
+        }
         // The command keeps running in the guest; only the proxy call gives up.
         Err(_) => Reply::error(
             500,
@@ -681,18 +601,15 @@ async fn run_program(
     loop {
         let step = {
             let mut world = sim.world();
-            let vm = world
-                .vms
-                .get_mut(&name)
-                .filter(|vm| vm.incarnation == incarnation && vm.boot_gen == boot_gen)?;
+            let vm = world.vms.get_mut(&name).filter(|vm| vm.incarnation == incarnation && vm.boot_gen == boot_gen)?;
             program.run(&mut vm.fs)
         };
         match step {
             Step::Done(code) => return Some((program.output().to_string(), code)),
             Step::Sleep(d) => {
                 let scale = sim.config().time_scale;
-                let scaled = Duration::try_from_secs_f64(d.as_secs_f64() * scale)
-                    .unwrap_or(crate::config::DEFAULT_HANG);
+                let scaled =
+                    Duration::try_from_secs_f64(d.as_secs_f64() * scale).unwrap_or(crate::config::DEFAULT_HANG);
                 tokio::select! {
                     _ = sleep(scaled) => {}
                     _ = sim.inner.shutdown.cancelled() => return None,
@@ -723,22 +640,14 @@ async fn upload(sim: &Simulator, name: &str, body: &[u8]) -> Reply {
         );
     }
     let mut world = sim.world();
-    let Some(vm) = world
-        .vms
-        .get_mut(name)
-        .filter(|vm| vm.incarnation == guest.incarnation)
-    else {
+    let Some(vm) = world.vms.get_mut(name).filter(|vm| vm.incarnation == guest.incarnation) else {
         return Reply::error(500, &format!("Failed to upload files: rpc error: code = Internal desc = failed to execute request: Post \"http://{ip}:4031/files\": EOF"));
     };
     for (path, content) in files {
         if path.is_empty() {
             continue;
         }
-        let abs = if path.starts_with('/') {
-            resolve("/", &path)
-        } else {
-            resolve(SERVER_FILES, &path)
-        };
+        let abs = if path.starts_with('/') { resolve("/", &path) } else { resolve(SERVER_FILES, &path) };
         // The first failure stops the loop; earlier files stay written.
         if vm.fs.write(&abs, &content, false).is_err() {
             return Reply::error(
@@ -747,21 +656,14 @@ async fn upload(sim: &Simulator, name: &str, body: &[u8]) -> Reply {
             );
         }
     }
-    Reply::Json {
-        status: 200,
-        body: "{}\n".into(),
-    }
+    Reply::Json { status: 200, body: "{}\n".into() }
 }
 
 /// Go's `url.Values.Get`: the first value of `key`, `+` as space, percent-decoded.
 fn query_value(query: &str, key: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let decode = |s: &str| {
-            percent_decode_str(&s.replace('+', " "))
-                .decode_utf8_lossy()
-                .into_owned()
-        };
+        let decode = |s: &str| percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned();
         (decode(k) == key).then(|| decode(v))
     })
 }
@@ -797,9 +699,7 @@ async fn download(sim: &Simulator, name: &str, query: &str) -> Reply {
     let Some(vm) = world.vms.get(name) else {
         return Reply::error(
             500,
-            &format!(
-                "Failed to download files: rpc error: code = NotFound desc = vm not found: {name}"
-            ),
+            &format!("Failed to download files: rpc error: code = NotFound desc = vm not found: {name}"),
         );
     };
     let files = paths
@@ -813,20 +713,12 @@ async fn download(sim: &Simulator, name: &str, query: &str) -> Reply {
             };
             let (content, error) = match vm.fs.read(&abs) {
                 Ok(c) => (c.to_string(), String::new()),
-                Err(FsError::IsADirectory) => (
-                    String::new(),
-                    format!("Failed to read file: read {abs}: is a directory"),
-                ),
-                Err(e) => (
-                    String::new(),
-                    format!("Failed to read file: open {abs}: {}", e.go_text()),
-                ),
+                Err(FsError::IsADirectory) => {
+                    (String::new(), format!("Failed to read file: read {abs}: is a directory"))
+                }
+                Err(e) => (String::new(), format!("Failed to read file: open {abs}: {}", e.go_text())),
             };
-            File {
-                content,
-                error,
-                path: p.to_string(),
-            }
+            File { content, error, path: p.to_string() }
         })
         .collect();
     Reply::ok(&Files { files })
@@ -841,10 +733,7 @@ mod tests {
         assert_eq!(Route::parse("/v1/vms/a b"), Some(Route::Vm("a b".into())));
         assert_eq!(Route::parse("/v1/vms/"), None);
         assert_eq!(Route::parse("/v1/vms/a/b"), None);
-        assert_eq!(
-            Route::parse("/v1/vms/x/files"),
-            Some(Route::Files("x".into()))
-        );
+        assert_eq!(Route::parse("/v1/vms/x/files"), Some(Route::Files("x".into())));
         assert_eq!(clean_path("/v1//vms"), "/v1/vms");
         assert_eq!(clean_path("/v1/vms/"), "/v1/vms/");
         assert_eq!(clean_path("/v1/vms/../health"), "/v1/health");
@@ -852,14 +741,8 @@ mod tests {
 
     #[test]
     fn query_values_decode_like_go() {
-        assert_eq!(
-            query_value("paths=a%2Cb,c&x=1", "paths").as_deref(),
-            Some("a,b,c")
-        );
-        assert_eq!(
-            query_value("x=1&paths=a+b&paths=c", "paths").as_deref(),
-            Some("a b")
-        );
+        assert_eq!(query_value("paths=a%2Cb,c&x=1", "paths").as_deref(), Some("a,b,c"));
+        assert_eq!(query_value("x=1&paths=a+b&paths=c", "paths").as_deref(), Some("a b"));
         assert_eq!(query_value("x=1", "paths"), None);
     }
 

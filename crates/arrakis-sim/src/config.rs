@@ -82,16 +82,10 @@ impl FromStr for Op {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let wanted = s.trim().replace('-', "_");
-        Op::ALL
-            .into_iter()
-            .find(|op| op.name() == wanted)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Op::ALL.iter().map(|op| op.name()).collect();
-                format!(
-                    "unknown operation {s:?}; expected one of {}",
-                    names.join(", ")
-                )
-            })
+        Op::ALL.into_iter().find(|op| op.name() == wanted).ok_or_else(|| {
+            let names: Vec<&str> = Op::ALL.iter().map(|op| op.name()).collect();
+            format!("unknown operation {s:?}; expected one of {}", names.join(", "))
+        })
     }
 }
 
@@ -143,11 +137,7 @@ impl Default for SimConfig {
 impl SimConfig {
     /// Defaults for fast tests: a 50 ms proxy timeout and guest `sleep` scaled by 1/1000.
     pub fn for_tests() -> Self {
-        Self {
-            proxy_timeout: Duration::from_millis(50),
-            time_scale: 0.001,
-            ..Self::default()
-        }
+        Self { proxy_timeout: Duration::from_millis(50), time_scale: 0.001, ..Self::default() }
     }
 
     pub fn with_latency(mut self, op: Op, delay: Duration) -> Self {
@@ -194,11 +184,7 @@ impl SimConfig {
     /// The JSON form served by `GET /_sim/config`.
     pub fn view(&self) -> ConfigView {
         ConfigView {
-            latency_ms: self
-                .latency
-                .iter()
-                .map(|(op, d)| (*op, millis(*d)))
-                .collect(),
+            latency_ms: self.latency.iter().map(|(op, d)| (*op, millis(*d))).collect(),
             error_rate: self.error_rate,
             seed: self.seed,
             hang_ops: self.hang_ops.iter().copied().collect(),
@@ -221,9 +207,7 @@ impl SimConfig {
         }
         if let Some(scale) = patch.time_scale {
             if !(scale.is_finite() && scale >= 0.0) {
-                return Err(format!(
-                    "timeScale must be a non-negative number, got {scale}"
-                ));
+                return Err(format!("timeScale must be a non-negative number, got {scale}"));
             }
             self.time_scale = scale;
         }
@@ -234,10 +218,7 @@ impl SimConfig {
             self.port_range = (first, last);
         }
         if let Some(latency) = &patch.latency_ms {
-            self.latency = latency
-                .iter()
-                .map(|(op, ms)| (*op, Duration::from_millis(*ms)))
-                .collect();
+            self.latency = latency.iter().map(|(op, ms)| (*op, Duration::from_millis(*ms))).collect();
         }
         if let Some(seed) = patch.seed {
             self.seed = seed;
@@ -303,9 +284,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| c.is_ascii_alphabetic())
         .ok_or_else(|| format!("duration {s:?} needs a unit (us, ms, s, m or h)"))?;
     let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("duration {s:?}: {number:?} is not a number"))?;
+    let value: f64 = number.parse().map_err(|_| format!("duration {s:?}: {number:?} is not a number"))?;
     let secs = match unit {
         "us" => value / 1e6,
         "ms" => value / 1e3,
@@ -315,9 +294,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         other => return Err(format!("duration {s:?}: unknown unit {other:?}")),
     };
     if !secs.is_finite() || secs < 0.0 {
-        return Err(format!(
-            "duration {s:?} must be a finite, non-negative amount"
-        ));
+        return Err(format!("duration {s:?} must be a finite, non-negative amount"));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -326,9 +303,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub fn parse_latencies(s: &str) -> Result<BTreeMap<Op, Duration>, String> {
     let mut out = BTreeMap::new();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let (op, dur) = item
-            .split_once('=')
-            .ok_or_else(|| format!("latency {item:?} must be OP=DURATION"))?;
+        let (op, dur) = item.split_once('=').ok_or_else(|| format!("latency {item:?} must be OP=DURATION"))?;
         out.insert(op.parse::<Op>()?, parse_duration(dur)?);
     }
     Ok(out)
@@ -336,11 +311,7 @@ pub fn parse_latencies(s: &str) -> Result<BTreeMap<Op, Duration>, String> {
 
 /// Parses `cmd,upload` into a set of operations.
 pub fn parse_ops(s: &str) -> Result<BTreeSet<Op>, String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|i| !i.is_empty())
-        .map(str::parse)
-        .collect()
+    s.split(',').map(str::trim).filter(|i| !i.is_empty()).map(str::parse).collect()
 }
 
 #[cfg(test)]
@@ -365,28 +336,19 @@ mod tests {
         assert_eq!(l[&Op::Cmd], Duration::from_millis(10));
         assert!(parse_latencies("start").is_err());
         assert!(parse_latencies("boot=1s").is_err());
-        assert_eq!(
-            parse_ops("cmd,delete-all").unwrap(),
-            [Op::Cmd, Op::DeleteAll].into()
-        );
+        assert_eq!(parse_ops("cmd,delete-all").unwrap(), [Op::Cmd, Op::DeleteAll].into());
     }
 
     #[test]
     fn patches_apply_partially() {
         let mut c = SimConfig::default();
         let patch: ConfigPatch =
-            serde_json::from_str(r#"{"errorRate":0.5,"hangOps":["cmd"],"latencyMs":{"start":5}}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"errorRate":0.5,"hangOps":["cmd"],"latencyMs":{"start":5}}"#).unwrap();
         c.apply(&patch).unwrap();
         assert_eq!(c.error_rate, 0.5);
         assert_eq!(c.latency_of(Op::Start), Duration::from_millis(5));
         assert!(c.hang_ops.contains(&Op::Cmd));
         assert_eq!(c.proxy_timeout, Duration::from_secs(30));
-        assert!(c
-            .apply(&ConfigPatch {
-                error_rate: Some(2.0),
-                ..Default::default()
-            })
-            .is_err());
+        assert!(c.apply(&ConfigPatch { error_rate: Some(2.0), ..Default::default() }).is_err());
     }
 }

@@ -37,11 +37,7 @@ pub(crate) fn routes() -> Router<Simulator> {
 }
 
 fn bad_request(why: impl std::fmt::Display) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        Json(json!({ "error": why.to_string() })),
-    )
-        .into_response()
+    (StatusCode::BAD_REQUEST, Json(json!({ "error": why.to_string() }))).into_response()
 }
 
 /// Parses a JSON body; an empty body means `T::default()`.
@@ -106,10 +102,7 @@ async fn fail_next(State(sim): State<Simulator>, body: Bytes) -> Response {
         if !(100..=599).contains(&status) {
             return bad_request(format!("status {status} is not an HTTP status"));
         }
-        Failure::status(
-            status,
-            req.message.unwrap_or_else(|| INJECTED_FAULT.to_string()),
-        )
+        Failure::status(status, req.message.unwrap_or_else(|| INJECTED_FAULT.to_string()))
     };
     sim.fail_next_times(op, failure, req.count.unwrap_or(1));
     let pending = sim.state().pending_failures.get(&op).copied().unwrap_or(0);

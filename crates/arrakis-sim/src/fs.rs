@@ -11,19 +11,8 @@ use std::collections::BTreeMap;
 pub const SERVER_FILES: &str = "/tmp/server_files";
 
 /// Directories every fresh guest has; enough for `ls /`, `mkdir -p /opt/x` and `/tmp` uploads.
-const INITIAL_DIRS: &[&str] = &[
-    "/",
-    "/bin",
-    "/etc",
-    "/home",
-    "/opt",
-    "/root",
-    "/tmp",
-    SERVER_FILES,
-    "/usr",
-    "/usr/bin",
-    "/var",
-];
+const INITIAL_DIRS: &[&str] =
+    &["/", "/bin", "/etc", "/home", "/opt", "/root", "/tmp", SERVER_FILES, "/usr", "/usr/bin", "/var"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Node {
@@ -73,10 +62,7 @@ pub struct GuestFs {
 impl GuestFs {
     /// A fresh guest with the standard directories and `/etc/hostname`.
     pub fn new(hostname: &str) -> Self {
-        let mut nodes: BTreeMap<String, Node> = INITIAL_DIRS
-            .iter()
-            .map(|d| (d.to_string(), Node::Dir))
-            .collect();
+        let mut nodes: BTreeMap<String, Node> = INITIAL_DIRS.iter().map(|d| (d.to_string(), Node::Dir)).collect();
         nodes.insert("/etc/hostname".into(), Node::File(format!("{hostname}\n")));
         Self { nodes }
     }
@@ -130,8 +116,7 @@ impl GuestFs {
                 Ok(())
             }
             _ => {
-                self.nodes
-                    .insert(path.to_string(), Node::File(content.to_string()));
+                self.nodes.insert(path.to_string(), Node::File(content.to_string()));
                 Ok(())
             }
         }
@@ -172,11 +157,7 @@ impl GuestFs {
             Some(Node::File(_)) => return Err(FsError::NotADirectory),
             None => return Err(FsError::NotFound),
         }
-        let prefix = if path == "/" {
-            "/".to_string()
-        } else {
-            format!("{path}/")
-        };
+        let prefix = if path == "/" { "/".to_string() } else { format!("{path}/") };
         Ok(self
             .nodes
             .range(prefix.clone()..)
@@ -200,8 +181,7 @@ impl GuestFs {
             Some(Node::Dir) if !recursive => Err(FsError::IsADirectory),
             Some(Node::Dir) => {
                 let prefix = format!("{path}/");
-                self.nodes
-                    .retain(|p, _| p != path && !p.starts_with(&prefix));
+                self.nodes.retain(|p, _| p != path && !p.starts_with(&prefix));
                 // Removing `/` would leave no root; real `rm` refuses it as well.
                 self.nodes.entry("/".into()).or_insert(Node::Dir);
                 Ok(())
@@ -211,22 +191,14 @@ impl GuestFs {
 
     /// Every file path, for the simulator's state dump.
     pub fn file_paths(&self) -> Vec<String> {
-        self.nodes
-            .iter()
-            .filter(|(_, n)| matches!(n, Node::File(_)))
-            .map(|(p, _)| p.clone())
-            .collect()
+        self.nodes.iter().filter(|(_, n)| matches!(n, Node::File(_))).map(|(p, _)| p.clone()).collect()
     }
 }
 
 /// Resolves `path` against `cwd` and normalises it like Go's `filepath.Clean` on an absolute
 /// path: `..` above the root stays at the root.
 pub fn resolve(cwd: &str, path: &str) -> String {
-    let joined = if path.starts_with('/') {
-        path.to_string()
-    } else {
-        format!("{cwd}/{path}")
-    };
+    let joined = if path.starts_with('/') { path.to_string() } else { format!("{cwd}/{path}") };
     let mut parts: Vec<&str> = Vec::new();
     for part in joined.split('/') {
         match part {
@@ -256,18 +228,12 @@ mod tests {
     #[test]
     fn writes_need_an_existing_parent() {
         let mut fs = GuestFs::new("vm");
-        assert_eq!(
-            fs.write("/tmp/server_files/d/f", "x", false),
-            Err(FsError::NotFound)
-        );
+        assert_eq!(fs.write("/tmp/server_files/d/f", "x", false), Err(FsError::NotFound));
         fs.mkdir_all("/tmp/server_files/d").unwrap();
         fs.write("/tmp/server_files/d/f", "x", false).unwrap();
         fs.write("/tmp/server_files/d/f", "y", true).unwrap();
         assert_eq!(fs.read("/tmp/server_files/d/f"), Ok("xy"));
-        assert_eq!(
-            fs.read("/tmp/server_files/d/f/g"),
-            Err(FsError::NotADirectory)
-        );
+        assert_eq!(fs.read("/tmp/server_files/d/f/g"), Err(FsError::NotADirectory));
         assert_eq!(fs.read("/tmp/server_files/d"), Err(FsError::IsADirectory));
         assert_eq!(fs.list("/tmp/server_files").unwrap(), vec!["d"]);
     }

@@ -102,10 +102,7 @@ pub fn decode_first(body: &[u8]) -> Result<J, String> {
 /// Approximates Go's `invalid character 'x' …` from serde's line and column.
 fn go_syntax_error(body: &[u8], e: &serde_json::Error) -> String {
     let text = String::from_utf8_lossy(body);
-    let line = text
-        .lines()
-        .nth(e.line().saturating_sub(1))
-        .unwrap_or_default();
+    let line = text.lines().nth(e.line().saturating_sub(1)).unwrap_or_default();
     let offending = line.chars().nth(e.column().saturating_sub(1));
     match offending {
         Some(c) => format!("invalid character '{c}' looking for beginning of value"),
@@ -151,12 +148,7 @@ pub struct Fields(Vec<(&'static str, J)>);
 
 impl Fields {
     pub fn get(&self, key: &str) -> Option<&J> {
-        self.0
-            .iter()
-            .rev()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| v)
-            .filter(|v| **v != J::Null)
+        self.0.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| v).filter(|v| **v != J::Null)
     }
 
     pub fn string(&self, key: &str) -> Option<&str> {
@@ -180,20 +172,12 @@ pub fn lenient(value: &J, go_struct: &str, fields: &[Field]) -> Result<Fields, S
     let entries = match value {
         J::Null => return Ok(Fields::default()),
         J::Object(entries) => entries,
-        other => {
-            return Err(format!(
-                "json: cannot unmarshal {} into Go value of type {go_struct}",
-                other.kind()
-            ))
-        }
+        other => return Err(format!("json: cannot unmarshal {} into Go value of type {go_struct}", other.kind())),
     };
     let mut out = Fields::default();
     let mut first_error = None;
     for (key, v) in entries {
-        let Some((name, ty)) = fields
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(key))
-        else {
+        let Some((name, ty)) = fields.iter().find(|(name, _)| name.eq_ignore_ascii_case(key)) else {
             continue;
         };
         if ty.accepts(v) {
@@ -207,21 +191,12 @@ pub fn lenient(value: &J, go_struct: &str, fields: &[Field]) -> Result<Fields, S
 
 fn type_error(v: &J, go_struct: &str, field: &str, ty: FieldType) -> String {
     let short = go_struct.rsplit('.').next().unwrap_or(go_struct);
-    format!(
-        "json: cannot unmarshal {} into Go struct field {short}.{field} of type {}",
-        v.kind(),
-        ty.go_name()
-    )
+    format!("json: cannot unmarshal {} into Go struct field {short}.{field} of type {}", v.kind(), ty.go_name())
 }
 
 /// openapi-generator's strict `UnmarshalJSON`: the value must decode as a map, every required
 /// key must be present under its exact name, then unknown keys are errors.
-pub fn strict(
-    value: &J,
-    go_struct: &str,
-    required: &[&str],
-    fields: &[Field],
-) -> Result<Fields, String> {
+pub fn strict(value: &J, go_struct: &str, required: &[&str], fields: &[Field]) -> Result<Fields, String> {
     let entries: &[(String, J)] = match value {
         J::Null => &[],
         J::Object(entries) => entries,
@@ -239,10 +214,7 @@ pub fn strict(
     }
     let mut out = Fields::default();
     for (key, v) in entries {
-        let Some((name, ty)) = fields
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(key))
-        else {
+        let Some((name, ty)) = fields.iter().find(|(name, _)| name.eq_ignore_ascii_case(key)) else {
             return Err(format!("json: unknown field {}", go_quote(key)));
         };
         if !ty.accepts(v) {
@@ -260,12 +232,7 @@ fn go_quote(s: &str) -> String {
 
 /// Decodes the upload body: `{"files":[{"path","content"}]}`, all strict.
 pub fn upload_files(value: &J) -> Result<Vec<(String, String)>, String> {
-    let fields = strict(
-        value,
-        "VmFileUploadRequest",
-        &["files"],
-        &[("files", FieldType::FileList)],
-    )?;
+    let fields = strict(value, "VmFileUploadRequest", &["files"], &[("files", FieldType::FileList)])?;
     let Some(J::Array(items)) = fields.get("files") else {
         return Ok(Vec::new());
     };
@@ -311,12 +278,7 @@ mod tests {
     const CMD: &[Field] = &[("cmd", FieldType::String), ("blocking", FieldType::Bool)];
 
     fn cmd(body: &str) -> Result<Fields, String> {
-        strict(
-            &decode_first(body.as_bytes())?,
-            "VmCommandRequest",
-            &["cmd"],
-            CMD,
-        )
+        strict(&decode_first(body.as_bytes())?, "VmCommandRequest", &["cmd"], CMD)
     }
 
     #[test]
@@ -324,27 +286,16 @@ mod tests {
         assert_eq!(decode_first(b"").unwrap_err(), "EOF");
         assert_eq!(decode_first(b"  \n").unwrap_err(), "EOF");
         assert_eq!(decode_first(b"{\"a\":").unwrap_err(), "unexpected EOF");
-        assert!(decode_first(b"nope")
-            .unwrap_err()
-            .starts_with("invalid character 'o'"));
+        assert!(decode_first(b"nope").unwrap_err().starts_with("invalid character 'o'"));
         // Only the first value counts.
         assert_eq!(decode_first(b"{} trailing").unwrap(), J::Object(vec![]));
     }
 
     #[test]
     fn strict_bodies() {
-        assert_eq!(
-            cmd(r#"{"cmd":"ls","x":1}"#).unwrap_err(),
-            r#"json: unknown field "x""#
-        );
-        assert_eq!(
-            cmd(r#"{"blocking":true}"#).unwrap_err(),
-            "no value given for required property cmd"
-        );
-        assert_eq!(
-            cmd(r#"{"CMD":"ls"}"#).unwrap_err(),
-            "no value given for required property cmd"
-        );
+        assert_eq!(cmd(r#"{"cmd":"ls","x":1}"#).unwrap_err(), r#"json: unknown field "x""#);
+        assert_eq!(cmd(r#"{"blocking":true}"#).unwrap_err(), "no value given for required property cmd");
+        assert_eq!(cmd(r#"{"CMD":"ls"}"#).unwrap_err(), "no value given for required property cmd");
         assert_eq!(
             cmd(r#"{"cmd":1}"#).unwrap_err(),
             "json: cannot unmarshal number into Go struct field _VmCommandRequest.cmd of type string"
@@ -354,15 +305,9 @@ mod tests {
             "json: cannot unmarshal array into Go value of type map[string]interface {}"
         );
         let ok = cmd(r#"{"cmd":"ls","Blocking":false}"#).unwrap();
-        assert_eq!(
-            (ok.string("cmd"), ok.bool("blocking")),
-            (Some("ls"), Some(false))
-        );
+        assert_eq!((ok.string("cmd"), ok.bool("blocking")), (Some("ls"), Some(false)));
         let files = |b: &str| upload_files(&decode_first(b.as_bytes()).unwrap());
-        assert_eq!(
-            files(r#"{"files":[{"path":"a"}]}"#).unwrap_err(),
-            "no value given for required property content"
-        );
+        assert_eq!(files(r#"{"files":[{"path":"a"}]}"#).unwrap_err(), "no value given for required property content");
         assert_eq!(
             files(r#"{"files":[{"path":"a","content":"b","mode":1}]}"#).unwrap_err(),
             r#"json: unknown field "mode""#
@@ -374,12 +319,7 @@ mod tests {
     fn lenient_bodies() {
         let f = &[("vmName", FieldType::String)];
         let v = decode_first(br#"{"VMNAME":"a","other":1}"#).unwrap();
-        assert_eq!(
-            lenient(&v, "serverapi.StartVMRequest", f)
-                .unwrap()
-                .string("vmName"),
-            Some("a")
-        );
+        assert_eq!(lenient(&v, "serverapi.StartVMRequest", f).unwrap().string("vmName"), Some("a"));
         let v = decode_first(br#"{"vmName":5}"#).unwrap();
         assert_eq!(
             lenient(&v, "serverapi.StartVMRequest", f).unwrap_err(),
@@ -393,9 +333,6 @@ mod tests {
         struct O {
             output: &'static str,
         }
-        assert_eq!(
-            go_encode(&O { output: "<a&b>" }),
-            "{\"output\":\"\\u003ca\\u0026b\\u003e\"}\n"
-        );
+        assert_eq!(go_encode(&O { output: "<a&b>" }), "{\"output\":\"\\u003ca\\u0026b\\u003e\"}\n");
     }
 }

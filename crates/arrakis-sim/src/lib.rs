@@ -29,9 +29,7 @@ pub mod world;
 
 use axum::Router;
 
-pub use config::{
-    parse_duration, parse_latencies, parse_ops, ConfigPatch, ConfigView, Op, SimConfig,
-};
+pub use config::{parse_duration, parse_latencies, parse_ops, ConfigPatch, ConfigView, Op, SimConfig};
 pub use control::FailNextRequest;
 pub use server::{serve, spawn, spawn_on, SimHandle};
 pub use sim::Simulator;
@@ -43,8 +41,6 @@ impl Simulator {
     /// Serve it with [`serve`] (or [`spawn`]): under a plain `axum::serve`, fail-next "drop"
     /// degrades to an empty 500 because axum cannot close a connection without answering.
     pub fn router(&self) -> Router {
-        control::routes()
-            .fallback(api::entry)
-            .with_state(self.clone())
+        control::routes().fallback(api::entry).with_state(self.clone())
     }
 }

@@ -51,9 +51,7 @@ struct Cli {
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
-    let (a, b) = s
-        .split_once('-')
-        .ok_or_else(|| format!("{s:?} is not FIRST-LAST"))?;
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?} is not FIRST-LAST"))?;
     let parse = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("{p:?}: {e}"));
     let (first, last) = (parse(a)?, parse(b)?);
     if first > last {
@@ -99,9 +97,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let config = cli.config()?;
-    let listener = tokio::net::TcpListener::bind(cli.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cli.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("cannot listen on {}", cli.listen))?;
     let addr = listener.local_addr().context("no local address")?;
     let sim = arrakis_sim::Simulator::new(config.clone());
     let shutdown = CancellationToken::new();
@@ -180,10 +177,7 @@ mod tests {
         assert_eq!(c.hang_for, Duration::from_secs(120));
         assert_eq!(c.proxy_timeout, Duration::from_secs(1));
         assert_eq!(c.time_scale, 0.5);
-        assert!(Cli::try_parse_from(["arrakis-sim", "--error-rate", "2"])
-            .unwrap()
-            .config()
-            .is_err());
+        assert!(Cli::try_parse_from(["arrakis-sim", "--error-rate", "2"]).unwrap().config().is_err());
         assert!(Cli::try_parse_from(["arrakis-sim", "--latency", "boot=1s"]).is_err());
     }
 }

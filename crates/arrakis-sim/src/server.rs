@@ -84,13 +84,10 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "set_nodelay failed");
         }
-        let service = ConnService {
-            router: router.clone(),
-        };
+        let service = ConnService { router: router.clone() };
         let token = shutdown.clone();
         tracker.spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let result = tokio::select! {
                 result = conn.as_mut() => result,
@@ -148,12 +145,7 @@ pub async fn spawn_on(addr: SocketAddr, config: SimConfig) -> std::io::Result<Si
     let sim = Simulator::new(config);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(serve(listener, sim.router(), shutdown.clone()));
-    Ok(SimHandle {
-        addr,
-        sim,
-        shutdown,
-        task: Some(task),
-    })
+    Ok(SimHandle { addr, sim, shutdown, task: Some(task) })
 }
 
 /// Starts a simulator on `127.0.0.1:0` for a test.

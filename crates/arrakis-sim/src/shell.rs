@@ -22,16 +22,12 @@ const MAX_DEPTH: usize = 16;
 /// backticks, a trailing backslash, an unquoted `(` not right after `$`, and a stray `)`
 /// (which toggles its `$(` state). The agent also refuses blank commands and zero words.
 pub fn precheck(cmd: &str) -> bool {
-    if cmd
-        .trim_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c'])
-        .is_empty()
-    {
+    if cmd.trim_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']).is_empty() {
         return false;
     }
     let mut args = 0usize;
     let mut buf = String::new();
-    let (mut escaped, mut double, mut single, mut back, mut dollar) =
-        (false, false, false, false, false);
+    let (mut escaped, mut double, mut single, mut back, mut dollar) = (false, false, false, false, false);
     let mut got = false;
     for r in cmd.chars() {
         if escaped {
@@ -198,9 +194,7 @@ fn lex(src: &str) -> Result<Vec<Token>, ParseError> {
                     i += 1;
                 }
                 if i >= chars.len() {
-                    return Err(ParseError(
-                        "bash: -c: line 1: unexpected EOF while looking for matching `''\n".into(),
-                    ));
+                    return Err(ParseError("bash: -c: line 1: unexpected EOF while looking for matching `''\n".into()));
                 }
             }
             '"' => {
@@ -208,10 +202,11 @@ fn lex(src: &str) -> Result<Vec<Token>, ParseError> {
                 i += 1;
                 loop {
                     match chars.get(i) {
-                        None => return Err(ParseError(
-                            "bash: -c: line 1: unexpected EOF while looking for matching `\"'\n"
-                                .into(),
-                        )),
+                        None => {
+                            return Err(ParseError(
+                                "bash: -c: line 1: unexpected EOF while looking for matching `\"'\n".into(),
+                            ))
+                        }
                         Some('"') => break,
                         Some('\\') => match chars.get(i + 1) {
                             Some(&n @ ('"' | '\\' | '$' | '`')) => {
@@ -252,9 +247,7 @@ fn lex(src: &str) -> Result<Vec<Token>, ParseError> {
             ';' => {
                 flush(&mut tokens, &mut word, &mut in_word);
                 if chars.get(i + 1) == Some(&';') {
-                    return Err(ParseError(
-                        "bash: -c: line 1: syntax error near unexpected token `;;'\n".into(),
-                    ));
+                    return Err(ParseError("bash: -c: line 1: syntax error near unexpected token `;;'\n".into()));
                 }
                 tokens.push(Token::Semi);
             }
@@ -346,25 +339,14 @@ fn parse(src: &str) -> Result<Vec<(Connector, Simple)>, ParseError> {
     let tokens = lex(src)?;
     let mut out = Vec::new();
     let mut connector = Connector::Always;
-    let mut current = Simple {
-        argv: Vec::new(),
-        redirects: Vec::new(),
-    };
+    let mut current = Simple { argv: Vec::new(), redirects: Vec::new() };
     let mut iter = tokens.into_iter();
-    let syntax = |tok: &str| {
-        ParseError(format!(
-            "bash: -c: line 1: syntax error near unexpected token `{tok}'\n"
-        ))
-    };
+    let syntax = |tok: &str| ParseError(format!("bash: -c: line 1: syntax error near unexpected token `{tok}'\n"));
     while let Some(tok) = iter.next() {
         match tok {
             Token::Word(w) => current.argv.push(w),
             Token::Redir { fd, append } => match iter.next() {
-                Some(Token::Word(path)) => {
-                    current
-                        .redirects
-                        .push(Redirect::ToFile { fd, path, append })
-                }
+                Some(Token::Word(path)) => current.redirects.push(Redirect::ToFile { fd, path, append }),
                 _ => return Err(syntax("newline")),
             },
             Token::Dup { fd, to } => current.redirects.push(Redirect::Dup { fd, to }),
@@ -388,9 +370,7 @@ fn parse(src: &str) -> Result<Vec<(Connector, Simple)>, ParseError> {
     }
     if current.is_empty() {
         if connector != Connector::Always {
-            return Err(ParseError(
-                "bash: -c: line 2: syntax error: unexpected end of file\n".into(),
-            ));
+            return Err(ParseError("bash: -c: line 2: syntax error: unexpected end of file\n".into()));
         }
     } else {
         out.push((connector, current));
@@ -400,10 +380,7 @@ fn parse(src: &str) -> Result<Vec<(Connector, Simple)>, ParseError> {
 
 impl Simple {
     fn empty() -> Self {
-        Self {
-            argv: Vec::new(),
-            redirects: Vec::new(),
-        }
+        Self { argv: Vec::new(), redirects: Vec::new() }
     }
 
     fn is_empty(&self) -> bool {
@@ -441,11 +418,7 @@ impl Program {
     /// A program for `bash -c <cmd>` in the agent's directory, on the VM named `hostname`.
     pub fn new(cmd: &str, hostname: &str) -> Self {
         Self {
-            frames: vec![Frame {
-                source: cmd.to_string(),
-                commands: None,
-                pc: 0,
-            }],
+            frames: vec![Frame { source: cmd.to_string(), commands: None, pc: 0 }],
             output: String::new(),
             last: 0,
             cwd: SERVER_FILES.to_string(),
@@ -501,15 +474,10 @@ impl Program {
                 }
                 Flow::Nested(source) => {
                     if self.frames.len() >= MAX_DEPTH {
-                        self.output
-                            .push_str("bash: maximum nesting level exceeded\n");
+                        self.output.push_str("bash: maximum nesting level exceeded\n");
                         self.last = 2;
                     } else {
-                        self.frames.push(Frame {
-                            source,
-                            commands: None,
-                            pc: 0,
-                        });
+                        self.frames.push(Frame { source, commands: None, pc: 0 });
                     }
                 }
             }
@@ -525,11 +493,9 @@ impl Program {
                 .redirects
                 .iter()
                 .map(|r| match r {
-                    Redirect::ToFile { fd, path, append } => Redirect::ToFile {
-                        fd: *fd,
-                        path: expand(path),
-                        append: *append,
-                    },
+                    Redirect::ToFile { fd, path, append } => {
+                        Redirect::ToFile { fd: *fd, path: expand(path), append: *append }
+                    }
                     dup => dup.clone(),
                 })
                 .collect(),
@@ -549,14 +515,10 @@ impl Program {
                             _ => fs.write(&abs, "", false),
                         };
                         if let Err(e) = opened {
-                            self.output
-                                .push_str(&format!("bash: line 1: {path}: {}\n", e.text()));
+                            self.output.push_str(&format!("bash: line 1: {path}: {}\n", e.text()));
                             return Flow::Status(1);
                         }
-                        Target::File {
-                            path: abs,
-                            append: true,
-                        }
+                        Target::File { path: abs, append: true }
                     };
                     if *fd == 2 {
                         err_target = target;
@@ -565,11 +527,7 @@ impl Program {
                     }
                 }
                 Redirect::Dup { fd, to } => {
-                    let source = if *to == 2 {
-                        err_target.clone()
-                    } else {
-                        out_target.clone()
-                    };
+                    let source = if *to == 2 { err_target.clone() } else { out_target.clone() };
                     if *fd == 2 {
                         err_target = source;
                     } else {
@@ -597,14 +555,7 @@ impl Program {
         flow
     }
 
-    fn builtin(
-        &mut self,
-        name: &str,
-        args: &[String],
-        fs: &mut GuestFs,
-        out: &mut String,
-        err: &mut String,
-    ) -> Flow {
+    fn builtin(&mut self, name: &str, args: &[String], fs: &mut GuestFs, out: &mut String, err: &mut String) -> Flow {
         let cwd = self.cwd.clone();
         match name {
             "true" | ":" => Flow::Status(0),
@@ -635,9 +586,7 @@ impl Program {
                 Some(n) => match n.parse::<i64>() {
                     Ok(code) => Flow::Exit((code & 0xff) as i32),
                     Err(_) => {
-                        err.push_str(&format!(
-                            "bash: line 1: exit: {n}: numeric argument required\n"
-                        ));
+                        err.push_str(&format!("bash: line 1: exit: {n}: numeric argument required\n"));
                         Flow::Exit(2)
                     }
                 },
@@ -664,11 +613,7 @@ impl Program {
                     self.cwd = abs;
                     Flow::Status(0)
                 } else {
-                    let why = if fs.exists(&abs) {
-                        FsError::NotADirectory
-                    } else {
-                        FsError::NotFound
-                    };
+                    let why = if fs.exists(&abs) { FsError::NotADirectory } else { FsError::NotFound };
                     err.push_str(&format!("bash: line 1: cd: {target}: {}\n", why.text()));
                     Flow::Status(1)
                 }
@@ -688,11 +633,8 @@ impl Program {
             }
             "ls" => {
                 let operands: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-                let targets: Vec<&str> = if operands.is_empty() {
-                    vec!["."]
-                } else {
-                    operands.iter().map(|s| s.as_str()).collect()
-                };
+                let targets: Vec<&str> =
+                    if operands.is_empty() { vec!["."] } else { operands.iter().map(|s| s.as_str()).collect() };
                 let mut status = 0;
                 let many = targets.len() > 1;
                 let mut first_block = true;
@@ -729,16 +671,9 @@ impl Program {
                 let mut status = 0;
                 for dir in args.iter().filter(|a| !a.starts_with('-')) {
                     let abs = resolve(&cwd, dir);
-                    let res = if parents {
-                        fs.mkdir_all(&abs)
-                    } else {
-                        fs.mkdir(&abs)
-                    };
+                    let res = if parents { fs.mkdir_all(&abs) } else { fs.mkdir(&abs) };
                     if let Err(e) = res {
-                        err.push_str(&format!(
-                            "mkdir: cannot create directory '{dir}': {}\n",
-                            e.text()
-                        ));
+                        err.push_str(&format!("mkdir: cannot create directory '{dir}': {}\n", e.text()));
                         status = 1;
                     }
                 }
@@ -759,15 +694,8 @@ impl Program {
                 Flow::Status(status)
             }
             "rm" => {
-                let flags: String = args
-                    .iter()
-                    .filter(|a| a.starts_with('-'))
-                    .flat_map(|a| a.chars())
-                    .collect();
-                let (recursive, force) = (
-                    flags.contains('r') || flags.contains('R'),
-                    flags.contains('f'),
-                );
+                let flags: String = args.iter().filter(|a| a.starts_with('-')).flat_map(|a| a.chars()).collect();
+                let (recursive, force) = (flags.contains('r') || flags.contains('R'), flags.contains('f'));
                 let mut status = 0;
                 for file in args.iter().filter(|a| !a.starts_with('-')) {
                     match fs.remove(&resolve(&cwd, file), recursive) {
@@ -929,10 +857,7 @@ mod tests {
 
     #[test]
     fn echo_and_exit_statuses() {
-        assert_eq!(
-            run("echo hello world"),
-            ("hello world\n".into(), 0, run("true").2)
-        );
+        assert_eq!(run("echo hello world"), ("hello world\n".into(), 0, run("true").2));
         assert_eq!(run("false").1, 1);
         assert_eq!(run("exit 3").1, 3);
         assert_eq!(run("exit 256").1, 0);
@@ -940,10 +865,7 @@ mod tests {
         assert_eq!(run("false && echo no || echo yes").0, "yes\n");
         assert_eq!(run("false; echo $?").0, "1\n");
         let (out, code, _) = run("nosuch arg");
-        assert_eq!(
-            (out.as_str(), code),
-            ("bash: nosuch: command not found\n", 127)
-        );
+        assert_eq!((out.as_str(), code), ("bash: nosuch: command not found\n", 127));
     }
 
     #[test]
@@ -951,37 +873,22 @@ mod tests {
         let (out, code, fs) =
             run("mkdir -p out/logs && echo hi > out/logs/a.txt && echo more >> out/logs/a.txt && cat out/logs/a.txt && ls out");
         assert_eq!((out.as_str(), code), ("hi\nmore\nlogs\n", 0));
-        assert_eq!(
-            fs.read("/tmp/server_files/out/logs/a.txt"),
-            Ok("hi\nmore\n")
-        );
+        assert_eq!(fs.read("/tmp/server_files/out/logs/a.txt"), Ok("hi\nmore\n"));
         let (out, code, _) = run("cat nope");
-        assert_eq!(
-            (out.as_str(), code),
-            ("cat: nope: No such file or directory\n", 1)
-        );
+        assert_eq!((out.as_str(), code), ("cat: nope: No such file or directory\n", 1));
         let (out, code, _) = run("cat nope 2>/dev/null; echo x > missing/dir/f");
-        assert_eq!(
-            out,
-            "bash: line 1: missing/dir/f: No such file or directory\n"
-        );
+        assert_eq!(out, "bash: line 1: missing/dir/f: No such file or directory\n");
         assert_eq!(code, 1);
         let (out, _, fs) = run("cat nope > err.txt 2>&1; hostname; pwd");
         assert_eq!(out, "vm1\n/tmp/server_files\n");
-        assert_eq!(
-            fs.read("/tmp/server_files/err.txt"),
-            Ok("cat: nope: No such file or directory\n")
-        );
+        assert_eq!(fs.read("/tmp/server_files/err.txt"), Ok("cat: nope: No such file or directory\n"));
     }
 
     #[test]
     fn sleep_yields_to_the_executor() {
         let mut fs = GuestFs::new("vm");
         let mut program = Program::new("echo a; sleep 1.5; echo b", "vm");
-        assert_eq!(
-            program.run(&mut fs),
-            Step::Sleep(Duration::from_millis(1500))
-        );
+        assert_eq!(program.run(&mut fs), Step::Sleep(Duration::from_millis(1500)));
         assert_eq!(program.output(), "a\n");
         assert_eq!(program.run(&mut fs), Step::Done(0));
         assert_eq!(program.output(), "a\nb\n");

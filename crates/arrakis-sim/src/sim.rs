@@ -30,10 +30,7 @@ pub enum Failure {
 
 impl Failure {
     pub fn status(status: u16, message: impl Into<String>) -> Self {
-        Failure::Respond {
-            status,
-            message: message.into(),
-        }
+        Failure::Respond { status, message: message.into() }
     }
 }
 
@@ -285,10 +282,7 @@ impl Simulator {
 
     /// Logged requests for one operation, in arrival order.
     pub fn log_for(&self, op: Op) -> Vec<LogEntry> {
-        self.log()
-            .into_iter()
-            .filter(|e| e.op == Some(op))
-            .collect()
+        self.log().into_iter().filter(|e| e.op == Some(op)).collect()
     }
 
     pub fn clear_log(&self) -> usize {
@@ -421,9 +415,7 @@ mod tests {
     fn same_seed_same_faults() {
         let pattern = |seed| {
             let sim = Simulator::new(SimConfig::default().with_error_rate(0.5, seed));
-            (0..64)
-                .map(|_| sim.take_fault(Op::Health).is_some())
-                .collect::<Vec<_>>()
+            (0..64).map(|_| sim.take_fault(Op::Health).is_some()).collect::<Vec<_>>()
         };
         assert_eq!(pattern(7), pattern(7));
         assert_ne!(pattern(7), pattern(8));

@@ -197,10 +197,7 @@ impl World {
 
     /// One host port per default guest port, in order; ports taken before a failure stay taken.
     fn alloc_ports(&mut self) -> Result<Vec<(u16, u16, &'static str)>, String> {
-        GUEST_PORTS
-            .iter()
-            .map(|(guest, desc)| Ok((self.alloc_port()?, *guest, *desc)))
-            .collect()
+        GUEST_PORTS.iter().map(|(guest, desc)| Ok((self.alloc_port()?, *guest, *desc))).collect()
     }
 
     fn free_ip(&mut self, ip: u8) {
@@ -222,9 +219,9 @@ impl World {
     }
 
     pub fn get(&self, name: &str) -> Result<&Vm, String> {
-        self.vms.get(name).ok_or_else(|| {
-            format!("Failed to list VM: rpc error: code = NotFound desc = vm not found: {name}")
-        })
+        self.vms
+            .get(name)
+            .ok_or_else(|| format!("Failed to list VM: rpc error: code = NotFound desc = vm not found: {name}"))
     }
 
     /// POST /v1/vms after validation. `zombie` makes a new VM's boot fail after registration.
@@ -238,9 +235,7 @@ impl World {
             return self
                 .restore(name, id)
                 .map(|info| (info, StartKind::Restored))
-                .map_err(|e| {
-                    format!("Failed to start VM: failed to restore VM from snapshot: {e}")
-                });
+                .map_err(|e| format!("Failed to start VM: failed to restore VM from snapshot: {e}"));
         }
         if let Some(vm) = self.vms.get_mut(name) {
             let kind = match vm.status {
@@ -259,26 +254,19 @@ impl World {
             vm.status = VmStatus::Running;
             return Ok((vm.wire(), kind));
         }
-        let vm = self
-            .create(name)
-            .map_err(|e| format!("Failed to start VM: {e}"))?;
+        let vm = self.create(name).map_err(|e| format!("Failed to start VM: {e}"))?;
         let info = vm.wire();
         self.vms.insert(name.to_string(), vm);
         if zombie {
             // The rollback only shuts the guest down: the VM stays registered as RUNNING.
-            return Err(format!(
-                "Failed to start VM: failed to boot VM resp.Body: {OPAQUE_BODY}: {CHV_REFUSED}"
-            ));
+            return Err(format!("Failed to start VM: failed to boot VM resp.Body: {OPAQUE_BODY}: {CHV_REFUSED}"));
         }
         Ok((info, StartKind::Created))
     }
 
     /// `createVM`: tap, IP, ports, CID, in that order; a failure gives back all but the ports.
     fn create(&mut self, name: &str) -> Result<Vm, String> {
-        let tap = self
-            .taps
-            .pop_front()
-            .ok_or("failed to create tap device: no available taps")?;
+        let tap = self.taps.pop_front().ok_or("failed to create tap device: no available taps")?;
         let Some(ip) = self.ips.pop_front() else {
             self.taps.push_front(tap);
             return Err("error allocating guest ip: no available IPs".into());
@@ -294,10 +282,7 @@ impl World {
         let Some(cid) = self.cids.pop_front() else {
             self.taps.push_front(tap);
             self.ips.push_front(ip);
-            return Err(format!(
-                "failed to allocate CID: no available CIDs in range {}-{}",
-                CID_RANGE.0, CID_RANGE.1
-            ));
+            return Err(format!("failed to allocate CID: no available CIDs in range {}-{}", CID_RANGE.0, CID_RANGE.1));
         };
         Ok(Vm {
             name: name.to_string(),
@@ -319,10 +304,7 @@ impl World {
             return Err(format!("snapshot with ID {id} does not exist"));
         };
         let Some(pos) = self.taps.iter().position(|t| *t == snap.tap) else {
-            return Err(format!(
-                "failed to create tap device: tap ID {} is not available",
-                snap.tap
-            ));
+            return Err(format!("failed to create tap device: tap ID {} is not available", snap.tap));
         };
         self.taps.remove(pos);
         // Claiming an in-subnet IP never fails, even when another VM uses it.
@@ -343,9 +325,7 @@ impl World {
             // The real server would collide with the live VM's sockets and may destroy it
             // (§3.5); the simulator refuses instead.
             undo_claims(self);
-            return Err(format!(
-                "failed to create VM for restore: vm {name} already exists"
-            ));
+            return Err(format!("failed to create VM for restore: vm {name} already exists"));
         }
         let ports = match self.alloc_ports() {
             Ok(ports) => ports,
@@ -356,10 +336,7 @@ impl World {
         };
         let Some(pos) = self.cids.iter().position(|c| *c == snap.cid) else {
             undo_claims(self);
-            return Err(format!(
-                "failed to claim CID from allocator: CID {} is not available",
-                snap.cid
-            ));
+            return Err(format!("failed to claim CID from allocator: CID {} is not available", snap.cid));
         };
         self.cids.remove(pos);
         if snap.orig_name != name {
@@ -367,9 +344,7 @@ impl World {
             // exist again under the original name.
             undo_claims(self);
             self.cids.push_back(snap.cid);
-            return Err(format!(
-                "failed to restore VM: failed to restore from snapshot: {CHV_REFUSED}"
-            ));
+            return Err(format!("failed to restore VM: failed to restore from snapshot: {CHV_REFUSED}"));
         }
         let vm = Vm {
             name: name.to_string(),
@@ -407,13 +382,7 @@ impl World {
     }
 
     pub fn resume(&mut self, name: &str) -> Result<(), String> {
-        self.transition(
-            name,
-            "resume",
-            "resume",
-            VmStatus::Paused,
-            VmStatus::Running,
-        )
+        self.transition(name, "resume", "resume", VmStatus::Paused, VmStatus::Running)
     }
 
     fn transition(
@@ -458,19 +427,13 @@ impl World {
     /// guest is frozen meanwhile), then calls [`World::snapshot_finish`].
     pub fn snapshot_begin(&mut self, name: &str, id: &str) -> Result<u64, String> {
         let vm = self.vms.get(name).ok_or_else(|| {
-            format!(
-                "Failed to create snapshot: rpc error: code = NotFound desc = vm not found: {name}"
-            )
+            format!("Failed to create snapshot: rpc error: code = NotFound desc = vm not found: {name}")
         })?;
         if snapshot_dir_exists(&self.snapshots, id) {
-            return Err(format!(
-                "Failed to create snapshot: snapshot with ID {id} already exists"
-            ));
+            return Err(format!("Failed to create snapshot: snapshot with ID {id} already exists"));
         }
         if vm.status != VmStatus::Running {
-            return Err(format!(
-                "Failed to create snapshot: failed to pause VM: {CHV_REFUSED}"
-            ));
+            return Err(format!("Failed to create snapshot: failed to pause VM: {CHV_REFUSED}"));
         }
         if vm.restored {
             // Step 7 fails on the empty disk path; the VM is resumed and the directory removed.
@@ -485,25 +448,11 @@ impl World {
     }
 
     /// Snapshot steps 7–10: copies the guest and resumes it.
-    pub fn snapshot_finish(
-        &mut self,
-        name: &str,
-        id: &str,
-        incarnation: u64,
-    ) -> Result<(), String> {
-        match self
-            .vms
-            .get_mut(name)
-            .filter(|vm| vm.incarnation == incarnation)
-        {
+    pub fn snapshot_finish(&mut self, name: &str, id: &str, incarnation: u64) -> Result<(), String> {
+        match self.vms.get_mut(name).filter(|vm| vm.incarnation == incarnation) {
             Some(vm) => {
-                let snap = Snapshot {
-                    orig_name: vm.name.clone(),
-                    ip: vm.ip,
-                    tap: vm.tap,
-                    cid: vm.cid,
-                    fs: vm.fs.clone(),
-                };
+                let snap =
+                    Snapshot { orig_name: vm.name.clone(), ip: vm.ip, tap: vm.tap, cid: vm.cid, fs: vm.fs.clone() };
                 vm.status = VmStatus::Running;
                 self.snapshots.insert(id.to_string(), Some(snap));
                 Ok(())
@@ -533,23 +482,14 @@ mod tests {
         let mut w = World::new((3000, 6000));
         let (a, _) = w.start("a", None, false).unwrap();
         let (b, _) = w.start("b", None, false).unwrap();
-        assert_eq!(
-            (a.ip.as_str(), a.tap_device_name.as_str()),
-            ("10.20.1.2/24", "tap0")
-        );
-        assert_eq!(
-            (b.ip.as_str(), b.tap_device_name.as_str()),
-            ("10.20.1.3/24", "tap1")
-        );
+        assert_eq!((a.ip.as_str(), a.tap_device_name.as_str()), ("10.20.1.2/24", "tap0"));
+        assert_eq!((b.ip.as_str(), b.tap_device_name.as_str()), ("10.20.1.3/24", "tap1"));
         assert_eq!(a.port_forwards[0].host_port, "3000");
         assert_eq!(b.port_forwards[5].host_port, "3011");
         w.delete("a").unwrap();
         let (c, _) = w.start("c", None, false).unwrap();
         // FIFO: the freed IP and tap go to the back of the queue; ports are never reused.
-        assert_eq!(
-            (c.ip.as_str(), c.tap_device_name.as_str()),
-            ("10.20.1.4/24", "tap2")
-        );
+        assert_eq!((c.ip.as_str(), c.tap_device_name.as_str()), ("10.20.1.4/24", "tap2"));
         assert_eq!(c.port_forwards[0].host_port, "3012");
     }
 
@@ -570,25 +510,22 @@ mod tests {
         let inc = w.snapshot_begin("src", "s1").unwrap();
         w.snapshot_finish("src", "s1", inc).unwrap();
         let held = w.start("src", Some("s1"), false).unwrap_err();
-        assert!(
-            held.ends_with("failed to create tap device: tap ID 0 is not available"),
-            "{held}"
-        );
+        assert!(held.ends_with("failed to create tap device: tap ID 0 is not available"), "{held}");
         w.delete("src").unwrap();
         let other = w.start("other", Some("s1"), false).unwrap_err();
         assert!(other.contains("failed to restore from snapshot"), "{other}");
         let (info, kind) = w.start("src", Some("s1"), false).unwrap();
         assert_eq!(kind, StartKind::Restored);
-        assert_eq!(
-            (info.ip.as_str(), info.tap_device_name.as_str()),
-            ("10.20.1.2/24", "tap0")
-        );
+        assert_eq!((info.ip.as_str(), info.tap_device_name.as_str()), ("10.20.1.2/24", "tap0"));
         assert_ne!(info.port_forwards[0].host_port, "3000");
         let again = w.snapshot_begin("src", "s2").unwrap_err();
         assert!(again.contains("source file not found"), "{again}");
         assert_eq!(w.get("src").unwrap().status, VmStatus::Running);
         let missing = w.start("x", Some("nope"), false).unwrap_err();
-        assert_eq!(missing, "Failed to start VM: failed to restore VM from snapshot: snapshot with ID nope does not exist");
+        assert_eq!(
+            missing,
+            "Failed to start VM: failed to restore VM from snapshot: snapshot with ID nope does not exist"
+        );
     }
 
     #[test]
@@ -603,10 +540,7 @@ mod tests {
         let inc = w.snapshot_begin("a", "s").unwrap();
         assert_eq!(w.get("a").unwrap().status, VmStatus::Paused);
         w.snapshot_finish("a", "s", inc).unwrap();
-        assert!(w
-            .snapshot_begin("a", "s")
-            .unwrap_err()
-            .ends_with("snapshot with ID s already exists"));
+        assert!(w.snapshot_begin("a", "s").unwrap_err().ends_with("snapshot with ID s already exists"));
         w.restart((3000, 6000));
         assert!(w.vms.is_empty());
         assert!(w.snapshots.contains_key("s"));

@@ -6,8 +6,8 @@ use uuid::Uuid;
 use vm_task_types::{
     validate::{self, parse_task_id},
     wire::{
-        CreateTaskResponse, HealthResponse, ListTasksResponse, StatsResponse, TaskDetailResponse,
-        TaskStatusResponse, UpdateStatusRequest, UpdateStatusResponse, VmStatusResponse,
+        CreateTaskResponse, HealthResponse, ListTasksResponse, StatsResponse, TaskDetailResponse, TaskStatusResponse,
+        UpdateStatusRequest, UpdateStatusResponse, VmStatusResponse,
     },
     FieldError, Limits, Operation, Task, TaskStatus, TaskSummary, Timestamp,
 };
@@ -39,6 +39,8 @@ pub struct ApiConfig {
     pub wait_poll_ms: u64,
     /// Served at `/openapi.json`.
     pub openapi: Option<&'static str>,
+    /// When this isolate started, for `/stats`.
+    pub started_at: Timestamp,
 }
 
 /// The API worker's handlers over its ports.
@@ -79,7 +81,11 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             "/health" => Ok(self.health()),
             "/" => Ok(index()),
             "/openapi.json" => match self.config.openapi {
-                Some(doc) => Ok(Response { status: 200, headers: vec![("content-type".into(), "application/json".into())], body: doc.as_bytes().to_vec() }),
+                Some(doc) => Ok(Response {
+                    status: 200,
+                    headers: vec![("content-type".into(), "application/json".into())],
+                    body: doc.as_bytes().to_vec(),
+                }),
                 None => Err(AppError::NotFound("no OpenAPI document is bundled".into())),
             },
             "/stats" => {
@@ -108,7 +114,10 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
                 self.update_status(route.param(0), request).await
             }
             "/vm/tasks/{id}/status" => {
-                self.config.client_tokens.check(request, "client")?;
+                // Daemons read a task's predecessor here to keep per-VM order.
+                if self.config.consumer_tokens.check(request, "consumer").is_err() {
+                    self.config.client_tokens.check(request, "client")?;
+                }
                 let task = self.get_waiting(route.param(0), request).await?;
                 Ok(Response::json(200, &TaskStatusResponse::of(&task)))
             }
@@ -123,7 +132,12 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
     fn health(&self) -> Response {
         Response::json(
             200,
-            &HealthResponse { success: true, status: "healthy".into(), worker: "vm-api-worker".into(), timestamp: self.clock.now() },
+            &HealthResponse {
+                success: true,
+                status: "healthy".into(),
+                worker: "vm-api-worker".into(),
+                timestamp: self.clock.now(),
+            },
         )
     }
 
@@ -131,7 +145,7 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         StatsResponse {
             success: true,
             worker: "vm-api-worker".into(),
-            since: Timestamp(0),
+            since: self.config.started_at,
             ops: self.counters.snapshot(),
             buffered_by_server: None,
             buffered_total: None,
@@ -192,7 +206,9 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             self.tasks.save_vm(record).await?;
         }
         if let Some(Idempotency::New { key_hash, body_hash }) = idempotency {
-            self.tasks.put_json(&crate::keys::idempotency(&key_hash), &IdempotencyRecord { task_id: id, body_hash }).await?;
+            self.tasks
+                .put_json(&crate::keys::idempotency(&key_hash), &IdempotencyRecord { task_id: id, body_hash })
+                .await?;
         }
         Ok(created_response(202, &task))
     }
@@ -216,10 +232,14 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
     }
 
     async fn idempotency_lookup(&self, key: &str, body: &Value) -> Result<Idempotency, AppError> {
-        if key.is_empty() || key.len() > Limits::IDEMPOTENCY_KEY_MAX || !key.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        if key.is_empty() || key.len() > Limits::IDEMPOTENCY_KEY_MAX || !key.bytes().all(|b| (0x21..0x7f).contains(&b))
+        {
             return Err(AppError::BadRequest {
                 code: "invalid_idempotency_key",
-                message: format!("Idempotency-Key must be 1 to {} visible ASCII characters", Limits::IDEMPOTENCY_KEY_MAX),
+                message: format!(
+                    "Idempotency-Key must be 1 to {} visible ASCII characters",
+                    Limits::IDEMPOTENCY_KEY_MAX
+                ),
                 field: Some("Idempotency-Key".into()),
             });
         }
@@ -229,7 +249,7 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         match existing {
             None => Ok(Idempotency::New { key_hash, body_hash }),
             Some(record) if record.body_hash == body_hash => match self.tasks.load(record.task_id).await? {
-                Some(task) => Ok(Idempotency::Replay(task)),
+                Some(task) => Ok(Idempotency::Replay(Box::new(task))),
                 None => Ok(Idempotency::New { key_hash, body_hash }),
             },
             Some(record) => Err(AppError::Unprocessable {
@@ -243,9 +263,14 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
     async fn list_tasks(&self, request: &Request) -> Result<Response, AppError> {
         let limit = match request.query_param("limit") {
             None => Limits::LIST_LIMIT_DEFAULT,
-            Some(raw) => raw.parse::<usize>().ok().filter(|n| (1..=Limits::LIST_LIMIT_MAX).contains(n)).ok_or_else(|| {
-                AppError::invalid_field(FieldError::new("limit", format!("must be an integer from 1 to {}, got {raw:?}", Limits::LIST_LIMIT_MAX)))
-            })?,
+            Some(raw) => {
+                raw.parse::<usize>().ok().filter(|n| (1..=Limits::LIST_LIMIT_MAX).contains(n)).ok_or_else(|| {
+                    AppError::invalid_field(FieldError::new(
+                        "limit",
+                        format!("must be an integer from 1 to {}, got {raw:?}", Limits::LIST_LIMIT_MAX),
+                    ))
+                })?
+            }
         };
         let kv_cursor = match request.query_param("cursor") {
             None | Some("") => None,
@@ -254,7 +279,8 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         let page = self.tasks.list(limit, kv_cursor.as_deref()).await?;
         let tasks: Vec<TaskSummary> =
             page.keys.iter().filter_map(|k| k.metadata.clone().and_then(|m| serde_json::from_value(m).ok())).collect();
-        let cursor = page.cursor.filter(|_| !page.list_complete).map(|c| auth::sign_cursor(&self.config.cursor_secret, &c));
+        let cursor =
+            page.cursor.filter(|_| !page.list_complete).map(|c| auth::sign_cursor(&self.config.cursor_secret, &c));
         Ok(Response::json(
             200,
             &ListTasksResponse { success: true, count: tasks.len(), tasks, list_complete: cursor.is_none(), cursor },
@@ -267,7 +293,10 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         let wait_secs = match request.query_param("wait") {
             None => 0,
             Some(raw) => raw.parse::<u64>().ok().filter(|n| *n <= Limits::WAIT_MAX_SECS).ok_or_else(|| {
-                AppError::invalid_field(FieldError::new("wait", format!("must be whole seconds from 0 to {}, got {raw:?}", Limits::WAIT_MAX_SECS)))
+                AppError::invalid_field(FieldError::new(
+                    "wait",
+                    format!("must be whole seconds from 0 to {}, got {raw:?}", Limits::WAIT_MAX_SECS),
+                ))
             })?,
         };
         let deadline = self.clock.now().plus_secs(wait_secs);
@@ -287,7 +316,10 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         let mut task = self.tasks.require(id).await?;
         if !task.is_claimed_by(update.claim_id) {
             return Err(AppError::Conflict {
-                message: format!("claim {} does not hold task {id}; only the consumer holding its current claim may report on it", update.claim_id),
+                message: format!(
+                    "claim {} does not hold task {id}; only the consumer holding its current claim may report on it",
+                    update.claim_id
+                ),
                 current_status: Some(task.status),
                 lease_expires_at: task.claim.as_ref().map(|c| c.lease_expires_at),
             });
@@ -326,7 +358,9 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         let id = parse_task_id("id", raw_id)?;
         let mut task = self.tasks.require(id).await?;
         match task.status {
-            TaskStatus::Cancelled => return Ok(Response::json(200, &status_response(&task, "task was already cancelled"))),
+            TaskStatus::Cancelled => {
+                return Ok(Response::json(200, &status_response(&task, "task was already cancelled")))
+            }
             TaskStatus::Pending => {}
             other => {
                 return Err(AppError::conflict(
@@ -345,7 +379,11 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
 
     async fn vm_status(&self, vm_name: &str) -> Result<Response, AppError> {
         validate::check_vm_name("vmName", vm_name)?;
-        let mut record = self.tasks.vm(vm_name).await?.ok_or_else(|| AppError::NotFound(format!("VM {vm_name:?} is not in the registry")))?;
+        let mut record = self
+            .tasks
+            .vm(vm_name)
+            .await?
+            .ok_or_else(|| AppError::NotFound(format!("VM {vm_name:?} is not in the registry")))?;
         self.fold_registry(&mut record).await?;
         let last = self.tasks.load(record.last_task_id).await?;
         let known = record.known.clone();
@@ -405,7 +443,7 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
 
 enum Idempotency {
     New { key_hash: String, body_hash: String },
-    Replay(Task),
+    Replay(Box<Task>),
 }
 
 fn created_response(status: u16, task: &Task) -> Response {

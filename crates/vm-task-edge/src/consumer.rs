@@ -112,7 +112,12 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
 
     async fn dispatch(&self, route: &Matched, request: &Request) -> Result<Response, AppError> {
         if route.pattern == "/health" {
-            let body = HealthResponse { success: true, status: "healthy".into(), worker: "vm-consumer-worker".into(), timestamp: self.clock.now() };
+            let body = HealthResponse {
+                success: true,
+                status: "healthy".into(),
+                worker: "vm-consumer-worker".into(),
+                timestamp: self.clock.now(),
+            };
             return Ok(Response::json(200, &body));
         }
         if route.pattern == "/" {
@@ -207,7 +212,8 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             let outcome = async {
                 let Some(mut task) = self.tasks.load(message.task_id).await? else { return Ok::<(), AppError>(()) };
                 if task.status == TaskStatus::Pending {
-                    let reason = "could not be buffered for a host: the queue gave up after its retries (dead-lettered)";
+                    let reason =
+                        "could not be buffered for a host: the queue gave up after its retries (dead-lettered)";
                     task.error = Some(reason.into());
                     task.record(self.clock.now(), WORKER, "dead_lettered", Some(TaskStatus::Failed), reason);
                     self.tasks.save(&task).await?;
@@ -240,8 +246,12 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             let changed = since != Some(bell.as_str());
             let now = self.clock.now();
             if changed || now >= deadline {
-                let (tasks, list_complete) = if changed { self.list_ready(&servers, limit).await? } else { (Vec::new(), true) };
-                return Ok(Response::json(200, &ReadyTasksResponse { success: true, count: tasks.len(), tasks, bell, list_complete }));
+                let (tasks, list_complete) =
+                    if changed { self.list_ready(&servers, limit).await? } else { (Vec::new(), true) };
+                return Ok(Response::json(
+                    200,
+                    &ReadyTasksResponse { success: true, count: tasks.len(), tasks, bell, list_complete },
+                ));
             }
             self.clock.sleep_ms(self.config.bell_check_ms.max(10).min(deadline.millis_since(now))).await;
         }
@@ -257,8 +267,11 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
 
     /// Buffered tasks of `servers` (all servers when empty), oldest first.
     async fn list_ready(&self, servers: &[String], limit: usize) -> Result<(Vec<BufferedTask>, bool), AppError> {
-        let prefixes: Vec<String> =
-            if servers.is_empty() { vec![keys::READY_PREFIX.to_owned()] } else { servers.iter().map(|s| keys::ready_prefix(s)).collect() };
+        let prefixes: Vec<String> = if servers.is_empty() {
+            vec![keys::READY_PREFIX.to_owned()]
+        } else {
+            servers.iter().map(|s| keys::ready_prefix(s)).collect()
+        };
         let mut all = Vec::new();
         let mut complete = true;
         for prefix in prefixes {
@@ -277,7 +290,10 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
     async fn all(&self, request: &Request) -> Result<Response, AppError> {
         let limit = parse_bounded(request, "limit", 1000, 1, 1000)? as usize;
         let (tasks, complete) = self.list_ready(&[], limit).await?;
-        Ok(Response::json(200, &AllBufferedResponse { success: true, count: tasks.len(), tasks, list_complete: complete }))
+        Ok(Response::json(
+            200,
+            &AllBufferedResponse { success: true, count: tasks.len(), tasks, list_complete: complete },
+        ))
     }
 
     async fn delete(&self, raw_id: &str, request: &Request) -> Result<Response, AppError> {
@@ -290,7 +306,10 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             None => self.tasks.require(id).await?.target_server,
         };
         self.buffer.remove(&server, id).await?;
-        Ok(Response::json(200, &serde_json::json!({"success": true, "taskId": id, "message": "removed from the buffer"})))
+        Ok(Response::json(
+            200,
+            &serde_json::json!({"success": true, "taskId": id, "message": "removed from the buffer"}),
+        ))
     }
 
     async fn claim(&self, raw_id: &str, request: &Request) -> Result<Response, AppError> {
@@ -324,16 +343,33 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         }
         if task.event_at("buffered").is_none() {
             if let Some(entry) = self.buffer.get(&task.target_server, id).await? {
-                task.record(entry.buffered_at, WORKER, "buffered", None, format!("buffered for server {}", task.target_server));
+                task.record(
+                    entry.buffered_at,
+                    WORKER,
+                    "buffered",
+                    None,
+                    format!("buffered for server {}", task.target_server),
+                );
             }
         }
         task.attempts += 1;
-        let claim = Claim { claim_id: self.ids.random_uuid(), consumer_id: body.consumer_id.clone(), claimed_at: now, lease_expires_at: now.plus_secs(lease) };
+        let claim = Claim {
+            claim_id: self.ids.random_uuid(),
+            consumer_id: body.consumer_id.clone(),
+            claimed_at: now,
+            lease_expires_at: now.plus_secs(lease),
+        };
         task.claim = Some(claim.clone());
-        let note = format!("attempt {} of {}, lease until {}", task.attempts, self.config.max_attempts, claim.lease_expires_at);
+        let note = format!(
+            "attempt {} of {}, lease until {}",
+            task.attempts, self.config.max_attempts, claim.lease_expires_at
+        );
         task.record(now, &body.consumer_id, "claimed", Some(TaskStatus::Processing), note);
         self.tasks.save(&task).await?;
-        Ok(Response::json(200, &ClaimResponse { success: true, claim_id: claim.claim_id, lease_expires_at: claim.lease_expires_at, task }))
+        Ok(Response::json(
+            200,
+            &ClaimResponse { success: true, claim_id: claim.claim_id, lease_expires_at: claim.lease_expires_at, task },
+        ))
     }
 
     async fn heartbeat(&self, raw_id: &str, request: &Request) -> Result<Response, AppError> {
@@ -347,7 +383,10 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         task.updated_at = self.clock.now();
         task.gen += 1;
         self.tasks.save(&task).await?;
-        Ok(Response::json(200, &LeaseResponse { success: true, task_id: id, status: task.status, lease_expires_at: Some(expires) }))
+        Ok(Response::json(
+            200,
+            &LeaseResponse { success: true, task_id: id, status: task.status, lease_expires_at: Some(expires) },
+        ))
     }
 
     async fn release(&self, raw_id: &str, request: &Request) -> Result<Response, AppError> {
@@ -362,7 +401,10 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         task.record(self.clock.now(), &actor, "released", Some(TaskStatus::Pending), reason);
         self.tasks.save(&task).await?;
         self.ring(&task.target_server).await?;
-        Ok(Response::json(200, &LeaseResponse { success: true, task_id: id, status: task.status, lease_expires_at: None }))
+        Ok(Response::json(
+            200,
+            &LeaseResponse { success: true, task_id: id, status: task.status, lease_expires_at: None },
+        ))
     }
 
     /// The task, if `claim_id` holds it and it is still processing; 409 otherwise.
@@ -475,13 +517,17 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
     /// Moves a processing task whose lease ended back to pending (in memory).
     fn expire_lease(&self, task: &mut Task, now: Timestamp) {
         let holder = task.claim.take().map(|c| c.consumer_id).unwrap_or_default();
-        let note = format!("lease of {holder} expired without a report (attempt {} of {})", task.attempts, self.config.max_attempts);
+        let note = format!(
+            "lease of {holder} expired without a report (attempt {} of {})",
+            task.attempts, self.config.max_attempts
+        );
         task.record(now, "sweeper", "lease_expired", Some(TaskStatus::Pending), note);
     }
 
     /// Fails a task that used all its attempts, and drops its buffer entry.
     async fn give_up(&self, task: &mut Task, now: Timestamp) -> Result<(), AppError> {
-        let reason = format!("gave up after {} attempts: every lease expired without a report from the daemon", task.attempts);
+        let reason =
+            format!("gave up after {} attempts: every lease expired without a report from the daemon", task.attempts);
         task.error = Some(reason.clone());
         task.claim = None;
         task.record(now, "sweeper", "attempts_exhausted", Some(TaskStatus::Failed), reason);
@@ -495,10 +541,11 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
     }
 
     fn lease_secs(&self, requested: Option<u64>) -> u64 {
-        requested.unwrap_or(self.config.lease_default_secs).clamp(self.config.lease_min_secs, self.config.lease_max_secs)
+        requested
+            .unwrap_or(self.config.lease_default_secs)
+            .clamp(self.config.lease_min_secs, self.config.lease_max_secs)
     }
 }
-
 
 fn parse_servers(raw: Option<&str>) -> Result<Vec<String>, AppError> {
     let Some(raw) = raw.filter(|r| !r.is_empty()) else { return Ok(Vec::new()) };
@@ -516,7 +563,10 @@ fn parse_bounded(request: &Request, name: &str, default: u64, min: u64, max: u64
     match request.query_param(name) {
         None => Ok(default),
         Some(raw) => raw.parse::<u64>().ok().filter(|n| (min..=max).contains(n)).ok_or_else(|| {
-            AppError::invalid_field(FieldError::new(name, format!("must be an integer from {min} to {max}, got {raw:?}")))
+            AppError::invalid_field(FieldError::new(
+                name,
+                format!("must be an integer from {min} to {max}, got {raw:?}"),
+            ))
         }),
     }
 }

@@ -51,7 +51,8 @@ impl Request {
     /// Parses the JSON body as `T`, with 4xx errors for every way it can be wrong.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, AppError> {
         let value = self.json_value()?;
-        serde_json::from_value(value).map_err(|e| AppError::bad_request("invalid_body", format!("invalid request body: {e}")))
+        serde_json::from_value(value)
+            .map_err(|e| AppError::bad_request("invalid_body", format!("invalid request body: {e}")))
     }
 
     /// The body as a JSON value: checks size, content type, emptiness and syntax.

@@ -30,7 +30,8 @@ impl<S: KvStore> TaskStore<S> {
 
     /// Writes the record with its summary as metadata: one KV write.
     pub async fn save(&self, task: &Task) -> Result<(), AppError> {
-        let key = keys::task(task.id).ok_or_else(|| AppError::Unavailable(format!("task id {} is not a v7 UUID", task.id)))?;
+        let key = keys::task(task.id)
+            .ok_or_else(|| AppError::Unavailable(format!("task id {} is not a v7 UUID", task.id)))?;
         let metadata = serde_json::to_value(task.summary()).map_err(|e| AppError::Unavailable(e.to_string()))?;
         let value = serde_json::to_string(task).map_err(|e| AppError::Unavailable(e.to_string()))?;
         self.kv.put(&key, &value, Some(&metadata)).await?;
@@ -91,18 +92,21 @@ impl<B: KvStore> BufferStore<B> {
     }
 
     /// One page of buffered entries under `prefix`, oldest first, decoded from metadata only.
-    pub async fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> Result<(Vec<BufferedTask>, KvPage), AppError> {
+    pub async fn list(
+        &self,
+        prefix: &str,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<BufferedTask>, KvPage), AppError> {
         let page = self.kv.list(prefix, limit, cursor).await?;
-        let tasks = page
-            .keys
-            .iter()
-            .filter_map(|k| k.metadata.clone().and_then(|m| serde_json::from_value(m).ok()))
-            .collect();
+        let tasks =
+            page.keys.iter().filter_map(|k| k.metadata.clone().and_then(|m| serde_json::from_value(m).ok())).collect();
         Ok((tasks, page))
     }
 
+    /// The server's doorbell; `"0"` before the first ring, so it is never empty.
     pub async fn bell(&self, server: &str) -> Result<String, AppError> {
-        Ok(self.kv.get(&keys::bell(server)).await?.unwrap_or_default())
+        Ok(self.kv.get(&keys::bell(server)).await?.filter(|b| !b.is_empty()).unwrap_or_else(|| "0".into()))
     }
 
     pub async fn ring(&self, server: &str, value: &str) -> Result<(), AppError> {

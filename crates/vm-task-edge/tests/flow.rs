@@ -10,7 +10,8 @@ use vm_task_types::wire::OpCounts;
 #[test]
 fn a_launch_goes_from_submission_to_completed_with_a_readable_result() {
     let edge = Edge::new();
-    let response = edge.api_call(Request::new("POST", "/vm/tasks").bearer(CLIENT).json_body(&launch("test-vm-001", "production")));
+    let response =
+        edge.api_call(Request::new("POST", "/vm/tasks").bearer(CLIENT).json_body(&launch("test-vm-001", "production")));
     assert_eq!(response.status, 202);
     let created: Value = response.json_body().unwrap();
     assert_eq!(created["success"], true);
@@ -40,7 +41,11 @@ fn a_launch_goes_from_submission_to_completed_with_a_readable_result() {
     let status = edge.status(id);
     assert_eq!(status["status"], "completed");
     assert_eq!(status["result"]["ip"], "10.20.1.2");
-    assert!(edge.buffer.keys().iter().all(|k| !k.starts_with("ready:")), "buffer entry removed: {:?}", edge.buffer.keys());
+    assert!(
+        edge.buffer.keys().iter().all(|k| !k.starts_with("ready:")),
+        "buffer entry removed: {:?}",
+        edge.buffer.keys()
+    );
 
     let timeline = edge.detail(id)["timeline"].clone();
     let events: Vec<&str> = timeline.as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
@@ -105,8 +110,10 @@ fn tasks_list_newest_first_from_metadata_with_signed_cursors() {
     assert_eq!(listed, [ids[4].to_string(), ids[3].to_string(), ids[2].to_string()]);
     assert_eq!(page1["listComplete"], false);
     let cursor = page1["cursor"].as_str().unwrap();
-    let page2: Value =
-        edge.api_call(Request::new("GET", &format!("/vm/tasks?limit=3&cursor={cursor}")).bearer(CLIENT)).json_body().unwrap();
+    let page2: Value = edge
+        .api_call(Request::new("GET", &format!("/vm/tasks?limit=3&cursor={cursor}")).bearer(CLIENT))
+        .json_body()
+        .unwrap();
     assert_eq!(page2["count"], 2);
     assert_eq!(page2["listComplete"], true);
     assert_eq!(page2["tasks"][1]["id"], json!(ids[0]));

@@ -180,9 +180,7 @@ impl Operation {
     pub fn requested_server(&self) -> Option<&str> {
         match self {
             Self::LaunchVm(p) => p.target_server.as_deref(),
-            Self::DeleteVm(p) | Self::StopVm(p) | Self::PauseVm(p) | Self::ResumeVm(p) => {
-                p.target_server.as_deref()
-            }
+            Self::DeleteVm(p) | Self::StopVm(p) | Self::PauseVm(p) | Self::ResumeVm(p) => p.target_server.as_deref(),
             Self::SnapshotVm(p) => p.target_server.as_deref(),
             Self::RunCommand(p) => p.target_server.as_deref(),
         }
@@ -206,10 +204,7 @@ impl Operation {
         };
         let kind = OperationKind::parse(kind_name).ok_or_else(|| {
             let known: Vec<&str> = OperationKind::ALL.iter().map(|k| k.as_str()).collect();
-            FieldError::new(
-                "type",
-                format!("unknown operation {kind_name:?}; expected one of {}", known.join(", ")),
-            )
+            FieldError::new("type", format!("unknown operation {kind_name:?}; expected one of {}", known.join(", ")))
         })?;
         let payload = match object.get("payload") {
             None | Some(Value::Null) => return Err(FieldError::new("payload", "is required")),
@@ -330,12 +325,24 @@ mod tests {
             (json!({"type": "stop_vm", "payload": "v"}), "payload", "JSON object"),
             (json!({"type": "stop_vm", "payload": {}}), "payload", "missing field `vmName`"),
             (json!({"type": "stop_vm", "payload": {"vmName": 3}}), "payload", "invalid type"),
-            (json!({"type": "stop_vm", "payload": {"vmName": "v", "vmname": "w"}}), "payload", "unknown field `vmname`"),
+            (
+                json!({"type": "stop_vm", "payload": {"vmName": "v", "vmname": "w"}}),
+                "payload",
+                "unknown field `vmname`",
+            ),
             (json!({"type": "run_command", "payload": {"vmName": "v"}}), "payload", "missing field `command`"),
             (json!({"type": "run_command", "payload": {"vmName": "v", "command": " "}}), "payload.command", "empty"),
             (json!({"type": "stop_vm", "payload": {"vmName": "../etc"}}), "payload.vmName", "'/'"),
-            (json!({"type": "stop_vm", "payload": {"vmName": "v", "targetServer": "a b"}}), "payload.targetServer", "' '"),
-            (json!({"type": "snapshot_vm", "payload": {"vmName": "v", "snapshotId": ".."}}), "payload.snapshotId", "must not start"),
+            (
+                json!({"type": "stop_vm", "payload": {"vmName": "v", "targetServer": "a b"}}),
+                "payload.targetServer",
+                "' '",
+            ),
+            (
+                json!({"type": "snapshot_vm", "payload": {"vmName": "v", "snapshotId": ".."}}),
+                "payload.snapshotId",
+                "must not start",
+            ),
             (json!({"type": "stop_vm", "payload": {"vmName": "v"}, "extra": 1}), "extra", "unknown top-level"),
         ];
         for (body, field, needle) in cases {

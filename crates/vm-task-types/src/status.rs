@@ -24,8 +24,7 @@ pub enum TaskStatus {
 }
 
 impl TaskStatus {
-    pub const ALL: [TaskStatus; 5] =
-        [Self::Pending, Self::Processing, Self::Completed, Self::Failed, Self::Cancelled];
+    pub const ALL: [TaskStatus; 5] = [Self::Pending, Self::Processing, Self::Completed, Self::Failed, Self::Cancelled];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -48,10 +47,7 @@ impl TaskStatus {
     /// Whether `self → to` is a legal transition.
     pub fn can_become(self, to: TaskStatus) -> bool {
         use TaskStatus::*;
-        matches!(
-            (self, to),
-            (Pending, Processing | Cancelled | Failed) | (Processing, Completed | Failed | Pending)
-        )
+        matches!((self, to), (Pending, Processing | Cancelled | Failed) | (Processing, Completed | Failed | Pending))
     }
 
     /// [`can_become`](Self::can_become) as a `Result`, for `?`.

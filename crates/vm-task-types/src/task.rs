@@ -168,7 +168,14 @@ impl Task {
 
     /// Records `event` on the timeline, with a status change when `to` is set, and bumps `gen`.
     /// Callers check legality first (see [`TaskStatus::check_transition`]).
-    pub fn record(&mut self, at: Timestamp, actor: &str, event: &str, to: Option<TaskStatus>, message: impl Into<String>) {
+    pub fn record(
+        &mut self,
+        at: Timestamp,
+        actor: &str,
+        event: &str,
+        to: Option<TaskStatus>,
+        message: impl Into<String>,
+    ) {
         let from = to.map(|_| self.status);
         if let Some(to) = to {
             self.status = to;

@@ -78,13 +78,7 @@ impl fmt::Display for Timestamp {
         let millis = self.0 % 1000;
         let (year, month, day) = civil_from_days((secs / 86_400) as i64);
         let rem = secs % 86_400;
-        write!(
-            f,
-            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-            rem / 3600,
-            (rem / 60) % 60,
-            rem % 60
-        )
+        write!(f, "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, (rem / 60) % 60, rem % 60)
     }
 }
 
@@ -97,8 +91,7 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let s = String::deserialize(deserializer)?;
-        Timestamp::parse_rfc3339(&s)
-            .ok_or_else(|| de::Error::custom(format!("invalid RFC 3339 timestamp: {s:?}")))
+        Timestamp::parse_rfc3339(&s).ok_or_else(|| de::Error::custom(format!("invalid RFC 3339 timestamp: {s:?}")))
     }
 }
 
@@ -143,19 +136,20 @@ mod tests {
             let t = Timestamp(ms);
             assert_eq!(Timestamp::parse_rfc3339(&t.to_string()), Some(t));
         }
-        assert_eq!(
-            Timestamp::parse_rfc3339("2025-06-02T17:46:29Z"),
-            Some(Timestamp(1_748_886_389_000))
-        );
-        assert_eq!(
-            Timestamp::parse_rfc3339("2025-06-02T17:46:29.5Z"),
-            Some(Timestamp(1_748_886_389_500))
-        );
+        assert_eq!(Timestamp::parse_rfc3339("2025-06-02T17:46:29Z"), Some(Timestamp(1_748_886_389_000)));
+        assert_eq!(Timestamp::parse_rfc3339("2025-06-02T17:46:29.5Z"), Some(Timestamp(1_748_886_389_500)));
     }
 
     #[test]
     fn rejects_malformed_timestamps() {
-        for bad in ["", "2025-06-02", "2025-13-02T00:00:00Z", "2025-06-02T00:00:00", "x025-06-02T00:00:00Z", "2025-06-02T00:00:00.Z"] {
+        for bad in [
+            "",
+            "2025-06-02",
+            "2025-13-02T00:00:00Z",
+            "2025-06-02T00:00:00",
+            "x025-06-02T00:00:00Z",
+            "2025-06-02T00:00:00.Z",
+        ] {
             assert_eq!(Timestamp::parse_rfc3339(bad), None, "{bad}");
         }
     }

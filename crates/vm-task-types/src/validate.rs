@@ -60,10 +60,7 @@ pub fn check_segment(field: &str, value: &str, max: usize) -> Result<(), FieldEr
         return Err(FieldError::new(field, "must not be empty"));
     }
     if value.len() > max {
-        return Err(FieldError::new(
-            field,
-            format!("must be at most {max} characters, got {}", value.chars().count()),
-        ));
+        return Err(FieldError::new(field, format!("must be at most {max} characters, got {}", value.chars().count())));
     }
     if let Some(bad) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
         return Err(FieldError::new(

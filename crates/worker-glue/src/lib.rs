@@ -86,10 +86,7 @@ impl Ids for WorkerIds {
 
 /// Reads a var or secret, empty when unset.
 pub fn setting(env: &Env, name: &str) -> String {
-    env.secret(name)
-        .map(|s| s.to_string())
-        .or_else(|_| env.var(name).map(|v| v.to_string()))
-        .unwrap_or_default()
+    env.secret(name).map(|s| s.to_string()).or_else(|_| env.var(name).map(|v| v.to_string())).unwrap_or_default()
 }
 
 /// A numeric setting, or `default` when unset or unparsable.

@@ -26,20 +26,13 @@ impl Resp {
     /// Asserts a handler error: status, JSON content type and the exact Go-encoded body.
     #[track_caller]
     pub fn assert_error(&self, status: u16, message: &str) {
-        assert_eq!(
-            (self.status, self.body.as_str()),
-            (status, error_body(message).as_str()),
-            "unexpected response"
-        );
+        assert_eq!((self.status, self.body.as_str()), (status, error_body(message).as_str()), "unexpected response");
         assert_eq!(self.content_type.as_deref(), Some("application/json"));
     }
 }
 
 pub fn error_body(message: &str) -> String {
-    format!(
-        "{{\"error\":{{\"message\":{}}}}}\n",
-        serde_json::to_string(message).unwrap()
-    )
+    format!("{{\"error\":{{\"message\":{}}}}}\n", serde_json::to_string(message).unwrap())
 }
 
 impl Sim {
@@ -50,36 +43,23 @@ impl Sim {
 
     pub async fn with(config: SimConfig) -> Self {
         let h = spawn(config).await;
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap();
+        let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
         Self { h, http }
     }
 
     pub async fn req(&self, method: &str, path: &str, body: Option<&str>) -> Resp {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut req = self
-            .http
-            .request(method, format!("{}{}", self.h.url(), path));
+        let mut req = self.http.request(method, format!("{}{}", self.h.url(), path));
         if let Some(body) = body {
             req = req.body(body.to_string());
         }
         let resp = req.send().await.unwrap();
-        let header = |name| {
-            resp.headers()
-                .get(name)
-                .map(|v: &reqwest::header::HeaderValue| v.to_str().unwrap().to_string())
-        };
+        let header =
+            |name| resp.headers().get(name).map(|v: &reqwest::header::HeaderValue| v.to_str().unwrap().to_string());
         let content_type = header(reqwest::header::CONTENT_TYPE);
         let location = header(reqwest::header::LOCATION);
         let status = resp.status().as_u16();
-        Resp {
-            status,
-            content_type,
-            location,
-            body: resp.text().await.unwrap(),
-        }
+        Resp { status, content_type, location, body: resp.text().await.unwrap() }
     }
 
     pub async fn get(&self, path: &str) -> Resp {
@@ -91,12 +71,7 @@ impl Sim {
     }
 
     pub async fn patch(&self, name: &str, status: &str) -> Resp {
-        self.req(
-            "PATCH",
-            &format!("/v1/vms/{name}"),
-            Some(&format!("{{\"status\":\"{status}\"}}")),
-        )
-        .await
+        self.req("PATCH", &format!("/v1/vms/{name}"), Some(&format!("{{\"status\":\"{status}\"}}"))).await
     }
 
     pub async fn delete(&self, path: &str) -> Resp {
@@ -104,8 +79,7 @@ impl Sim {
     }
 
     pub async fn start(&self, name: &str) -> Resp {
-        self.post("/v1/vms", &format!("{{\"vmName\":\"{name}\"}}"))
-            .await
+        self.post("/v1/vms", &format!("{{\"vmName\":\"{name}\"}}")).await
     }
 
     pub async fn cmd(&self, name: &str, cmd: &str) -> Resp {

@@ -31,7 +31,14 @@ pub struct Edge {
     pub counters: OpCounters,
 }
 
-pub type Api<'a> = ApiService<'a, CountingKv<'a, MemoryKv>, CountingKv<'a, MemoryKv>, CountingQueue<'a, MemoryQueue>, ManualClock, SeqIds>;
+pub type Api<'a> = ApiService<
+    'a,
+    CountingKv<'a, MemoryKv>,
+    CountingKv<'a, MemoryKv>,
+    CountingQueue<'a, MemoryQueue>,
+    ManualClock,
+    SeqIds,
+>;
 pub type Consumer<'a> = ConsumerService<'a, CountingKv<'a, MemoryKv>, CountingKv<'a, MemoryKv>, ManualClock, SeqIds>;
 
 impl Edge {
@@ -50,6 +57,7 @@ impl Edge {
                 cursor_secret: b"test-secret".to_vec(),
                 wait_poll_ms: 250,
                 openapi: None,
+                started_at: vm_task_types::Timestamp(START_MS),
             },
             consumer_config: ConsumerConfig {
                 consumer_tokens: Tokens::parse(CONSUMER),

@@ -1,0 +1,212 @@
+//! HTTP client for the two workers: poll, claim, renew, release, report.
+//!
+//! Errors are split the way the daemon must act on them: a transient failure (network, 5xx,
+//! 429) is retried with backoff; a refusal (other 4xx) is final and carries the body.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode, Url};
+use serde::{de::DeserializeOwned, Serialize};
+use uuid::Uuid;
+use vm_task_types::{
+    wire::{
+        ClaimRequest, ClaimResponse, ErrorBody, LeaseRequest, LeaseResponse, ReadyTasksResponse, TaskStatusResponse,
+        UpdateStatusRequest,
+    },
+    TaskStatus, Timestamp,
+};
+
+use crate::config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// Worth retrying: the request may not have been processed.
+    #[error("{0}")]
+    Transient(String),
+    /// The worker refused the request; retrying the same request will not help.
+    #[error("HTTP {status}: {}", body.error)]
+    Refused { status: u16, body: ErrorBody },
+}
+
+impl EdgeError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Transient(_))
+    }
+}
+
+/// What a claim attempt found.
+#[derive(Debug)]
+pub enum ClaimOutcome {
+    Claimed(Box<ClaimResponse>),
+    /// The task is terminal (cancelled, say): it will not run.
+    Finished(TaskStatus),
+    /// Another claim's lease holds it until then.
+    Held(Timestamp),
+}
+
+#[derive(Debug, Clone)]
+pub struct EdgeClient {
+    http: reqwest::Client,
+    consumer: Url,
+    api: Url,
+    token: String,
+    consumer_id: String,
+}
+
+impl EdgeClient {
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(50))
+            .user_agent(concat!("local-consumer/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            consumer: with_trailing_slash(&config.consumer_worker_url),
+            api: with_trailing_slash(&config.api_worker_url),
+            token: config.consumer_token.clone(),
+            consumer_id: config.consumer_id.clone(),
+        })
+    }
+
+    /// Buffered tasks of `servers`, oldest first. With `since`, waits up to `wait` at the
+    /// worker for the doorbell to change before listing.
+    pub async fn ready(
+        &self,
+        servers: &[String],
+        since: Option<&str>,
+        wait: Duration,
+    ) -> Result<ReadyTasksResponse, EdgeError> {
+        let mut url = self.consumer.join("tasks/ready").expect("static path");
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("server", &servers.join(","));
+            if let Some(since) = since {
+                q.append_pair("since", since);
+                q.append_pair("wait", &wait.as_secs().to_string());
+            }
+        }
+        self.send(Method::GET, url, None::<&()>, wait + Duration::from_secs(10)).await
+    }
+
+    pub async fn claim(&self, id: Uuid, lease: Duration) -> Result<ClaimOutcome, EdgeError> {
+        let url = self.consumer.join(&format!("tasks/{id}/claim")).expect("uuid path");
+        let body = ClaimRequest { consumer_id: self.consumer_id.clone(), lease_seconds: Some(lease.as_secs()) };
+        match self.send::<ClaimResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await {
+            Ok(claim) => Ok(ClaimOutcome::Claimed(Box::new(claim))),
+            Err(EdgeError::Refused { status: 409, body }) => match (body.current_status, body.lease_expires_at) {
+                (Some(status), _) if status.is_terminal() => Ok(ClaimOutcome::Finished(status)),
+                (_, Some(until)) => Ok(ClaimOutcome::Held(until)),
+                _ => Err(EdgeError::Refused { status: 409, body }),
+            },
+            Err(EdgeError::Refused { status: 404, .. }) => Ok(ClaimOutcome::Finished(TaskStatus::Failed)),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn heartbeat(&self, id: Uuid, claim_id: Uuid, lease: Duration) -> Result<LeaseResponse, EdgeError> {
+        let url = self.consumer.join(&format!("tasks/{id}/heartbeat")).expect("uuid path");
+        let body = LeaseRequest { claim_id, lease_seconds: Some(lease.as_secs()), reason: None };
+        self.send(Method::POST, url, Some(&body), Duration::from_secs(15)).await
+    }
+
+    pub async fn release(&self, id: Uuid, claim_id: Uuid, reason: &str) -> Result<LeaseResponse, EdgeError> {
+        let url = self.consumer.join(&format!("tasks/{id}/release")).expect("uuid path");
+        let body = LeaseRequest { claim_id, lease_seconds: None, reason: Some(reason.to_owned()) };
+        self.send(Method::POST, url, Some(&body), Duration::from_secs(15)).await
+    }
+
+    pub async fn report(&self, id: Uuid, update: &UpdateStatusRequest) -> Result<serde_json::Value, EdgeError> {
+        let url = self.api.join(&format!("vm/tasks/{id}/status")).expect("uuid path");
+        self.send(Method::PUT, url, Some(update), Duration::from_secs(15)).await
+    }
+
+    /// A task's status, for checking that a VM's previous task has finished.
+    pub async fn task_status(&self, id: Uuid) -> Result<Option<TaskStatusResponse>, EdgeError> {
+        let url = self.api.join(&format!("vm/tasks/{id}/status")).expect("uuid path");
+        match self.send(Method::GET, url, None::<&()>, Duration::from_secs(15)).await {
+            Ok(status) => Ok(Some(status)),
+            Err(EdgeError::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /health` of both workers.
+    pub async fn health(&self) -> Result<(), String> {
+        for (name, base) in [("API worker", &self.api), ("consumer worker", &self.consumer)] {
+            let url = base.join("health").expect("static path");
+            let response =
+                self.http.get(url).timeout(Duration::from_secs(3)).send().await.map_err(|e| format!("{name}: {e}"))?;
+            if !response.status().is_success() {
+                return Err(format!("{name}: HTTP {}", response.status()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&impl Serialize>,
+        timeout: Duration,
+    ) -> Result<T, EdgeError> {
+        let mut request = self.http.request(method.clone(), url.clone()).bearer_auth(&self.token).timeout(timeout);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| EdgeError::Transient(format!("{method} {}: {}", url.path(), error_chain(&e))))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| EdgeError::Transient(format!("{method} {}: reading body: {e}", url.path())))?;
+        if status.is_success() {
+            return serde_json::from_str(&text).map_err(|e| {
+                EdgeError::Transient(format!("{method} {}: unexpected body ({e}): {}", url.path(), truncate(&text)))
+            });
+        }
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT
+        {
+            return Err(EdgeError::Transient(format!("{method} {}: HTTP {status}: {}", url.path(), truncate(&text))));
+        }
+        let body = serde_json::from_str(&text).unwrap_or_else(|_| ErrorBody {
+            success: false,
+            error: truncate(&text),
+            code: "unknown".into(),
+            field: None,
+            current_status: None,
+            lease_expires_at: None,
+        });
+        Err(EdgeError::Refused { status: status.as_u16(), body })
+    }
+}
+
+fn with_trailing_slash(url: &Url) -> Url {
+    let mut url = url.clone();
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    url
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(300).collect()
+}
+
+/// reqwest's Display hides the cause ("error sending request"); include the chain.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

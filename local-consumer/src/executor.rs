@@ -1,0 +1,379 @@
+//! Runs one task's operation against Arrakis and says how it ended.
+//!
+//! Every operation is an `ensure_*`: it first looks at the VM, so repeating an operation whose
+//! effect is already there (a redelivered task, a retry after a daemon crash) succeeds with a
+//! note instead of failing. Transient failures are retried with jittered exponential backoff;
+//! each retry is recorded for the task's timeline. A command is never re-sent once it may have
+//! reached the guest.
+
+use std::time::Duration;
+
+use arrakis_client::{ArrakisClient, ArrakisError, StartVmRequest, VmInfo, VmStatus};
+use vm_task_types::{
+    wire::RetryNote, LaunchVm, Operation, PortForward, RunCommand, SnapshotVm, Task, TaskResult, Timestamp, VmState,
+};
+
+use crate::metrics::Metrics;
+
+/// How a task ended on this host.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Completed(TaskResult),
+    /// Arrakis's message, or ours when we refused to call it.
+    Failed(String),
+}
+
+/// Kernel, rootfs and initramfs for launches that name none.
+#[derive(Debug, Clone)]
+pub struct BootDefaults {
+    pub kernel: String,
+    pub rootfs: String,
+    pub initramfs: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub retries: u32,
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Executor {
+    pub arrakis: ArrakisClient,
+    pub defaults: BootDefaults,
+    pub retry: RetryPolicy,
+    pub metrics: Metrics,
+}
+
+/// Retry bookkeeping for one task.
+#[derive(Debug, Default)]
+pub struct Attempts {
+    pub notes: Vec<RetryNote>,
+}
+
+impl Executor {
+    pub async fn execute(&self, task: &Task, attempts: &mut Attempts) -> Outcome {
+        let server = task.target_server.as_str();
+        let result = match &task.operation {
+            Operation::LaunchVm(launch) => self.ensure_launched(launch, attempts).await,
+            Operation::DeleteVm(vm) => self.ensure_deleted(&vm.vm_name, attempts).await,
+            Operation::StopVm(vm) => self.ensure_stopped(&vm.vm_name, attempts).await,
+            Operation::PauseVm(vm) => self.ensure_paused(&vm.vm_name, attempts).await,
+            Operation::ResumeVm(vm) => self.ensure_resumed(&vm.vm_name, attempts).await,
+            Operation::SnapshotVm(snapshot) => self.ensure_snapshot(snapshot, attempts).await,
+            Operation::RunCommand(cmd) => self.run_command(cmd, attempts).await,
+        };
+        match result {
+            Ok(result) => Outcome::Completed(result),
+            Err(Failure::Arrakis(ArrakisError::NotFound { vm_name, .. })) => {
+                Outcome::Failed(format!("VM {vm_name:?} does not exist on server {server:?}"))
+            }
+            Err(Failure::Arrakis(e)) => Outcome::Failed(arrakis_message(&e)),
+            Err(Failure::Refused(message)) => Outcome::Failed(message),
+        }
+    }
+
+    async fn ensure_launched(&self, launch: &LaunchVm, attempts: &mut Attempts) -> Result<TaskResult, Failure> {
+        let name = launch.vm_name.as_str();
+        let config = &launch.vm_config;
+        let existing = self.lookup(name, attempts).await?;
+        if let Some(snapshot_id) = &config.snapshot_id {
+            if let Some(vm) = existing {
+                return Err(Failure::Refused(format!(
+                    "cannot restore snapshot {snapshot_id:?} onto {name:?}: the VM exists ({}); delete it first",
+                    vm.status.as_str()
+                )));
+            }
+            let vm = self.start(&StartVmRequest::restore(name, snapshot_id), false, attempts).await?;
+            return Ok(vm_result(&vm, Some(format!("restored from snapshot {snapshot_id}"))));
+        }
+        match existing {
+            Some(vm) if vm.status == VmStatus::Running => Ok(vm_result(&vm, Some("VM was already running".into()))),
+            // Arrakis boots a stopped VM and resumes a paused one when POSTed again.
+            Some(vm) => {
+                let note = format!("VM existed ({}); booted it", vm.status.as_str());
+                let vm = self.start(&StartVmRequest::new(name), true, attempts).await?;
+                Ok(vm_result(&vm, Some(note)))
+            }
+            None => {
+                let request = StartVmRequest {
+                    vm_name: name.to_owned(),
+                    kernel: Some(config.kernel.clone().unwrap_or_else(|| self.defaults.kernel.clone())),
+                    rootfs: Some(config.rootfs.clone().unwrap_or_else(|| self.defaults.rootfs.clone())),
+                    initramfs: Some(config.initramfs.clone().unwrap_or_else(|| self.defaults.initramfs.clone())),
+                    entry_point: config.entry_point.clone(),
+                    snapshot_id: None,
+                };
+                let vm = self.start(&request, false, attempts).await?;
+                Ok(vm_result(&vm, None))
+            }
+        }
+    }
+
+    /// POST /v1/vms with retries. A failed boot of a new VM can leave a registered zombie
+    /// (BEHAVIOR §2.3): before retrying, and before reporting the failure, it is deleted.
+    async fn start(&self, request: &StartVmRequest, existed: bool, attempts: &mut Attempts) -> Result<VmInfo, Failure> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let error = match self.arrakis.start_vm(request).await {
+                Ok(vm) => return Ok(vm),
+                Err(e) => e,
+            };
+            self.metrics.arrakis_error(&error);
+            if !existed {
+                if let Ok(zombie) = self.arrakis.get_vm(&request.vm_name).await {
+                    tracing::warn!(vm = %request.vm_name, status = zombie.status.as_str(), "removing the VM a failed start left behind");
+                    let _ = self.arrakis.delete_vm(&request.vm_name).await;
+                }
+            }
+            if !error.is_transient() || attempt > self.retry.retries {
+                return Err(Failure::Arrakis(error));
+            }
+            self.note_retry(attempts, attempt, &error).await;
+        }
+    }
+
+    async fn ensure_deleted(&self, name: &str, attempts: &mut Attempts) -> Result<TaskResult, Failure> {
+        let outcome = self.retrying(attempts, || self.arrakis.delete_vm(name)).await;
+        let note = match outcome {
+            Ok(()) => None,
+            Err(Failure::Arrakis(e)) if e.is_not_found() => Some("VM was already gone".to_owned()),
+            Err(e) => return Err(e),
+        };
+        Ok(TaskResult { vm_state: Some(VmState::Deleted), note, ..TaskResult::default() })
+    }
+
+    async fn ensure_stopped(&self, name: &str, attempts: &mut Attempts) -> Result<TaskResult, Failure> {
+        let vm = self.require(name, attempts).await?;
+        if vm.status == VmStatus::Stopped {
+            return Ok(state_result(VmState::Stopped, Some("VM was already stopped")));
+        }
+        self.retrying(attempts, || self.arrakis.stop_vm(name)).await?;
+        Ok(state_result(VmState::Stopped, None))
+    }
+
+    async fn ensure_paused(&self, name: &str, attempts: &mut Attempts) -> Result<TaskResult, Failure> {
+        let vm = self.require(name, attempts).await?;
+        match vm.status {
+            VmStatus::Paused => return Ok(state_result(VmState::Paused, Some("VM was already paused"))),
+            VmStatus::Stopped => {
+                return Err(Failure::Refused(format!("VM {name:?} is STOPPED; only a running VM can be paused")))
+            }
+            _ => {}
+        }
+        self.retrying(attempts, || self.arrakis.pause_vm(name)).await?;
+        Ok(state_result(VmState::Paused, None))
+    }
+
+    async fn ensure_resumed(&self, name: &str, attempts: &mut Attempts) -> Result<TaskResult, Failure> {
+        let vm = self.require(name, attempts).await?;
+        match vm.status {
+            VmStatus::Running => return Ok(state_result(VmState::Running, Some("VM was already running"))),
+            VmStatus::Stopped => {
+                return Err(Failure::Refused(format!(
+                    "VM {name:?} is STOPPED; resume_vm continues a paused VM, launch_vm boots a stopped one"
+                )))
+            }
+            _ => {}
+        }
+        self.retrying(attempts, || self.arrakis.resume_vm(name)).await?;
+        Ok(state_result(VmState::Running, None))
+    }
+
+    async fn ensure_snapshot(&self, snapshot: &SnapshotVm, attempts: &mut Attempts) -> Result<TaskResult, Failure> {
+        let name = snapshot.vm_name.as_str();
+        // The API assigns an id when the client gives none; a task without one is malformed.
+        let id = snapshot
+            .snapshot_id
+            .clone()
+            .ok_or_else(|| Failure::Refused("snapshot_vm task has no snapshotId".into()))?;
+        let vm = self.require(name, attempts).await?;
+        if vm.status != VmStatus::Running {
+            return Err(Failure::Refused(format!(
+                "VM {name:?} is {}; only a running VM can be snapshotted",
+                vm.status.as_str()
+            )));
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.arrakis.snapshot_vm(name, &id).await {
+                Ok(created) => {
+                    return Ok(TaskResult {
+                        snapshot_id: Some(created),
+                        vm_state: Some(VmState::Running),
+                        ..TaskResult::default()
+                    })
+                }
+                // An earlier attempt of this task may have created it before its answer was lost.
+                Err(ArrakisError::Api { message, .. }) if attempt > 1 && message.contains("already exists") => {
+                    return Ok(TaskResult {
+                        snapshot_id: Some(id),
+                        vm_state: Some(VmState::Running),
+                        note: Some("snapshot was created by an earlier attempt".into()),
+                        ..TaskResult::default()
+                    })
+                }
+                Err(e) => {
+                    self.metrics.arrakis_error(&e);
+                    if !e.is_transient() || attempt > self.retry.retries {
+                        return Err(Failure::Arrakis(e));
+                    }
+                    self.note_retry(attempts, attempt, &e).await;
+                }
+            }
+        }
+    }
+
+    async fn run_command(&self, cmd: &RunCommand, attempts: &mut Attempts) -> Result<TaskResult, Failure> {
+        let name = cmd.vm_name.as_str();
+        let vm = self.require(name, attempts).await?;
+        if vm.status != VmStatus::Running {
+            // Arrakis would hang for 30 s and then fail; say why now.
+            return Err(Failure::Refused(format!(
+                "VM {name:?} is {}; commands run only on a running VM",
+                vm.status.as_str()
+            )));
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.arrakis.run_command(name, &cmd.command, cmd.blocking).await {
+                Ok(out) => {
+                    return Ok(TaskResult {
+                        output: Some(out.output),
+                        error: out.error,
+                        exit_code: out.exit_code,
+                        vm_state: Some(VmState::Running),
+                        ..TaskResult::default()
+                    })
+                }
+                Err(e) => {
+                    self.metrics.arrakis_error(&e);
+                    if !command_safe_to_resend(&e) || attempt > self.retry.retries {
+                        return Err(Failure::Arrakis(e));
+                    }
+                    self.note_retry(attempts, attempt, &e).await;
+                }
+            }
+        }
+    }
+
+    /// The VM, or `None` when Arrakis does not know it.
+    async fn lookup(&self, name: &str, attempts: &mut Attempts) -> Result<Option<VmInfo>, Failure> {
+        match self.retrying(attempts, || self.arrakis.get_vm(name)).await {
+            Ok(vm) => Ok(Some(vm)),
+            Err(Failure::Arrakis(e)) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn require(&self, name: &str, attempts: &mut Attempts) -> Result<VmInfo, Failure> {
+        self.retrying(attempts, || self.arrakis.get_vm(name)).await
+    }
+
+    /// Calls `f` until it succeeds, fails for good, or runs out of retries.
+    async fn retrying<T, F, Fut>(&self, attempts: &mut Attempts, f: F) -> Result<T, Failure>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ArrakisError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    if !e.is_not_found() {
+                        self.metrics.arrakis_error(&e);
+                    }
+                    if !e.is_transient() || attempt > self.retry.retries {
+                        return Err(Failure::Arrakis(e));
+                    }
+                    self.note_retry(attempts, attempt, &e).await;
+                }
+            }
+        }
+    }
+
+    async fn note_retry(&self, attempts: &mut Attempts, attempt: u32, error: &ArrakisError) {
+        let delay = backoff(self.retry, attempt);
+        tracing::warn!(attempt, delay_ms = delay.as_millis() as u64, error = %error, "transient Arrakis failure; retrying");
+        attempts.notes.push(RetryNote { at: now(), attempt, error: error.to_string() });
+        tokio::time::sleep(delay).await;
+    }
+}
+
+#[derive(Debug)]
+enum Failure {
+    Arrakis(ArrakisError),
+    Refused(String),
+}
+
+impl From<ArrakisError> for Failure {
+    fn from(e: ArrakisError) -> Self {
+        Self::Arrakis(e)
+    }
+}
+
+/// A command may be sent again only when it cannot have reached the guest: the connection
+/// failed, or Arrakis answered with an error that is neither a timeout nor a guest refusal.
+fn command_safe_to_resend(e: &ArrakisError) -> bool {
+    match e {
+        ArrakisError::Connect { .. } => true,
+        ArrakisError::Api { message, .. } => {
+            e.is_transient() && !message.contains("Timeout") && !message.contains("timeout")
+        }
+        ArrakisError::Protocol { status, .. } => matches!(status, 502 | 503),
+        _ => false,
+    }
+}
+
+/// Full-jitter exponential backoff: uniform in [0, min(cap, base·2^(attempt−1))].
+pub fn backoff(policy: RetryPolicy, attempt: u32) -> Duration {
+    let exp = policy.base.saturating_mul(1u32 << (attempt.saturating_sub(1)).min(16));
+    let ceiling = exp.min(policy.cap);
+    let jitter = uuid::Uuid::new_v4().as_u128() as u64 % (ceiling.as_millis() as u64 + 1);
+    Duration::from_millis(jitter.max(ceiling.as_millis() as u64 / 4))
+}
+
+fn arrakis_message(e: &ArrakisError) -> String {
+    match e {
+        ArrakisError::Api { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn vm_result(vm: &VmInfo, note: Option<String>) -> TaskResult {
+    TaskResult {
+        vm_state: VmState::from_arrakis(vm.status.as_str()),
+        ip: Some(vm.ip_address().to_owned()).filter(|ip| !ip.is_empty()),
+        tap_device_name: Some(vm.tap_device_name.clone()).filter(|t| !t.is_empty()),
+        port_forwards: Some(
+            vm.port_forwards
+                .iter()
+                .filter_map(|p| {
+                    Some(PortForward {
+                        host_port: p.host_port_number()?,
+                        guest_port: p.guest_port_number()?,
+                        description: p.description.clone(),
+                    })
+                })
+                .collect(),
+        ),
+        note,
+        ..TaskResult::default()
+    }
+}
+
+fn state_result(state: VmState, note: Option<&str>) -> TaskResult {
+    TaskResult { vm_state: Some(state), note: note.map(str::to_owned), ..TaskResult::default() }
+}
+
+pub fn now() -> Timestamp {
+    let ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    Timestamp(ms)
+}

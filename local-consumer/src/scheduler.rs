@@ -1,0 +1,190 @@
+//! Which buffered task to start next: oldest first, one at a time per VM, VMs in parallel.
+//!
+//! Pure bookkeeping over the latest listing, with no I/O, so the ordering rules are tested
+//! directly. Per-VM order has two guards: a VM runs only its oldest listed task, and a task
+//! whose `previousTaskId` this daemon has not seen finish is checked with the API before it is
+//! claimed (see `daemon`), which covers a predecessor still in the queue.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use tokio::time::Instant;
+use uuid::Uuid;
+use vm_task_types::wire::BufferedTask;
+
+/// Finished ids remembered, so a stale listing does not start a task twice.
+const FINISHED_MEMORY: usize = 20_000;
+
+#[derive(Debug, Default)]
+pub struct Scheduler {
+    /// Listed and not yet started, by id (v7 ids sort by creation time).
+    waiting: BTreeMap<Uuid, BufferedTask>,
+    running: HashMap<Uuid, String>,
+    running_vms: HashSet<String>,
+    not_before: HashMap<Uuid, Instant>,
+    finished: HashSet<Uuid>,
+    finished_order: VecDeque<Uuid>,
+}
+
+impl Scheduler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes a complete listing as the new view of what is buffered.
+    pub fn offer(&mut self, listed: Vec<BufferedTask>) {
+        let listed_ids: HashSet<Uuid> = listed.iter().map(|t| t.task_id).collect();
+        self.waiting.retain(|id, _| listed_ids.contains(id));
+        self.not_before.retain(|id, _| listed_ids.contains(id) || self.running.contains_key(id));
+        for task in listed {
+            if !self.running.contains_key(&task.task_id) && !self.finished.contains(&task.task_id) {
+                self.waiting.insert(task.task_id, task);
+            }
+        }
+    }
+
+    /// Adds tasks from a partial listing without dropping others.
+    pub fn add(&mut self, listed: Vec<BufferedTask>) {
+        for task in listed {
+            if !self.running.contains_key(&task.task_id) && !self.finished.contains(&task.task_id) {
+                self.waiting.insert(task.task_id, task);
+            }
+        }
+    }
+
+    /// The next task to start, if one may start now; it moves to running.
+    pub fn next(&mut self, now: Instant) -> Option<BufferedTask> {
+        let mut seen_vms = HashSet::new();
+        let mut pick = None;
+        for (id, task) in &self.waiting {
+            // Only a VM's oldest waiting task is a candidate.
+            if !seen_vms.insert(task.vm_name.as_str()) || self.running_vms.contains(&task.vm_name) {
+                continue;
+            }
+            if self.not_before.get(id).is_some_and(|t| *t > now) {
+                continue;
+            }
+            pick = Some(*id);
+            break;
+        }
+        let task = self.waiting.remove(&pick?)?;
+        self.running.insert(task.task_id, task.vm_name.clone());
+        self.running_vms.insert(task.vm_name.clone());
+        Some(task)
+    }
+
+    /// The task finished here (or was found terminal): never start it again.
+    pub fn finish(&mut self, id: Uuid) {
+        self.release_vm(id);
+        self.not_before.remove(&id);
+        if self.finished.insert(id) {
+            self.finished_order.push_back(id);
+            if self.finished_order.len() > FINISHED_MEMORY {
+                if let Some(old) = self.finished_order.pop_front() {
+                    self.finished.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// The task could not start yet; try again at `at` if it is still listed.
+    pub fn defer(&mut self, task: BufferedTask, at: Instant) {
+        self.release_vm(task.task_id);
+        self.not_before.insert(task.task_id, at);
+        self.waiting.insert(task.task_id, task);
+    }
+
+    pub fn has_finished(&self, id: Uuid) -> bool {
+        self.finished.contains(&id)
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// When a deferred task becomes startable, if any waits on time alone.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        self.waiting.keys().filter_map(|id| self.not_before.get(id)).min().copied()
+    }
+
+    fn release_vm(&mut self, id: Uuid) {
+        if let Some(vm) = self.running.remove(&id) {
+            self.running_vms.remove(&vm);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use vm_task_types::{OperationKind, Timestamp};
+
+    use super::*;
+
+    fn task(ms: u64, vm: &str) -> BufferedTask {
+        let id = uuid::Builder::from_unix_timestamp_millis(ms, &[0; 10]).into_uuid();
+        BufferedTask {
+            task_id: id,
+            kind: OperationKind::RunCommand,
+            vm_name: vm.into(),
+            target_server: "production".into(),
+            previous_task_id: None,
+            created_at: Timestamp(ms),
+            buffered_at: Timestamp(ms),
+        }
+    }
+
+    #[test]
+    fn one_task_per_vm_at_a_time_in_creation_order_and_vms_in_parallel() {
+        let now = Instant::now();
+        let mut s = Scheduler::new();
+        let (a1, a2, b1) = (task(1, "a"), task(2, "a"), task(3, "b"));
+        s.offer(vec![a2.clone(), b1.clone(), a1.clone()]);
+        assert_eq!(s.next(now).unwrap().task_id, a1.task_id);
+        assert_eq!(s.next(now).unwrap().task_id, b1.task_id, "b runs beside a");
+        assert!(s.next(now).is_none(), "a2 waits for a1");
+        s.finish(a1.task_id);
+        assert_eq!(s.next(now).unwrap().task_id, a2.task_id);
+    }
+
+    #[test]
+    fn finished_tasks_in_a_stale_listing_do_not_run_again() {
+        let now = Instant::now();
+        let mut s = Scheduler::new();
+        let a1 = task(1, "a");
+        s.offer(vec![a1.clone()]);
+        let started = s.next(now).unwrap();
+        s.offer(vec![a1.clone()]);
+        assert!(s.next(now).is_none(), "running, not started twice");
+        s.finish(started.task_id);
+        s.offer(vec![a1]);
+        assert!(s.next(now).is_none());
+        assert_eq!(s.waiting(), 0);
+    }
+
+    #[test]
+    fn deferred_tasks_hold_their_vm_until_due() {
+        let now = Instant::now();
+        let mut s = Scheduler::new();
+        let (a1, a2) = (task(1, "a"), task(2, "a"));
+        s.offer(vec![a1.clone(), a2]);
+        let t = s.next(now).unwrap();
+        s.defer(t, now + Duration::from_secs(5));
+        assert!(s.next(now).is_none(), "a2 may not overtake the deferred a1");
+        assert_eq!(s.next_wakeup(), Some(now + Duration::from_secs(5)));
+        assert_eq!(s.next(now + Duration::from_secs(5)).unwrap().task_id, a1.task_id);
+    }
+
+    #[test]
+    fn tasks_gone_from_the_listing_are_dropped() {
+        let mut s = Scheduler::new();
+        s.offer(vec![task(1, "a"), task(2, "b")]);
+        s.offer(vec![task(2, "b")]);
+        assert_eq!(s.waiting(), 1);
+        assert_eq!(s.next(Instant::now()).unwrap().vm_name, "b");
+    }
+}
