@@ -203,7 +203,7 @@ fn build(root: &Path) -> Result<()> {
 
 fn lint() -> Result<()> {
     run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
-    run(Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--exclude", "api-worker", "--exclude", "consumer-worker", "--", "-D", "warnings"]))?;
     run(Command::new("cargo").args([
         "clippy",
         "--target",
@@ -221,7 +221,7 @@ fn lint() -> Result<()> {
 fn test(root: &Path) -> Result<()> {
     build(root)?;
     lint()?;
-    run(Command::new("cargo").args(["test", "--workspace"]))?;
+    run(Command::new("cargo").args(["test", "--workspace", "--exclude", "api-worker", "--exclude", "consumer-worker"]))?;
     e2e()?;
     for config in ["wrangler-api.toml", "wrangler-consumer.toml"] {
         run(Command::new("npx").args(["wrangler", "deploy", "--dry-run", "-c", config, "--outdir", "target/dry-run"]))?;
