@@ -13,6 +13,7 @@ use tokio::{
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 use vm_task_types::{
     wire::{BufferedTask, ReadyTasksResponse, UpdateStatusRequest},
@@ -157,11 +158,16 @@ async fn main_loop(shared: &Arc<Shared>, notifier: &Notifier) {
                 break;
             };
             let (shared, done) = (shared.clone(), done_tx.clone());
-            jobs.spawn(async move {
-                let end = job(&shared, task).await;
-                drop(permit);
-                let _ = done.send(end);
-            });
+            // Every log line about the task, the executor's included, carries these fields.
+            let span = tracing::info_span!("task", id = %task.task_id, vm = %task.vm_name, op = %task.kind);
+            jobs.spawn(
+                async move {
+                    let end = job(&shared, task).await;
+                    drop(permit);
+                    let _ = done.send(end);
+                }
+                .instrument(span),
+            );
         }
 
         if poll.is_none() {
@@ -247,20 +253,17 @@ fn backoff_delay(config: &Config, failures: u32) -> Duration {
 /// One task: check its predecessor, claim it, run it with a heartbeat, report the outcome.
 async fn job(shared: &Shared, task: BufferedTask) -> JobEnd {
     let config = &shared.config;
-    let span = tracing::info_span!("task", id = %task.task_id, vm = %task.vm_name, op = %task.kind);
-    let _enter = span.enter();
-    drop(_enter);
     let id = task.task_id;
 
     if let Some(previous) = task.previous_task_id {
         match previous_finished(shared, previous).await {
             Ok(true) => {}
             Ok(false) => {
-                tracing::debug!(parent: &span, %previous, "waiting for the VM's previous task");
+                tracing::debug!(%previous, "waiting for the VM's previous task");
                 return JobEnd::Deferred(task, Instant::now() + Duration::from_millis(500));
             }
             Err(e) => {
-                tracing::warn!(parent: &span, error = %e, "cannot check the previous task; will retry");
+                tracing::warn!(error = %e, "cannot check the previous task; will retry");
                 return JobEnd::Deferred(task, Instant::now() + Duration::from_secs(2));
             }
         }
@@ -272,17 +275,17 @@ async fn job(shared: &Shared, task: BufferedTask) -> JobEnd {
     let claim = match shared.edge.claim(id, config.lease).await {
         Ok(ClaimOutcome::Claimed(claim)) => claim,
         Ok(ClaimOutcome::Finished(status)) => {
-            tracing::info!(parent: &span, %status, "task is already terminal; skipping");
+            tracing::info!(%status, "task is already terminal; skipping");
             return JobEnd::Finished(id);
         }
         Ok(ClaimOutcome::Held(until)) => {
             let wait = Duration::from_millis(until.millis_since(now()) + 250);
-            tracing::info!(parent: &span, until = %until, "task is held by another claim; retrying when its lease ends");
+            tracing::info!(until = %until, "task is held by another claim; retrying when its lease ends");
             return JobEnd::Deferred(task, Instant::now() + wait);
         }
         Err(e) => {
             shared.metrics.edge_error("claim");
-            tracing::warn!(parent: &span, error = %e, "claim failed; will retry");
+            tracing::warn!(error = %e, "claim failed; will retry");
             let delay = if e.is_transient() { Duration::from_secs(2) } else { Duration::from_secs(30) };
             return JobEnd::Deferred(task, Instant::now() + delay);
         }
@@ -292,24 +295,19 @@ async fn job(shared: &Shared, task: BufferedTask) -> JobEnd {
     if shared.shutdown.is_cancelled() {
         // Claimed but not started: give it back rather than hold it through the shutdown.
         match shared.edge.release(id, claim.claim_id, "daemon shutting down before starting the task").await {
-            Ok(_) => tracing::info!(parent: &span, "released unstarted claim"),
-            Err(e) => tracing::warn!(parent: &span, error = %e, "could not release claim; its lease will expire"),
+            Ok(_) => tracing::info!("released unstarted claim"),
+            Err(e) => tracing::warn!(error = %e, "could not release claim; its lease will expire"),
         }
         return JobEnd::Deferred(task, Instant::now());
     }
 
-    tracing::info!(parent: &span, attempt = claim.task.attempts, "claimed; executing");
+    tracing::info!(attempt = claim.task.attempts, "claimed; executing");
     shared.metrics.in_flight_add(1);
     let started = std::time::Instant::now();
     let heartbeat_stop = CancellationToken::new();
-    let heartbeat = tokio::spawn(heartbeat(
-        shared.edge.clone(),
-        id,
-        claim.claim_id,
-        config.lease,
-        heartbeat_stop.clone(),
-        span.clone(),
-    ));
+    let heartbeat = tokio::spawn(
+        heartbeat(shared.edge.clone(), id, claim.claim_id, config.lease, heartbeat_stop.clone()).in_current_span(),
+    );
     let mut attempts = Attempts::default();
     let outcome = shared.executor.execute(&claim.task, &mut attempts).await;
     heartbeat_stop.cancel();
@@ -340,12 +338,12 @@ async fn job(shared: &Shared, task: BufferedTask) -> JobEnd {
         ),
     };
     if let Some(error) = &update.error {
-        tracing::warn!(parent: &span, %error, "task failed");
+        tracing::warn!(%error, "task failed");
     }
-    report(shared, id, &update, &span).await;
+    report(shared, id, &update).await;
     shared.metrics.in_flight_add(-1);
     shared.metrics.finished(operation, status == TaskStatus::Completed, started.elapsed());
-    tracing::info!(parent: &span, %status, took_ms = started.elapsed().as_millis() as u64, "reported");
+    tracing::info!(%status, took_ms = started.elapsed().as_millis() as u64, "reported");
     JobEnd::Finished(id)
 }
 
@@ -358,14 +356,7 @@ async fn previous_finished(shared: &Shared, previous: Uuid) -> Result<bool, Edge
 }
 
 /// Renews the lease every third of its length until stopped.
-async fn heartbeat(
-    edge: EdgeClient,
-    id: Uuid,
-    claim_id: Uuid,
-    lease: Duration,
-    stop: CancellationToken,
-    span: tracing::Span,
-) {
+async fn heartbeat(edge: EdgeClient, id: Uuid, claim_id: Uuid, lease: Duration, stop: CancellationToken) {
     let every = lease / 3;
     loop {
         tokio::select! {
@@ -373,18 +364,18 @@ async fn heartbeat(
             _ = tokio::time::sleep(every) => {}
         }
         match edge.heartbeat(id, claim_id, lease).await {
-            Ok(_) => tracing::debug!(parent: &span, "lease renewed"),
+            Ok(_) => tracing::debug!("lease renewed"),
             Err(EdgeError::Refused { status, body }) => {
-                tracing::warn!(parent: &span, status, error = %body.error, "lease lost; the task may be retried elsewhere");
+                tracing::warn!(status, error = %body.error, "lease lost; the task may be retried elsewhere");
                 return;
             }
-            Err(e) => tracing::warn!(parent: &span, error = %e, "lease renewal failed; retrying"),
+            Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying"),
         }
     }
 }
 
 /// Reports the outcome, retrying transient failures for up to one lease.
-async fn report(shared: &Shared, id: Uuid, update: &UpdateStatusRequest, span: &tracing::Span) {
+async fn report(shared: &Shared, id: Uuid, update: &UpdateStatusRequest) {
     let deadline = Instant::now() + shared.config.lease;
     let mut attempt = 0;
     loop {
@@ -392,20 +383,20 @@ async fn report(shared: &Shared, id: Uuid, update: &UpdateStatusRequest, span: &
         match shared.edge.report(id, update).await {
             Ok(_) => return,
             Err(EdgeError::Refused { status, body }) => {
-                tracing::error!(parent: span, status, error = %body.error, "report refused; the task's claim was lost");
+                tracing::error!(status, error = %body.error, "report refused; the task's claim was lost");
                 return;
             }
             Err(e) => {
                 shared.metrics.edge_error("report");
                 if Instant::now() >= deadline {
-                    tracing::error!(parent: span, error = %e, "giving up reporting; the lease will expire and the task will be retried");
+                    tracing::error!(error = %e, "giving up reporting; the lease will expire and the task will be retried");
                     return;
                 }
                 let delay = backoff(
                     RetryPolicy { retries: 0, base: Duration::from_millis(200), cap: Duration::from_secs(5) },
                     attempt,
                 );
-                tracing::warn!(parent: span, error = %e, "report failed; retrying");
+                tracing::warn!(error = %e, "report failed; retrying");
                 tokio::time::sleep(delay).await;
             }
         }
