@@ -41,6 +41,8 @@ fn config(env: &Env) -> ConsumerConfig {
         max_wait_secs: number(env, "MAX_WAIT_SECONDS", defaults.max_wait_secs),
         max_queued_secs: number(env, "MAX_QUEUED_SECONDS", defaults.max_queued_secs),
         started_at: Timestamp(STARTED_AT.load(Relaxed)),
+        retry_delay_secs: number(env, "QUEUE_RETRY_DELAY_SECONDS", defaults.retry_delay_secs as u64) as u32,
+        fault_fail_buffering_vm: Some(setting(env, "FAULT_FAIL_BUFFERING_VM")).filter(|v| !v.is_empty()),
     }
 }
 

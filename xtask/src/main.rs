@@ -108,25 +108,21 @@ fn setup(root: &Path) -> Result<()> {
         run(Command::new("cargo").args(["install", "worker-build", "--version", WORKER_BUILD_VERSION, "--locked"]))?;
     }
 
-    let installed = fs::read(root.join("node_modules/.package-lock.json")).ok();
+    // npm ci wipes node_modules: run it only when package-lock.json changed since the last one,
+    // so that running stacks (which load wrangler from node_modules) are not disturbed.
     let wanted = fs::read(root.join("package-lock.json")).context("package-lock.json is missing")?;
-    if !installed.is_some_and(|i| same_packages(&i, &wanted)) {
+    let stamp_path = root.join("node_modules/.installed-lock-hash");
+    let stamp = format!("{:016x}", fnv1a(&wanted));
+    if fs::read_to_string(&stamp_path).ok().as_deref() != Some(stamp.as_str()) || !root.join("node_modules/.bin/wrangler").exists() {
         run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]))?;
+        fs::write(&stamp_path, &stamp)?;
     }
     Ok(())
 }
 
-/// npm writes node_modules/.package-lock.json without the root entry; compare package lists.
-fn same_packages(installed: &[u8], wanted: &[u8]) -> bool {
-    let strip = |text: &[u8]| -> Vec<String> {
-        String::from_utf8_lossy(text)
-            .lines()
-            .filter(|l| l.trim_start().starts_with("\"node_modules/") || l.contains("\"version\""))
-            .map(|l| l.trim().to_owned())
-            .collect()
-    };
-    let (a, b) = (strip(installed), strip(wanted));
-    !a.is_empty() && b.iter().filter(|l| l.starts_with("\"node_modules/")).all(|l| a.contains(l))
+/// FNV-1a: a stable fingerprint for change detection (not for security).
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 fn locked_version(root: &Path, package: &str) -> Result<String> {
@@ -203,7 +199,18 @@ fn build(root: &Path) -> Result<()> {
 
 fn lint() -> Result<()> {
     run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
-    run(Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--exclude", "api-worker", "--exclude", "consumer-worker", "--", "-D", "warnings"]))?;
+    run(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--exclude",
+        "api-worker",
+        "--exclude",
+        "consumer-worker",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     run(Command::new("cargo").args([
         "clippy",
         "--target",
@@ -221,7 +228,14 @@ fn lint() -> Result<()> {
 fn test(root: &Path) -> Result<()> {
     build(root)?;
     lint()?;
-    run(Command::new("cargo").args(["test", "--workspace", "--exclude", "api-worker", "--exclude", "consumer-worker"]))?;
+    run(Command::new("cargo").args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "api-worker",
+        "--exclude",
+        "consumer-worker",
+    ]))?;
     e2e()?;
     for config in ["wrangler-api.toml", "wrangler-consumer.toml"] {
         run(Command::new("npx").args(["wrangler", "deploy", "--dry-run", "-c", config, "--outdir", "target/dry-run"]))?;

@@ -48,6 +48,14 @@ pub struct ConsumerConfig {
     pub max_queued_secs: u64,
     /// When this isolate started, for `/stats`.
     pub started_at: Timestamp,
+    /// `QUEUE_RETRY_DELAY_SECONDS`: delay before a message that could not be buffered is
+    /// delivered again. workers-rs does not expose the delivery count, so the delay is flat;
+    /// the queue's `max_retries` bounds the attempts.
+    pub retry_delay_secs: u32,
+    /// `FAULT_FAIL_BUFFERING_VM`: fault injection for tests; buffering any task of this VM
+    /// fails, so its messages exhaust their retries and reach the dead letter queue. Unset in
+    /// every shipped config.
+    pub fault_fail_buffering_vm: Option<String>,
 }
 
 impl Default for ConsumerConfig {
@@ -62,6 +70,8 @@ impl Default for ConsumerConfig {
             max_wait_secs: 30,
             max_queued_secs: 7 * 86_400,
             started_at: Timestamp(0),
+            retry_delay_secs: 5,
+            fault_fail_buffering_vm: None,
         }
     }
 }
@@ -98,9 +108,6 @@ pub struct ConsumerService<'a, S, B, C, I> {
 const WORKER: &str = "consumer-worker";
 /// Listing pages the sweep and stats read per run; beyond this they pick up next time.
 const MAX_SCAN_PAGES: usize = 20;
-/// Delay before a message that could not be buffered is delivered again. workers-rs does not
-/// expose the delivery count, so the delay is flat; the queue's `max_retries` bounds it.
-const RETRY_DELAY_SECS: u32 = 5;
 
 impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
     pub async fn handle(&self, request: Request) -> Response {
@@ -149,7 +156,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         let mut blocked_vms = BTreeSet::new();
         let mut by_server: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, body) in bodies.iter().enumerate() {
-            let retry = Delivery::Retry { delay_secs: RETRY_DELAY_SECS };
+            let retry = Delivery::Retry { delay_secs: self.config.retry_delay_secs };
             let Ok(message) = serde_json::from_value::<QueueMessage>(body.clone()) else {
                 // Unreadable forever: retrying would only dead-letter it. Acked and counted.
                 continue;
@@ -171,7 +178,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             let bell = self.ids.random_uuid().simple().to_string();
             if self.buffer.ring(&server, &bell[..12]).await.is_err() {
                 for i in indices {
-                    decisions[i] = Delivery::Retry { delay_secs: RETRY_DELAY_SECS };
+                    decisions[i] = Delivery::Retry { delay_secs: self.config.retry_delay_secs };
                 }
             }
         }
@@ -180,6 +187,9 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
 
     /// Writes the buffer entry; `Ok(false)` when the task is already terminal and needs none.
     async fn buffer_one(&self, message: &QueueMessage, now: Timestamp) -> Result<bool, AppError> {
+        if self.config.fault_fail_buffering_vm.as_deref() == Some(message.vm_name.as_str()) {
+            return Err(AppError::Unavailable(format!("injected buffering fault for VM {}", message.vm_name)));
+        }
         // A task cancelled while queued is never buffered. A task whose record is not visible
         // yet (KV is eventually consistent) is buffered anyway: losing it would be worse.
         if let Some(task) = self.tasks.load(message.task_id).await? {

@@ -135,6 +135,10 @@ impl ManualClock {
     pub fn advance_ms(&self, ms: u64) {
         self.now.fetch_add(ms, SeqCst);
     }
+
+    pub fn now_ms(&self) -> u64 {
+        self.now.load(SeqCst)
+    }
 }
 
 impl Clock for ManualClock {

@@ -1,0 +1,209 @@
+//! The guarantees, natively: leases, releases, attempts, cancellation, idempotency, waiting,
+//! and what happens to queue messages that cannot be buffered.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use vm_task_edge::{consumer::Delivery, http::Request};
+use vm_task_types::TaskStatus;
+
+fn sweep(edge: &Edge) -> Value {
+    let r = edge.consumer_call(Request::new("POST", "/admin/sweep").bearer(CONSUMER));
+    assert_eq!(r.status, 200, "{}", body_text(&r));
+    r.json_body().unwrap()
+}
+
+#[test]
+fn an_expired_lease_returns_the_task_and_the_last_one_fails_it() {
+    let edge = Edge::new();
+    let id = edge.submit(launch("vm-1", "production"));
+    edge.deliver();
+    for attempt in 1..=3 {
+        let claim = edge.claim(id, Some(5));
+        assert_eq!(claim.status, 200, "attempt {attempt}: {}", body_text(&claim));
+        // Still held: nobody else may claim it.
+        assert_eq!(edge.claim(id, Some(5)).status, 409);
+        edge.clock.advance_ms(6_000);
+        let report = sweep(&edge);
+        if attempt < 3 {
+            assert_eq!(report["returnedToReady"], 1, "{report}");
+            assert_eq!(edge.status(id)["status"], "pending");
+            assert_eq!(edge.status(id)["attempts"], attempt);
+        } else {
+            assert_eq!(report["failed"], 1, "{report}");
+        }
+    }
+    let status = edge.status(id);
+    assert_eq!(status["status"], "failed");
+    assert!(status["error"].as_str().unwrap().contains("gave up after 3 attempts"), "{status}");
+    assert!(edge.ready("production").tasks.is_empty(), "the failed task left the buffer");
+}
+
+#[test]
+fn a_claim_after_the_lease_ended_takes_over_without_waiting_for_the_sweep() {
+    let edge = Edge::new();
+    let id = edge.submit(launch("vm-1", "production"));
+    edge.deliver();
+    let first = edge.claimed(id);
+    edge.clock.advance_ms(181_000);
+    let second = edge.claimed(id);
+    assert_ne!(first.claim_id, second.claim_id);
+    assert_eq!(second.task.attempts, 2);
+    // The old holder's report is refused.
+    assert_eq!(edge.report(id, first.claim_id, json!({"status": "completed"})).status, 409);
+    assert_eq!(edge.report(id, second.claim_id, json!({"status": "completed"})).status, 200);
+}
+
+#[test]
+fn heartbeats_extend_the_lease_and_releases_do_not_count_as_attempts() {
+    let edge = Edge::new();
+    let id = edge.submit(launch("vm-1", "production"));
+    edge.deliver();
+    let claim = edge.claimed(id);
+    edge.clock.advance_ms(170_000);
+    let beat = edge.consumer_call(
+        Request::new("POST", &format!("/tasks/{id}/heartbeat"))
+            .bearer(CONSUMER)
+            .json_body(&json!({"claimId": claim.claim_id})),
+    );
+    assert_eq!(beat.status, 200, "{}", body_text(&beat));
+    edge.clock.advance_ms(20_000);
+    assert_eq!(sweep(&edge)["returnedToReady"], 0, "renewed lease still holds");
+
+    let release = edge.consumer_call(
+        Request::new("POST", &format!("/tasks/{id}/release"))
+            .bearer(CONSUMER)
+            .json_body(&json!({"claimId": claim.claim_id, "reason": "shutting down"})),
+    );
+    assert_eq!(release.status, 200, "{}", body_text(&release));
+    let status = edge.status(id);
+    assert_eq!((status["status"].as_str(), status["attempts"].as_u64()), (Some("pending"), Some(0)));
+    assert_eq!(edge.claimed(id).task.attempts, 1);
+}
+
+#[test]
+fn a_cancelled_task_is_never_handed_out() {
+    let edge = Edge::new();
+    let id = edge.submit(launch("vm-1", "production"));
+    edge.deliver();
+    let r = edge.api_call(Request::new("DELETE", &format!("/vm/tasks/{id}")).bearer(CLIENT));
+    assert_eq!(r.status, 200);
+    assert_eq!(edge.status(id)["status"], "cancelled");
+    let claim = edge.claim(id, None);
+    assert_eq!(claim.status, 409);
+    assert_eq!(claim.json_body::<Value>().unwrap()["currentStatus"], "cancelled");
+    // Cancelling again is harmless; a started task cannot be cancelled.
+    assert_eq!(edge.api_call(Request::new("DELETE", &format!("/vm/tasks/{id}")).bearer(CLIENT)).status, 200);
+    let other = edge.submit(launch("vm-2", "production"));
+    edge.deliver();
+    edge.claimed(other);
+    let r = edge.api_call(Request::new("DELETE", &format!("/vm/tasks/{other}")).bearer(CLIENT));
+    assert_eq!(r.status, 409);
+    assert_eq!(r.json_body::<Value>().unwrap()["currentStatus"], "processing");
+}
+
+#[test]
+fn a_task_cancelled_while_queued_is_not_buffered() {
+    let edge = Edge::new();
+    let id = edge.submit(launch("vm-1", "production"));
+    edge.api_call(Request::new("DELETE", &format!("/vm/tasks/{id}")).bearer(CLIENT));
+    assert_eq!(edge.deliver(), vec![Delivery::Ack]);
+    assert!(edge.ready("production").tasks.is_empty());
+}
+
+#[test]
+fn an_idempotency_key_replays_and_a_reused_key_with_another_body_is_refused() {
+    let edge = Edge::new();
+    let post = |body: &Value, key: &str| {
+        edge.api_call(Request::new("POST", "/vm/tasks").bearer(CLIENT).header("idempotency-key", key).json_body(body))
+    };
+    let body = launch("vm-1", "production");
+    let first = post(&body, "k-1");
+    let again = post(&body, "k-1");
+    assert_eq!((first.status, again.status), (202, 200));
+    assert_eq!(first.json_body::<Value>().unwrap()["taskId"], again.json_body::<Value>().unwrap()["taskId"]);
+    assert_eq!(edge.queue.drain().len(), 1, "one task queued");
+    let other = post(&launch("vm-1", "staging"), "k-1");
+    assert_eq!(other.status, 422);
+    assert_eq!(other.json_body::<Value>().unwrap()["code"], "idempotency_key_reused");
+    assert_eq!(post(&body, "bad key").status, 400);
+}
+
+#[test]
+fn waiting_answers_at_the_limit_with_the_current_state() {
+    let edge = Edge::new();
+    let id = edge.submit(launch("vm-1", "production"));
+    let before = edge.clock.now_ms();
+    let r = edge.api_call(Request::new("GET", &format!("/vm/tasks/{id}?wait=5")).bearer(CLIENT));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json_body::<Value>().unwrap()["task"]["status"], "pending");
+    assert!(edge.clock.now_ms() - before >= 5_000, "waited the full 5 s of (manual) time");
+    let r = edge.api_call(Request::new("GET", &format!("/vm/tasks/{id}/status?wait=61")).bearer(CLIENT));
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn a_buffering_failure_retries_its_message_and_every_later_one_of_the_same_vm() {
+    let mut edge = Edge::new();
+    edge.consumer_config.fault_fail_buffering_vm = Some("vm-a".into());
+    edge.submit(launch("vm-a", "production"));
+    edge.submit(launch("vm-c", "production"));
+    edge.submit(json!({"type": "stop_vm", "payload": {"vmName": "vm-a", "targetServer": "production"}}));
+    let decisions = edge.deliver();
+    assert_eq!(decisions, [Delivery::Retry { delay_secs: 5 }, Delivery::Ack, Delivery::Retry { delay_secs: 5 }]);
+    let ready: Vec<String> = edge.ready("production").tasks.iter().map(|t| t.vm_name.clone()).collect();
+    assert_eq!(ready, ["vm-c"]);
+}
+
+#[test]
+fn dead_lettered_tasks_fail_with_the_reason() {
+    let edge = Edge::new();
+    let id = edge.submit(launch("vm-1", "production"));
+    let bodies: Vec<Value> = edge.queue.drain().iter().map(|m| serde_json::to_value(m).unwrap()).collect();
+    let decisions = futures::executor::block_on(edge.consumer().dead_letter_batch(&bodies));
+    assert_eq!(decisions, [Delivery::Ack]);
+    let status = edge.status(id);
+    assert_eq!(status["status"], "failed");
+    assert!(status["error"].as_str().unwrap().contains("dead-lettered"), "{status}");
+    let timeline = edge.detail(id)["timeline"].clone();
+    assert_eq!(timeline.as_array().unwrap().last().unwrap()["event"], "dead_lettered");
+}
+
+#[test]
+fn a_task_no_daemon_claims_fails_after_the_queueing_limit() {
+    let mut edge = Edge::new();
+    edge.consumer_config.max_queued_secs = 60;
+    let id = edge.submit(launch("vm-1", "nobody-serves-this"));
+    edge.deliver();
+    edge.clock.advance_ms(61_000);
+    assert_eq!(sweep(&edge)["failed"], 1);
+    let status = edge.status(id);
+    assert_eq!(status["status"], "failed");
+    assert!(status["error"].as_str().unwrap().contains("no daemon serving \"nobody-serves-this\""), "{status}");
+}
+
+#[test]
+fn status_reports_must_come_from_the_claim_holder_and_follow_the_machine() {
+    let edge = Edge::new();
+    let id = edge.submit(launch("vm-1", "production"));
+    edge.deliver();
+    let claim = edge.claimed(id);
+    let anonymous = edge.api_call(
+        Request::new("PUT", &format!("/vm/tasks/{id}/status"))
+            .json_body(&json!({"status": "completed", "claimId": claim.claim_id})),
+    );
+    assert_eq!(anonymous.status, 401);
+    let with_client_token = edge.api_call(
+        Request::new("PUT", &format!("/vm/tasks/{id}/status"))
+            .bearer(CLIENT)
+            .json_body(&json!({"status": "completed", "claimId": claim.claim_id})),
+    );
+    assert_eq!(with_client_token.status, 401);
+    assert_eq!(edge.report(id, claim.claim_id, json!({"status": "pending"})).status, 409);
+    assert_eq!(edge.report(id, claim.claim_id, json!({"status": "failed", "error": "boom"})).status, 200);
+    let late = edge.report(id, claim.claim_id, json!({"status": "completed"}));
+    assert_eq!(late.status, 409);
+    assert_eq!(late.json_body::<Value>().unwrap()["currentStatus"], "failed");
+    assert_eq!(edge.status(id)["error"], "boom");
+}
