@@ -31,6 +31,7 @@ cargo xtask <command>
   lint               cargo fmt --check and clippy -D warnings (native and wasm32)
   e2e                end-to-end tests only (builds first)
   bench              benchmarks on the local stack; prints a table (not part of `test`)
+  diagrams           render diagrams/*.dot to SVG (needs Graphviz: apt-get install graphviz)
 ";
 
 fn main() -> Result<()> {
@@ -58,6 +59,7 @@ fn main() -> Result<()> {
             build(&root)?;
             run_stack(&["bench"], &args[1..])
         }
+        Some("diagrams") => diagrams(&root),
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");
             Ok(())
@@ -247,6 +249,18 @@ fn test(root: &Path) -> Result<()> {
 /// End-to-end tests: they start their own stacks from the release binaries and wasm builds.
 fn e2e() -> Result<()> {
     run(Command::new("cargo").args(["test", "--release", "-p", "stack", "--", "--ignored", "--test-threads=2"]))
+}
+
+/// Renders every `diagrams/*.dot` to an SVG beside it.
+fn diagrams(root: &Path) -> Result<()> {
+    let dir = root.join("diagrams");
+    let mut sources: Vec<PathBuf> =
+        fs::read_dir(&dir)?.flatten().map(|e| e.path()).filter(|p| p.extension() == Some(OsStr::new("dot"))).collect();
+    sources.sort();
+    for source in sources {
+        run(Command::new("dot").arg("-Tsvg").arg(&source).arg("-o").arg(source.with_extension("svg")))?;
+    }
+    Ok(())
 }
 
 fn run_stack(command: &[&str], extra: &[String]) -> Result<()> {
