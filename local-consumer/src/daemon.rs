@@ -30,6 +30,9 @@ use crate::{
     scheduler::Scheduler,
 };
 
+/// A truncated listing is repeated once fewer than this many listed tasks wait.
+const BACKLOG_RELIST_BELOW: usize = 100;
+
 /// What a task's job tells the loop when it ends.
 #[derive(Debug)]
 enum JobEnd {
@@ -151,12 +154,10 @@ async fn main_loop(shared: &Arc<Shared>, notifier: &Notifier) {
     let mut watchdog = notifier.watchdog_every.map(tokio::time::interval);
 
     loop {
-        // Start whatever may start.
-        while let Some(task) = scheduler.next(Instant::now()) {
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                scheduler.defer(task, Instant::now());
-                break;
-            };
+        // Start whatever may start, while there are free slots.
+        while permits.available_permits() > 0 {
+            let Some(task) = scheduler.next(Instant::now()) else { break };
+            let Ok(permit) = permits.clone().try_acquire_owned() else { unreachable!("a permit was available") };
             let (shared, done) = (shared.clone(), done_tx.clone());
             // Every log line about the task, the executor's included, carries these fields.
             let span = tracing::info_span!("task", id = %task.task_id, vm = %task.vm_name, op = %task.kind);
@@ -170,7 +171,10 @@ async fn main_loop(shared: &Arc<Shared>, notifier: &Notifier) {
             );
         }
 
-        if poll.is_none() {
+        // After a truncated listing, list again only once most of it has been worked off, so
+        // a backlog over the page size does not turn into back-to-back listings.
+        let backlog = need_full_list && scheduler.waiting() >= BACKLOG_RELIST_BELOW;
+        if poll.is_none() && !backlog {
             let full = need_full_list || last_full_list.elapsed() >= config.relist_every;
             let since = if full { None } else { bell.clone() };
             let delay = if failures == 0 { Duration::ZERO } else { backoff_delay(config, failures) };
@@ -182,10 +186,15 @@ async fn main_loop(shared: &Arc<Shared>, notifier: &Notifier) {
             }));
         }
 
-        let wakeup = scheduler.next_wakeup().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        // A deferred task due now can start only when a slot is free; a full house waits for a
+        // job to end instead of spinning.
+        let wakeup = scheduler
+            .next_wakeup()
+            .filter(|_| permits.available_permits() > 0)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             _ = shared.shutdown.cancelled() => break,
-            (since, result) = async { poll.as_mut().expect("set above").await } => {
+            (since, result) = async { poll.as_mut().expect("checked").await }, if poll.is_some() => {
                 poll = None;
                 match result {
                     Ok(response) => {

@@ -131,12 +131,12 @@ impl Executor {
             if !error.is_transient() || attempt > self.retry.retries {
                 return Err(Failure::Arrakis(error));
             }
-            self.note_retry(attempts, attempt, &error).await;
+            self.note_retry(attempts, attempt, "start", &error).await;
         }
     }
 
     async fn ensure_deleted(&self, name: &str, attempts: &mut Attempts) -> Result<TaskResult, Failure> {
-        let outcome = self.retrying(attempts, || self.arrakis.delete_vm(name)).await;
+        let outcome = self.retrying(attempts, "delete", || self.arrakis.delete_vm(name)).await;
         let note = match outcome {
             Ok(()) => None,
             Err(Failure::Arrakis(e)) if e.is_not_found() => Some("VM was already gone".to_owned()),
@@ -150,7 +150,7 @@ impl Executor {
         if vm.status == VmStatus::Stopped {
             return Ok(state_result(VmState::Stopped, Some("VM was already stopped")));
         }
-        self.retrying(attempts, || self.arrakis.stop_vm(name)).await?;
+        self.retrying(attempts, "stop", || self.arrakis.stop_vm(name)).await?;
         Ok(state_result(VmState::Stopped, None))
     }
 
@@ -163,7 +163,7 @@ impl Executor {
             }
             _ => {}
         }
-        self.retrying(attempts, || self.arrakis.pause_vm(name)).await?;
+        self.retrying(attempts, "pause", || self.arrakis.pause_vm(name)).await?;
         Ok(state_result(VmState::Paused, None))
     }
 
@@ -178,7 +178,7 @@ impl Executor {
             }
             _ => {}
         }
-        self.retrying(attempts, || self.arrakis.resume_vm(name)).await?;
+        self.retrying(attempts, "resume", || self.arrakis.resume_vm(name)).await?;
         Ok(state_result(VmState::Running, None))
     }
 
@@ -221,7 +221,7 @@ impl Executor {
                     if !e.is_transient() || attempt > self.retry.retries {
                         return Err(Failure::Arrakis(e));
                     }
-                    self.note_retry(attempts, attempt, &e).await;
+                    self.note_retry(attempts, attempt, "snapshot", &e).await;
                 }
             }
         }
@@ -255,7 +255,7 @@ impl Executor {
                     if !command_safe_to_resend(&e) || attempt > self.retry.retries {
                         return Err(Failure::Arrakis(e));
                     }
-                    self.note_retry(attempts, attempt, &e).await;
+                    self.note_retry(attempts, attempt, "cmd", &e).await;
                 }
             }
         }
@@ -263,7 +263,7 @@ impl Executor {
 
     /// The VM, or `None` when Arrakis does not know it.
     async fn lookup(&self, name: &str, attempts: &mut Attempts) -> Result<Option<VmInfo>, Failure> {
-        match self.retrying(attempts, || self.arrakis.get_vm(name)).await {
+        match self.retrying(attempts, "get", || self.arrakis.get_vm(name)).await {
             Ok(vm) => Ok(Some(vm)),
             Err(Failure::Arrakis(e)) if e.is_not_found() => Ok(None),
             Err(e) => Err(e),
@@ -271,11 +271,11 @@ impl Executor {
     }
 
     async fn require(&self, name: &str, attempts: &mut Attempts) -> Result<VmInfo, Failure> {
-        self.retrying(attempts, || self.arrakis.get_vm(name)).await
+        self.retrying(attempts, "get", || self.arrakis.get_vm(name)).await
     }
 
     /// Calls `f` until it succeeds, fails for good, or runs out of retries.
-    async fn retrying<T, F, Fut>(&self, attempts: &mut Attempts, f: F) -> Result<T, Failure>
+    async fn retrying<T, F, Fut>(&self, attempts: &mut Attempts, call: &'static str, f: F) -> Result<T, Failure>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, ArrakisError>>,
@@ -292,16 +292,17 @@ impl Executor {
                     if !e.is_transient() || attempt > self.retry.retries {
                         return Err(Failure::Arrakis(e));
                     }
-                    self.note_retry(attempts, attempt, &e).await;
+                    self.note_retry(attempts, attempt, call, &e).await;
                 }
             }
         }
     }
 
-    async fn note_retry(&self, attempts: &mut Attempts, attempt: u32, error: &ArrakisError) {
+    /// Records the failed call (`call` names the Arrakis operation) and waits before the retry.
+    async fn note_retry(&self, attempts: &mut Attempts, attempt: u32, call: &str, error: &ArrakisError) {
         let delay = backoff(self.retry, attempt);
-        tracing::warn!(attempt, delay_ms = delay.as_millis() as u64, error = %error, "transient Arrakis failure; retrying");
-        attempts.notes.push(RetryNote { at: now(), attempt, error: error.to_string() });
+        tracing::warn!(attempt, call, delay_ms = delay.as_millis() as u64, error = %error, "transient Arrakis failure; retrying");
+        attempts.notes.push(RetryNote { at: now(), attempt, error: format!("{call}: {error}") });
         tokio::time::sleep(delay).await;
     }
 }
