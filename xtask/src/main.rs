@@ -31,7 +31,10 @@ cargo xtask <command>
   lint               cargo fmt --check and clippy -D warnings (native and wasm32)
   e2e                end-to-end tests only (builds first)
   bench              benchmarks on the local stack; prints a table (not part of `test`)
+  soak               2,000 tasks over 100 VMs with injected faults; prints RELIABILITY.md's figures
   diagrams           render diagrams/*.dot to SVG (needs Graphviz: apt-get install graphviz)
+  fuzz               schemathesis against both workers on a local stack (venv in target/fuzz-venv);
+                     [--max-examples N] [--seed N] [-- SCHEMATHESIS ARGS...]
 ";
 
 fn main() -> Result<()> {
@@ -60,6 +63,21 @@ fn main() -> Result<()> {
             run_stack(&["bench"], &args[1..])
         }
         Some("diagrams") => diagrams(&root),
+        Some("soak") => {
+            build(&root)?;
+            run(Command::new("cargo").args([
+                "test",
+                "--release",
+                "-p",
+                "stack",
+                "--test",
+                "soak",
+                "--",
+                "--ignored",
+                "--nocapture",
+            ]))
+        }
+        Some("fuzz") => fuzz(&root, &args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");
             Ok(())
@@ -115,7 +133,9 @@ fn setup(root: &Path) -> Result<()> {
     let wanted = fs::read(root.join("package-lock.json")).context("package-lock.json is missing")?;
     let stamp_path = root.join("node_modules/.installed-lock-hash");
     let stamp = format!("{:016x}", fnv1a(&wanted));
-    if fs::read_to_string(&stamp_path).ok().as_deref() != Some(stamp.as_str()) || !root.join("node_modules/.bin/wrangler").exists() {
+    if fs::read_to_string(&stamp_path).ok().as_deref() != Some(stamp.as_str())
+        || !root.join("node_modules/.bin/wrangler").exists()
+    {
         run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]))?;
         fs::write(&stamp_path, &stamp)?;
     }
@@ -248,7 +268,18 @@ fn test(root: &Path) -> Result<()> {
 
 /// End-to-end tests: they start their own stacks from the release binaries and wasm builds.
 fn e2e() -> Result<()> {
-    run(Command::new("cargo").args(["test", "--release", "-p", "stack", "--", "--ignored", "--test-threads=2"]))
+    // The soak has its own command (`cargo xtask soak`): it takes minutes.
+    run(Command::new("cargo").args([
+        "test",
+        "--release",
+        "-p",
+        "stack",
+        "--",
+        "--ignored",
+        "--test-threads=2",
+        "--skip",
+        "soak_",
+    ]))
 }
 
 /// Renders every `diagrams/*.dot` to an SVG beside it.
@@ -268,4 +299,50 @@ fn run_stack(command: &[&str], extra: &[String]) -> Result<()> {
         .args(["run", "--release", "-q", "-p", "stack", "--bin", "stack", "--"])
         .args(command)
         .args(extra))
+}
+
+/// Schemathesis against both workers on an edge-only stack (`crates/stack/tests/fuzz.rs`),
+/// from a venv in `target/fuzz-venv` made from `requirements-fuzz.txt`.
+fn fuzz(root: &Path, args: &[String]) -> Result<()> {
+    const USAGE: &str = "usage: cargo xtask fuzz [--max-examples N] [--seed N] [-- SCHEMATHESIS ARGS...]";
+    let mut settings = Vec::new();
+    let mut extra = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--max-examples" => settings.push(("FUZZ_MAX_EXAMPLES", args.next().context(USAGE)?.clone())),
+            "--seed" => settings.push(("FUZZ_SEED", args.next().context(USAGE)?.clone())),
+            "--" => extra.extend(args.by_ref().cloned()),
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+
+    let venv = root.join("target/fuzz-venv");
+    let requirements_path = root.join("requirements-fuzz.txt");
+    let requirements = fs::read_to_string(&requirements_path).context("requirements-fuzz.txt is missing")?;
+    let stamp = venv.join("requirements-fuzz.installed");
+    if fs::read_to_string(&stamp).ok().as_deref() != Some(requirements.as_str()) {
+        if !venv.join("bin/pip").exists() {
+            let python = env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
+            run(Command::new(python).args(["-m", "venv"]).arg(&venv))?;
+        }
+        run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "-r"]).arg(&requirements_path))?;
+        fs::write(&stamp, &requirements)?;
+    }
+    run(Command::new(venv.join("bin/openapi-spec-validator")).arg(root.join("openapi.json")))?;
+
+    setup(root)?;
+    for worker in WORKERS {
+        build_worker(root, worker)?;
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.args(["test", "--release", "-p", "stack", "--test", "fuzz", "--", "--ignored", "--nocapture"])
+        .env("SCHEMATHESIS", venv.join("bin/schemathesis"));
+    for (name, value) in settings {
+        cmd.env(name, value);
+    }
+    if !extra.is_empty() {
+        cmd.env("FUZZ_EXTRA_ARGS", extra.join("\n"));
+    }
+    run(&mut cmd)
 }

@@ -1,0 +1,153 @@
+//! Fault tests on the local stack: an unreliable Arrakis, a hanging Arrakis, a restarted
+//! `wrangler dev`, workers unreachable from the daemon. Every task must end terminal, with
+//! nothing lost. Run with `cargo xtask e2e`.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use stack::{Stack, StackOptions};
+use vm_task_types::TaskStatus;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+async fn start(opts: StackOptions) -> Stack {
+    Stack::start(opts.worker_var("BELL_CHECK_MS", 100)).await.expect("the stack starts")
+}
+
+async fn sim(stack: &Stack, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let url = format!("{}{path}", stack.arrakis_url().trim_end_matches('/'));
+    let mut request = reqwest::Client::new().request(method, url);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request.send().await.expect("simulator control").json().await.unwrap_or(Value::Null)
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: cargo xtask e2e"]
+async fn thirty_percent_server_errors_are_retried_and_every_task_ends_cleanly() {
+    let stack = start(
+        StackOptions::default()
+            .sim_arg("--error-rate")
+            .sim_arg("0.3")
+            .sim_arg("--seed")
+            .sim_arg("7")
+            .daemon_env("ARRAKIS_RETRY_BASE_MS", 20),
+    )
+    .await;
+    let api = stack.client();
+    let mut ids = Vec::new();
+    for vm in 0..5 {
+        ids.push(
+            api.submit_op("launch_vm", json!({"vmName": format!("flaky-{vm}"), "targetServer": "production"}))
+                .await
+                .unwrap()
+                .task_id,
+        );
+        for step in 0..3 {
+            let cmd = json!({"vmName": format!("flaky-{vm}"), "command": format!("echo {step}")});
+            ids.push(api.submit_op("run_command", cmd).await.unwrap().task_id);
+        }
+    }
+    let (mut completed, mut failed, mut retries) = (0, 0, 0);
+    for id in &ids {
+        let status = api.wait_terminal(*id, WAIT).await.unwrap();
+        let task = api.task(*id).await.unwrap();
+        retries += task.timeline.iter().filter(|e| e.event == "retry").count();
+        match status.status {
+            TaskStatus::Completed => completed += 1,
+            TaskStatus::Failed => {
+                failed += 1;
+                assert!(status.error.as_deref().is_some_and(|e| !e.is_empty()), "a failure says why: {status:?}");
+            }
+            other => panic!("task {id} ended {other}"),
+        }
+    }
+    let injected = sim(&stack, reqwest::Method::GET, "/_sim/log", None).await["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["faultInjected"] == true)
+        .count();
+    println!(
+        "{} tasks: {completed} completed, {failed} failed; {injected} faults injected, {retries} retries recorded",
+        ids.len()
+    );
+    assert!(injected > 0 && retries > 0, "faults were injected ({injected}) and retried ({retries})");
+    assert!(completed >= ids.len() * 3 / 4, "most tasks survive 30% errors with 3 retries: {completed}/{}", ids.len());
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: cargo xtask e2e"]
+async fn a_hanging_arrakis_times_out_then_fails_cleanly_and_recovers() {
+    let stack = start(
+        StackOptions::default()
+            .daemon_env("ARRAKIS_TIMEOUT_SECONDS", 1)
+            .daemon_env("ARRAKIS_RETRIES", 1)
+            .daemon_env("ARRAKIS_RETRY_BASE_MS", 50),
+    )
+    .await;
+    let api = stack.client();
+    let launch = api.submit_op("launch_vm", json!({"vmName": "hang-vm", "targetServer": "production"})).await.unwrap();
+    assert_eq!(api.wait_terminal(launch.task_id, WAIT).await.unwrap().status, TaskStatus::Completed);
+
+    sim(&stack, reqwest::Method::PUT, "/_sim/config", Some(json!({"hangOps": ["get"], "hangForMs": 600_000}))).await;
+    let started = Instant::now();
+    let stop = api.submit_op("stop_vm", json!({"vmName": "hang-vm"})).await.unwrap();
+    let status = api.wait_terminal(stop.task_id, WAIT).await.unwrap();
+    assert_eq!(status.status, TaskStatus::Failed, "{status:?}");
+    assert!(status.error.as_deref().unwrap_or("").contains("timed out"), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(30), "bounded by timeouts: {:?}", started.elapsed());
+    let task = api.task(stop.task_id).await.unwrap();
+    assert_eq!(task.timeline.iter().filter(|e| e.event == "retry").count(), 1, "one retry, recorded");
+
+    sim(&stack, reqwest::Method::PUT, "/_sim/config", Some(json!({"hangOps": []}))).await;
+    let again = api.submit_op("stop_vm", json!({"vmName": "hang-vm"})).await.unwrap();
+    assert_eq!(api.wait_terminal(again.task_id, WAIT).await.unwrap().status, TaskStatus::Completed);
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: cargo xtask e2e"]
+async fn restarting_wrangler_mid_run_loses_no_task() {
+    let mut stack = start(StackOptions::default().sim_arg("--latency").sim_arg("cmd=100ms")).await;
+    let api = stack.client();
+    let mut ids = Vec::new();
+    for vm in 0..4 {
+        ids.push(
+            api.submit_op("launch_vm", json!({"vmName": format!("persist-{vm}"), "targetServer": "production"}))
+                .await
+                .unwrap()
+                .task_id,
+        );
+        for step in 0..4 {
+            let cmd = json!({"vmName": format!("persist-{vm}"), "command": format!("echo {step}")});
+            ids.push(api.submit_op("run_command", cmd).await.unwrap().task_id);
+        }
+    }
+    stack.restart_wrangler().await.unwrap();
+    let api = stack.client();
+    for id in &ids {
+        let status = api.wait_terminal(*id, WAIT).await.unwrap();
+        assert_eq!(status.status, TaskStatus::Completed, "{status:?}");
+    }
+    let listed = api.list(Some(100), None).await.unwrap();
+    assert_eq!(listed.tasks.len(), ids.len(), "every task is still listed");
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: cargo xtask e2e"]
+async fn the_daemon_rides_out_thirty_seconds_without_workers_and_logs_it_once() {
+    let mut stack = start(StackOptions::default().daemon_env("POLL_BACKOFF_MAX_MS", 5_000)).await;
+    stack.stop_wrangler().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    stack.start_wrangler().await.unwrap();
+    let api = stack.client();
+    let task = api.submit_op("launch_vm", json!({"vmName": "outage-vm", "targetServer": "production"})).await.unwrap();
+    let status = api.wait_terminal(task.task_id, WAIT).await.unwrap();
+    assert_eq!(status.status, TaskStatus::Completed, "{status:?}");
+    let log = std::fs::read_to_string(stack.log_path("local-consumer")).unwrap();
+    let lost = log.lines().filter(|l| l.contains("cannot poll the consumer worker")).count();
+    let back = log.lines().filter(|l| l.contains("workers reachable again")).count();
+    assert_eq!((lost, back), (1, 1), "one line when the workers go, one when they return:\n{log}");
+    assert!(stack.daemon_running(), "the daemon never exited");
+}
