@@ -6,7 +6,6 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use vm_task_edge::{consumer::Delivery, http::Request};
-use vm_task_types::TaskStatus;
 
 fn sweep(edge: &Edge) -> Value {
     let r = edge.consumer_call(Request::new("POST", "/admin/sweep").bearer(CONSUMER));
