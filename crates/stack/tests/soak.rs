@@ -33,7 +33,7 @@ fn plan(vm: usize, per_vm: usize) -> Vec<(String, Value)> {
         ops.push(("run_command".into(), json!({"vmName": name, "command": format!("echo soak-{vm:03}-{k:03}")})));
     }
     ops.push(("stop_vm".into(), json!({"vmName": name})));
-    if vm % 4 == 0 {
+    if vm.is_multiple_of(4) {
         ops.push(("delete_vm".into(), json!({"vmName": name})));
     }
     ops
