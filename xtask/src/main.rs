@@ -279,6 +279,8 @@ fn e2e() -> Result<()> {
         "--test-threads=2",
         "--skip",
         "soak_",
+        "--skip",
+        "schemathesis",
     ]))
 }
 

@@ -39,6 +39,9 @@ pub(crate) fn write_configs(root: &Path, dir: &Path, vars: &[(String, String)]) 
             "{} is missing; build the workers first: cargo xtask build-worker api-worker && cargo xtask build-worker consumer-worker",
             main.display()
         );
+        // Each stack runs its own copy of the bundles: a rebuild in the repo (or a wrangler
+        // watcher elsewhere) must not reload a running test stack under its feet.
+        let main = snapshot_bundle(root, dir, &main)?;
         let text = std::fs::read_to_string(&source).with_context(|| format!("could not read {}", source.display()))?;
         let out = dir.join(name);
         std::fs::write(&out, rewrite_config(&text, &main)?)
@@ -50,6 +53,36 @@ pub(crate) fn write_configs(root: &Path, dir: &Path, vars: &[(String, String)]) 
     crate::write_private(&dev_vars, &dev_vars_text(vars)?)?;
     let [gateway, api, consumer]: [PathBuf; 3] = written.try_into().expect("three configs");
     Ok(Configs { gateway, api, consumer })
+}
+
+/// Copies the directory that holds a worker's bundle (`<crate>/build`, or the gateway's
+/// directory) under `dir/bundles`, and returns the copied entry point.
+fn snapshot_bundle(root: &Path, dir: &Path, main: &Path) -> Result<PathBuf> {
+    let relative = main.strip_prefix(root).with_context(|| format!("{} is outside the repo", main.display()))?;
+    // api-worker/build/worker/shim.mjs -> copy api-worker/build; dev/gateway/index.js -> dev/gateway.
+    let top: PathBuf = match relative.components().nth(1).map(|c| c.as_os_str()) {
+        Some(c) if c == "build" => relative.components().take(2).collect(),
+        _ => relative.parent().map(Path::to_path_buf).unwrap_or_default(),
+    };
+    copy_dir(&root.join(&top), &dir.join("bundles").join(&top))?;
+    Ok(dir.join("bundles").join(relative))
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("could not create {}", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("could not read {}", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            if entry.file_name() != ".wrangler" {
+                copy_dir(&entry.path(), &target)?;
+            }
+        } else {
+            std::fs::copy(entry.path(), &target)
+                .with_context(|| format!("could not copy {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// `text` with its top-level `main` pointing at `main` and its `[build]` table removed.

@@ -100,12 +100,14 @@ pub async fn to_core_request(mut req: worker::Request) -> worker::Result<http::R
     for (name, value) in req.headers().entries() {
         headers.push((name.to_ascii_lowercase(), value));
     }
-    let body = match req.method() {
-        worker::Method::Get | worker::Method::Head | worker::Method::Options => Vec::new(),
+    let body = match req.inner().method().as_str() {
+        "GET" | "HEAD" | "OPTIONS" => Vec::new(),
         _ => req.bytes().await.unwrap_or_default(),
     };
     Ok(http::Request {
-        method: req.method().to_string(),
+        // The raw method: workers-rs maps methods it does not know (PURGE, QUERY...) to GET,
+        // which would serve them as reads instead of a 405.
+        method: req.inner().method(),
         path: url.path().to_owned(),
         query: url.query().map(http::parse_query).unwrap_or_default(),
         headers,
