@@ -43,6 +43,8 @@ fn config(env: &Env) -> ConsumerConfig {
         started_at: Timestamp(STARTED_AT.load(Relaxed)),
         retry_delay_secs: number(env, "QUEUE_RETRY_DELAY_SECONDS", defaults.retry_delay_secs as u64) as u32,
         fault_fail_buffering_vm: Some(setting(env, "FAULT_FAIL_BUFFERING_VM")).filter(|v| !v.is_empty()),
+        rebuffer_after_secs: number(env, "REBUFFER_AFTER_SECONDS", defaults.rebuffer_after_secs),
+        reconcile_secs: number(env, "RECONCILE_SECONDS", defaults.reconcile_secs),
     }
 }
 

@@ -109,7 +109,16 @@ async fn a_hanging_arrakis_times_out_then_fails_cleanly_and_recovers() {
 #[tokio::test]
 #[ignore = "needs the local stack: cargo xtask e2e"]
 async fn restarting_wrangler_mid_run_loses_no_task() {
-    let mut stack = start(StackOptions::default().sim_arg("--latency").sim_arg("cmd=100ms")).await;
+    // A restart drops queue messages still in flight (the local queue is in memory); the
+    // sweep must find those tasks and buffer them.
+    let mut stack = start(
+        StackOptions::default()
+            .sim_arg("--latency")
+            .sim_arg("cmd=100ms")
+            .worker_var("REBUFFER_AFTER_SECONDS", 3)
+            .cron_every(Duration::from_secs(1)),
+    )
+    .await;
     let api = stack.client();
     let mut ids = Vec::new();
     for vm in 0..4 {

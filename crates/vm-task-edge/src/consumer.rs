@@ -16,7 +16,7 @@ use vm_task_types::{
         AllBufferedResponse, BufferedTask, ClaimRequest, ClaimResponse, HealthResponse, LeaseRequest, LeaseResponse,
         ReadyTasksResponse, StatsResponse,
     },
-    Claim, FieldError, Task, TaskStatus, Timestamp,
+    Claim, FieldError, Task, TaskStatus, TaskSummary, Timestamp,
 };
 
 use crate::{
@@ -56,6 +56,11 @@ pub struct ConsumerConfig {
     /// fails, so its messages exhaust their retries and reach the dead letter queue. Unset in
     /// every shipped config.
     pub fault_fail_buffering_vm: Option<String>,
+    /// `REBUFFER_AFTER_SECONDS`: a pending task in no buffer this long after its creation is
+    /// taken to have lost its queue message, and is buffered by the sweep.
+    pub rebuffer_after_secs: u64,
+    /// `RECONCILE_SECONDS`: how far back the sweep looks for such tasks.
+    pub reconcile_secs: u64,
 }
 
 impl Default for ConsumerConfig {
@@ -72,6 +77,8 @@ impl Default for ConsumerConfig {
             started_at: Timestamp(0),
             retry_delay_secs: 5,
             fault_fail_buffering_vm: None,
+            rebuffer_after_secs: 60,
+            reconcile_secs: 3_600,
         }
     }
 }
@@ -92,6 +99,8 @@ pub struct SweepReport {
     pub returned_to_ready: usize,
     pub failed: usize,
     pub cleaned: usize,
+    /// Pending tasks found in no buffer (their queue message was lost) and buffered again.
+    pub rebuffered: usize,
 }
 
 /// The consumer worker's handlers over its ports.
@@ -479,7 +488,51 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             }
             cursor = page.cursor;
         }
+        self.rebuffer_lost(&mut report).await?;
         Ok(report)
+    }
+
+    /// Buffers pending tasks whose queue message never arrived. Cloudflare Queues deliver at
+    /// least once, but a message can still be lost to an operator purging the queue or, on the
+    /// local stack, to a `wrangler dev` restart. Reads the newest task summaries (metadata
+    /// only) back to `reconcile_secs`, and for each pending task older than
+    /// `rebuffer_after_secs` with no buffer entry, writes one.
+    async fn rebuffer_lost(&self, report: &mut SweepReport) -> Result<(), AppError> {
+        let now = self.clock.now();
+        let mut cursor = None;
+        for _ in 0..MAX_SCAN_PAGES {
+            let page = self.tasks.list(1000, cursor.as_deref()).await?;
+            for key in &page.keys {
+                let Some(summary) = key.metadata.clone().and_then(|m| serde_json::from_value::<TaskSummary>(m).ok())
+                else {
+                    continue;
+                };
+                let age_ms = now.millis_since(summary.created_at);
+                if age_ms > self.config.reconcile_secs * 1000 {
+                    return Ok(()); // Newest first: everything after is older still.
+                }
+                if summary.status != TaskStatus::Pending || age_ms < self.config.rebuffer_after_secs * 1000 {
+                    continue;
+                }
+                if self.buffer.get(&summary.target_server, summary.id).await?.is_some() {
+                    continue;
+                }
+                let Some(task) = self.tasks.load(summary.id).await? else { continue };
+                if task.status != TaskStatus::Pending || task.claim.is_some() {
+                    continue;
+                }
+                let message = QueueMessage::of(&task);
+                if self.buffer_one(&message, now).await? {
+                    self.ring(&task.target_server).await?;
+                    report.rebuffered += 1;
+                }
+            }
+            if page.list_complete {
+                break;
+            }
+            cursor = page.cursor;
+        }
+        Ok(())
     }
 
     async fn sweep_one(&self, entry: &BufferedTask, report: &mut SweepReport) -> Result<(), AppError> {

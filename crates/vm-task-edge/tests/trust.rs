@@ -206,3 +206,16 @@ fn status_reports_must_come_from_the_claim_holder_and_follow_the_machine() {
     assert_eq!(late.json_body::<Value>().unwrap()["currentStatus"], "failed");
     assert_eq!(edge.status(id)["error"], "boom");
 }
+
+#[test]
+fn a_task_whose_queue_message_was_lost_is_buffered_by_the_sweep() {
+    let edge = Edge::new();
+    let id = edge.submit(launch("vm-1", "production"));
+    edge.queue.drain(); // The message never reaches the consumer.
+    assert_eq!(sweep(&edge)["rebuffered"], 0, "too young: it may still be in the queue");
+    edge.clock.advance_ms(61_000);
+    assert_eq!(sweep(&edge)["rebuffered"], 1);
+    assert_eq!(edge.ready("production").tasks[0].task_id, id);
+    assert_eq!(sweep(&edge)["rebuffered"], 0, "buffered once");
+    edge.claimed(id);
+}
