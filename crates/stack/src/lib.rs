@@ -22,6 +22,7 @@
 //! The workers must be built (`cargo xtask build-worker api-worker` and `consumer-worker`)
 //! and, for stacks with a simulator or daemon, the native binaries too (`cargo xtask build`).
 
+pub mod bench;
 pub mod client;
 pub mod options;
 mod process;
