@@ -30,6 +30,9 @@ use crate::{
     scheduler::Scheduler,
 };
 
+/// Polls within this long of the last task found or finished ask for quick doorbell checks.
+const HOT_AFTER_ACTIVITY: Duration = Duration::from_secs(5);
+
 /// A truncated listing is repeated once fewer than this many listed tasks wait.
 const BACKLOG_RELIST_BELOW: usize = 100;
 
@@ -151,6 +154,7 @@ async fn main_loop(shared: &Arc<Shared>, notifier: &Notifier) {
     let mut last_full_list = Instant::now();
     let mut failures = 0u32;
     let mut unreachable_since: Option<Instant> = None;
+    let mut last_activity = Instant::now();
     let mut watchdog = notifier.watchdog_every.map(tokio::time::interval);
 
     loop {
@@ -159,11 +163,13 @@ async fn main_loop(shared: &Arc<Shared>, notifier: &Notifier) {
             let Some(task) = scheduler.next(Instant::now()) else { break };
             let Ok(permit) = permits.clone().try_acquire_owned() else { unreachable!("a permit was available") };
             let (shared, done) = (shared.clone(), done_tx.clone());
+            // A predecessor this daemon saw finish needs no check with the API.
+            let previous_done = task.previous_task_id.is_some_and(|p| scheduler.has_finished(p));
             // Every log line about the task, the executor's included, carries these fields.
             let span = tracing::info_span!("task", id = %task.task_id, vm = %task.vm_name, op = %task.kind);
             jobs.spawn(
                 async move {
-                    let end = job(&shared, task).await;
+                    let end = job(&shared, task, previous_done).await;
                     drop(permit);
                     let _ = done.send(end);
                 }
@@ -179,9 +185,10 @@ async fn main_loop(shared: &Arc<Shared>, notifier: &Notifier) {
             let since = if full { None } else { bell.clone() };
             let delay = if failures == 0 { Duration::ZERO } else { backoff_delay(config, failures) };
             let (edge, servers, wait) = (shared.edge.clone(), config.server_names.clone(), config.poll_wait);
+            let hot = last_activity.elapsed() < HOT_AFTER_ACTIVITY;
             poll = Some(Box::pin(async move {
                 tokio::time::sleep(delay).await;
-                let result = edge.ready(&servers, since.as_deref(), wait).await;
+                let result = edge.ready(&servers, since.as_deref(), wait, hot).await;
                 (since, result)
             }));
         }
@@ -208,6 +215,9 @@ async fn main_loop(shared: &Arc<Shared>, notifier: &Notifier) {
                             last_full_list = Instant::now();
                         }
                         if listed {
+                            if !response.tasks.is_empty() {
+                                last_activity = Instant::now();
+                            }
                             need_full_list = !response.list_complete;
                             if response.list_complete { scheduler.offer(response.tasks) } else { scheduler.add(response.tasks) }
                         }
@@ -225,7 +235,10 @@ async fn main_loop(shared: &Arc<Shared>, notifier: &Notifier) {
                 }
             }
             Some(end) = done_rx.recv() => match end {
-                JobEnd::Finished(id) => scheduler.finish(id),
+                JobEnd::Finished(id) => {
+                    scheduler.finish(id);
+                    last_activity = Instant::now();
+                }
                 JobEnd::Deferred(task, at) => scheduler.defer(task, at),
             },
             _ = tokio::time::sleep_until(wakeup) => {}
@@ -260,11 +273,11 @@ fn backoff_delay(config: &Config, failures: u32) -> Duration {
 }
 
 /// One task: check its predecessor, claim it, run it with a heartbeat, report the outcome.
-async fn job(shared: &Shared, task: BufferedTask) -> JobEnd {
+async fn job(shared: &Shared, task: BufferedTask, previous_done: bool) -> JobEnd {
     let config = &shared.config;
     let id = task.task_id;
 
-    if let Some(previous) = task.previous_task_id {
+    if let Some(previous) = task.previous_task_id.filter(|_| !previous_done) {
         match previous_finished(shared, previous).await {
             Ok(true) => {}
             Ok(false) => {

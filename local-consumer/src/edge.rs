@@ -72,11 +72,13 @@ impl EdgeClient {
 
     /// Buffered tasks of `servers`, oldest first. With `since`, waits up to `wait` at the
     /// worker for the doorbell to change before listing.
+    /// `hot`: work was just seen, so ask the worker to check the doorbell quickly at first.
     pub async fn ready(
         &self,
         servers: &[String],
         since: Option<&str>,
         wait: Duration,
+        hot: bool,
     ) -> Result<ReadyTasksResponse, EdgeError> {
         let mut url = self.consumer.join("tasks/ready").expect("static path");
         {
@@ -87,6 +89,9 @@ impl EdgeClient {
             if let Some(since) = since {
                 q.append_pair("since", since);
                 q.append_pair("wait", &wait.as_secs().to_string());
+                if hot {
+                    q.append_pair("hot", "1");
+                }
             }
         }
         self.send(Method::GET, url, None::<&()>, wait + Duration::from_secs(10)).await
