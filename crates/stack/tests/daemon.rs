@@ -3,21 +3,21 @@
 //!
 //! Run with `cargo xtask e2e`; the worker bundles and release binaries must be built first.
 
+mod common;
+
+use common::*;
+
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
 };
 
 use serde_json::{json, Value};
-use stack::{ApiClient, Stack, StackOptions};
+use stack::{ApiClient, StackOptions};
 
 use vm_task_types::{wire::TaskStatusResponse, TaskStatus, VmState};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn full_stack(opts: StackOptions) -> Stack {
-    Stack::start(opts.worker_var("BELL_CHECK_MS", 100)).await.expect("the stack starts")
-}
 
 async fn run(api: &ApiClient, kind: &str, payload: Value) -> TaskStatusResponse {
     let created = api.submit_op(kind, payload).await.expect("accepted");
@@ -25,12 +25,6 @@ async fn run(api: &ApiClient, kind: &str, payload: Value) -> TaskStatusResponse 
 }
 
 /// The simulator's request log, Arrakis calls only (the control API is not logged).
-async fn sim_log(stack: &Stack) -> Vec<Value> {
-    let url = format!("{}/_sim/log", stack.arrakis_url().trim_end_matches('/'));
-    let body: Value = reqwest::get(url).await.expect("sim log").json().await.expect("json");
-    body["entries"].as_array().cloned().unwrap_or_default()
-}
-
 fn entries_for<'a>(log: &'a [Value], vm: &str) -> Vec<&'a Value> {
     log.iter().filter(|e| e["vmName"] == vm).collect()
 }
@@ -38,7 +32,7 @@ fn entries_for<'a>(log: &'a [Value], vm: &str) -> Vec<&'a Value> {
 #[tokio::test]
 #[ignore = "needs the local stack: cargo xtask e2e"]
 async fn the_seed_walkthrough_completes_with_results() {
-    let stack = full_stack(StackOptions::default()).await;
+    let stack = start(StackOptions::default()).await;
     let api = stack.client();
     assert_eq!(api.health().await.unwrap().status, "healthy");
     assert_eq!(api.consumer_health().await.unwrap().status, "healthy");
@@ -109,7 +103,7 @@ async fn the_seed_walkthrough_completes_with_results() {
 #[tokio::test]
 #[ignore = "needs the local stack: cargo xtask e2e"]
 async fn a_failing_arrakis_call_fails_the_task_with_arrakis_message() {
-    let stack = full_stack(StackOptions::default()).await;
+    let stack = start(StackOptions::default()).await;
     let api = stack.client();
     let launch = run(&api, "launch_vm", json!({"vmName": "vm-snap", "targetServer": "production"})).await;
     assert_eq!(launch.status, TaskStatus::Completed);
@@ -131,7 +125,7 @@ async fn a_failing_arrakis_call_fails_the_task_with_arrakis_message() {
 #[ignore = "needs the local stack: cargo xtask e2e"]
 async fn twenty_tasks_on_five_vms_keep_per_vm_order_and_run_vms_in_parallel() {
     // Slow Arrakis calls make overlap between VMs visible in the request log.
-    let stack = full_stack(StackOptions::default().sim_arg("--latency").sim_arg("start=150ms,cmd=150ms")).await;
+    let stack = start(StackOptions::default().sim_arg("--latency").sim_arg("start=150ms,cmd=150ms")).await;
     let api = stack.client();
     let vms: Vec<String> = (0..5).map(|i| format!("order-vm-{i}")).collect();
     let mut ids = Vec::new();

@@ -2,26 +2,17 @@
 //! `wrangler dev`, workers unreachable from the daemon. Every task must end terminal, with
 //! nothing lost. Run with `cargo xtask e2e`.
 
+mod common;
+
+use common::*;
+
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-use stack::{Stack, StackOptions};
+use serde_json::json;
+use stack::StackOptions;
 use vm_task_types::TaskStatus;
 
 const WAIT: Duration = Duration::from_secs(120);
-
-async fn start(opts: StackOptions) -> Stack {
-    Stack::start(opts.worker_var("BELL_CHECK_MS", 100)).await.expect("the stack starts")
-}
-
-async fn sim(stack: &Stack, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-    let url = format!("{}{path}", stack.arrakis_url().trim_end_matches('/'));
-    let mut request = reqwest::Client::new().request(method, url);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    request.send().await.expect("simulator control").json().await.unwrap_or(Value::Null)
-}
 
 #[tokio::test]
 #[ignore = "needs the local stack: cargo xtask e2e"]

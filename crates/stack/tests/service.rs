@@ -1,26 +1,17 @@
 //! End-to-end tests of the daemon as a service: graceful shutdown, released claims, metrics,
 //! health, structured logs. Run with `cargo xtask e2e`.
 
+mod common;
+
+use common::*;
+
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use stack::{Stack, StackOptions};
+use stack::StackOptions;
 use vm_task_types::TaskStatus;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn start(opts: StackOptions) -> Stack {
-    Stack::start(opts.worker_var("BELL_CHECK_MS", 100)).await.expect("the stack starts")
-}
-
-async fn wait_for(stack: &Stack, id: uuid::Uuid, want: TaskStatus) {
-    let api = stack.client();
-    let deadline = Instant::now() + WAIT;
-    while api.status(id).await.unwrap().status != want {
-        assert!(Instant::now() < deadline, "task {id} never became {want}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn get(url: String) -> (u16, String) {
     let r = reqwest::get(url).await.expect("reachable");
@@ -35,7 +26,7 @@ async fn sigterm_mid_task_lets_the_task_finish_and_exits_zero() {
     let launch = api.submit_op("launch_vm", json!({"vmName": "drain-vm", "targetServer": "production"})).await.unwrap();
     api.wait_terminal(launch.task_id, WAIT).await.unwrap();
     let cmd = api.submit_op("run_command", json!({"vmName": "drain-vm", "command": "echo drained"})).await.unwrap();
-    wait_for(&stack, cmd.task_id, TaskStatus::Processing).await;
+    wait_for_status(&stack, cmd.task_id, TaskStatus::Processing).await;
 
     let exit = stack.terminate_daemon().await.unwrap();
     assert!(exit.success(), "exit status {exit:?}");

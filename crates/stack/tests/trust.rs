@@ -4,32 +4,17 @@
 //!
 //! Run with `cargo xtask e2e`.
 
+mod common;
+
+use common::*;
+
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-use stack::{Method, Stack, StackOptions, StatusCode};
+use serde_json::json;
+use stack::{Method, StackOptions, StatusCode};
 use vm_task_types::{TaskStatus, VmState};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn start(opts: StackOptions) -> Stack {
-    Stack::start(opts.worker_var("BELL_CHECK_MS", 100)).await.expect("the stack starts")
-}
-
-async fn sim_log(stack: &Stack) -> Vec<Value> {
-    let url = format!("{}/_sim/log", stack.arrakis_url().trim_end_matches('/'));
-    let body: Value = reqwest::get(url).await.expect("sim log").json().await.expect("json");
-    body["entries"].as_array().cloned().unwrap_or_default()
-}
-
-async fn wait_for_status(stack: &Stack, id: uuid::Uuid, want: TaskStatus) {
-    let api = stack.client();
-    let deadline = Instant::now() + WAIT;
-    while api.status(id).await.unwrap().status != want {
-        assert!(Instant::now() < deadline, "task {id} never became {want}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test]
 #[ignore = "needs the local stack: cargo xtask e2e"]

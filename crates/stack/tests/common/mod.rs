@@ -1,0 +1,40 @@
+//! Helpers shared by the end-to-end tests: starting a stack and reading the simulator.
+
+#![allow(dead_code)] // Each test file uses a different subset.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use stack::{Stack, StackOptions};
+use uuid::Uuid;
+use vm_task_types::TaskStatus;
+
+/// Starts a stack; `BELL_CHECK_MS` is lowered so idle long polls react fast in tests.
+pub async fn start(opts: StackOptions) -> Stack {
+    Stack::start(opts.worker_var("BELL_CHECK_MS", 100)).await.expect("the stack starts")
+}
+
+/// A call to the simulator's control API (`/_sim/...`); its JSON answer, or null.
+pub async fn sim(stack: &Stack, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let url = format!("{}{path}", stack.arrakis_url().trim_end_matches('/'));
+    let mut request = reqwest::Client::new().request(method, url);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request.send().await.expect("simulator control").json().await.unwrap_or(Value::Null)
+}
+
+/// The simulator's request log: every Arrakis call it answered (or dropped).
+pub async fn sim_log(stack: &Stack) -> Vec<Value> {
+    sim(stack, reqwest::Method::GET, "/_sim/log", None).await["entries"].as_array().cloned().unwrap_or_default()
+}
+
+/// Polls until the task has status `want` (within a minute).
+pub async fn wait_for_status(stack: &Stack, id: Uuid, want: TaskStatus) {
+    let api = stack.client();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while api.status(id).await.unwrap().status != want {
+        assert!(Instant::now() < deadline, "task {id} never became {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
