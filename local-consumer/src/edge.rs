@@ -51,6 +51,9 @@ pub struct EdgeClient {
     api: Url,
     token: String,
     consumer_id: String,
+    /// Random per process: claim ids are derived from it, so a retried claim of this process
+    /// is recognised and a restarted daemon's is not.
+    instance: Uuid,
 }
 
 impl EdgeClient {
@@ -67,6 +70,7 @@ impl EdgeClient {
             api: with_trailing_slash(&config.api_worker_url),
             token: config.consumer_token.clone(),
             consumer_id: config.consumer_id.clone(),
+            instance: Uuid::new_v4(),
         })
     }
 
@@ -97,9 +101,16 @@ impl EdgeClient {
         self.send(Method::GET, url, None::<&()>, wait + Duration::from_secs(10)).await
     }
 
+    /// Claims a task. The claim id is fixed per (process, task), so retrying after a lost
+    /// response gets the same claim back rather than "held by another claim" until its lease
+    /// ends.
     pub async fn claim(&self, id: Uuid, lease: Duration) -> Result<ClaimOutcome, EdgeError> {
         let url = self.consumer.join(&format!("tasks/{id}/claim")).expect("uuid path");
-        let body = ClaimRequest { consumer_id: self.consumer_id.clone(), lease_seconds: Some(lease.as_secs()) };
+        let body = ClaimRequest {
+            consumer_id: self.consumer_id.clone(),
+            claim_id: Some(self.claim_id_for(id)),
+            lease_seconds: Some(lease.as_secs()),
+        };
         match self.send::<ClaimResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await {
             Ok(claim) => Ok(ClaimOutcome::Claimed(Box::new(claim))),
             Err(EdgeError::Refused { status: 409, body }) => match (body.current_status, body.lease_expires_at) {
@@ -110,6 +121,14 @@ impl EdgeClient {
             Err(EdgeError::Refused { status: 404, .. }) => Ok(ClaimOutcome::Finished(TaskStatus::Failed)),
             Err(e) => Err(e),
         }
+    }
+
+    fn claim_id_for(&self, task: Uuid) -> Uuid {
+        let mut bytes = *self.instance.as_bytes();
+        for (b, t) in bytes.iter_mut().zip(task.as_bytes()) {
+            *b ^= t;
+        }
+        uuid::Builder::from_random_bytes(bytes).into_uuid()
     }
 
     pub async fn heartbeat(&self, id: Uuid, claim_id: Uuid, lease: Duration) -> Result<LeaseResponse, EdgeError> {

@@ -364,6 +364,20 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
                 return Err(AppError::conflict(format!("task {id} is {status}; it will not run"), status));
             }
             TaskStatus::Processing => {
+                if let (Some(proposed), Some(held)) = (body.claim_id, task.claim.clone()) {
+                    if held.claim_id == proposed {
+                        // The same claim again: its first response was lost. Nothing to write.
+                        return Ok(Response::json(
+                            200,
+                            &ClaimResponse {
+                                success: true,
+                                claim_id: held.claim_id,
+                                lease_expires_at: held.lease_expires_at,
+                                task,
+                            },
+                        ));
+                    }
+                }
                 let expires = task.claim.as_ref().map(|c| c.lease_expires_at).unwrap_or(now);
                 if now < expires {
                     return Err(AppError::Conflict {
@@ -393,7 +407,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         }
         task.attempts += 1;
         let claim = Claim {
-            claim_id: self.ids.random_uuid(),
+            claim_id: body.claim_id.unwrap_or_else(|| self.ids.random_uuid()),
             consumer_id: body.consumer_id.clone(),
             claimed_at: now,
             lease_expires_at: now.plus_secs(lease),

@@ -219,3 +219,25 @@ fn a_task_whose_queue_message_was_lost_is_buffered_by_the_sweep() {
     assert_eq!(sweep(&edge)["rebuffered"], 0, "buffered once");
     edge.claimed(id);
 }
+
+#[test]
+fn a_claim_retried_after_a_lost_response_gets_the_same_claim_back() {
+    let edge = Edge::new();
+    let id = edge.submit(launch("vm-1", "production"));
+    edge.deliver();
+    let proposed = uuid::Uuid::from_u128(0x1234_5678_9abc_4def_8123_4567_89ab_cdef);
+    let claim = |claim_id: uuid::Uuid| {
+        edge.consumer_call(
+            Request::new("POST", &format!("/tasks/{id}/claim"))
+                .bearer(CONSUMER)
+                .json_body(&json!({"consumerId": "host-a", "claimId": claim_id})),
+        )
+    };
+    let first = claim(proposed);
+    assert_eq!(first.status, 200);
+    let again = claim(proposed);
+    assert_eq!(again.status, 200, "{}", body_text(&again));
+    assert_eq!(again.json_body::<Value>().unwrap()["claimId"], json!(proposed));
+    assert_eq!(edge.status(id)["attempts"], 1, "the retry is not another attempt");
+    assert_eq!(claim(uuid::Uuid::from_u128(7)).status, 409, "another claimer still waits for the lease");
+}

@@ -200,6 +200,10 @@ pub struct ReadyTasksResponse {
 #[serde(rename_all = "camelCase")]
 pub struct ClaimRequest {
     pub consumer_id: String,
+    /// The claim id the consumer proposes. Retrying a claim whose response was lost with the
+    /// same id returns that claim again instead of a conflict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_id: Option<Uuid>,
     /// Requested lease; bounded by the worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_seconds: Option<u64>,
