@@ -102,6 +102,8 @@ pub struct SweepReport {
     pub cleaned: usize,
     /// Pending tasks found in no buffer (their queue message was lost) and buffered again.
     pub rebuffered: usize,
+    /// Servers whose doorbell was rung again for entries left unclaimed.
+    pub rung: usize,
 }
 
 /// The consumer worker's handlers over its ports.
@@ -510,12 +512,13 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
     /// Runs from the cron trigger and from `POST /admin/sweep`.
     pub async fn sweep(&self) -> Result<SweepReport, AppError> {
         let mut report = SweepReport { success: true, ..SweepReport::default() };
+        let mut stale_servers = BTreeSet::new();
         let mut cursor = None;
         for _ in 0..MAX_SCAN_PAGES {
             let (entries, page) = self.buffer.list(keys::READY_PREFIX, 1000, cursor.as_deref()).await?;
             for entry in entries {
                 report.scanned += 1;
-                self.sweep_one(&entry, &mut report).await?;
+                self.sweep_one(&entry, &mut report, &mut stale_servers).await?;
             }
             if page.list_complete {
                 break;
@@ -523,6 +526,13 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             cursor = page.cursor;
         }
         self.rebuffer_lost(&mut report).await?;
+        // Unclaimed entries that have waited a while: ring again, in case the ring that went
+        // with them was lost (a worker killed between the two writes) or has not reached the
+        // daemon's location yet. One write per such server per sweep.
+        for server in stale_servers {
+            self.ring(&server).await?;
+            report.rung += 1;
+        }
         Ok(report)
     }
 
@@ -569,7 +579,12 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         Ok(())
     }
 
-    async fn sweep_one(&self, entry: &BufferedTask, report: &mut SweepReport) -> Result<(), AppError> {
+    async fn sweep_one(
+        &self,
+        entry: &BufferedTask,
+        report: &mut SweepReport,
+        stale_servers: &mut BTreeSet<String>,
+    ) -> Result<(), AppError> {
         let now = self.clock.now();
         let queued_too_long = now.millis_since(entry.created_at) > self.config.max_queued_secs * 1000;
         let Some(mut task) = self.tasks.load(entry.task_id).await? else {
@@ -606,6 +621,9 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
                 self.buffer.remove(&task.target_server, task.id).await?;
                 report.failed += 1;
             }
+            TaskStatus::Pending if now.millis_since(entry.buffered_at) > self.config.rebuffer_after_secs * 1000 => {
+                stale_servers.insert(task.target_server.clone());
+            }
             _ => {}
         }
         Ok(())
@@ -633,8 +651,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
     }
 
     async fn ring(&self, server: &str) -> Result<(), AppError> {
-        let bell = self.ids.random_uuid().simple().to_string();
-        self.buffer.ring(server, &bell[..12]).await
+        self.buffer.ring(server, &self.ids.random_uuid().simple().to_string()).await
     }
 
     fn lease_secs(&self, requested: Option<u64>) -> u64 {

@@ -241,3 +241,15 @@ fn a_claim_retried_after_a_lost_response_gets_the_same_claim_back() {
     assert_eq!(edge.status(id)["attempts"], 1, "the retry is not another attempt");
     assert_eq!(claim(uuid::Uuid::from_u128(7)).status, 409, "another claimer still waits for the lease");
 }
+
+#[test]
+fn the_sweep_rings_again_for_entries_left_unclaimed() {
+    let edge = Edge::new();
+    edge.submit(launch("vm-1", "production"));
+    edge.deliver();
+    let bell = edge.ready("production").bell;
+    assert_eq!(sweep(&edge)["rung"], 0, "fresh entries need no second ring");
+    edge.clock.advance_ms(61_000);
+    assert_eq!(sweep(&edge)["rung"], 1);
+    assert_ne!(edge.ready("production").bell, bell, "a waiting daemon wakes up");
+}
