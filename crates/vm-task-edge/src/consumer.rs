@@ -277,7 +277,13 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         // `hot=1`: the daemon just saw work, and more often follows at once. Check the bell at
         // 100, 200, 400... ms up to the usual interval, so back-to-back tasks are picked up in
         // about 0.1 s for a handful of extra reads, while an idle poll costs no more.
-        let hot = request.query_param("hot") == Some("1");
+        let hot = match request.query_param("hot") {
+            None | Some("0") => false,
+            Some("1") => true,
+            Some(other) => {
+                return Err(AppError::invalid_field(FieldError::new("hot", format!("must be 0 or 1, got {other:?}"))))
+            }
+        };
         let mut interval =
             if hot { HOT_BELL_CHECK_MS.min(self.config.bell_check_ms) } else { self.config.bell_check_ms };
         let deadline = self.clock.now().plus_millis(wait_ms);

@@ -253,3 +253,13 @@ fn the_sweep_rings_again_for_entries_left_unclaimed() {
     assert_eq!(sweep(&edge)["rung"], 1);
     assert_ne!(edge.ready("production").bell, bell, "a waiting daemon wakes up");
 }
+
+#[test]
+fn a_hot_poll_flag_other_than_0_or_1_is_refused() {
+    let edge = Edge::new();
+    let r = edge.consumer_call(Request::new("GET", "/tasks/ready?server=production&hot=AAA").bearer(CONSUMER));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json_body::<Value>().unwrap()["field"], "hot");
+    let ok = edge.consumer_call(Request::new("GET", "/tasks/ready?server=production&hot=1").bearer(CONSUMER));
+    assert_eq!(ok.status, 200);
+}
