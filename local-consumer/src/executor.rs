@@ -196,34 +196,23 @@ impl Executor {
                 vm.status.as_str()
             )));
         }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.arrakis.snapshot_vm(name, &id).await {
-                Ok(created) => {
-                    return Ok(TaskResult {
-                        snapshot_id: Some(created),
-                        vm_state: Some(VmState::Running),
-                        ..TaskResult::default()
-                    })
-                }
-                // An earlier attempt of this task may have created it before its answer was lost.
-                Err(ArrakisError::Api { message, .. }) if attempt > 1 && message.contains("already exists") => {
-                    return Ok(TaskResult {
-                        snapshot_id: Some(id),
-                        vm_state: Some(VmState::Running),
-                        note: Some("snapshot was created by an earlier attempt".into()),
-                        ..TaskResult::default()
-                    })
-                }
-                Err(e) => {
-                    self.metrics.arrakis_error(&e);
-                    if !e.is_transient() || attempt > self.retry.retries {
-                        return Err(Failure::Arrakis(e));
-                    }
-                    self.note_retry(attempts, attempt, "snapshot", &e).await;
-                }
+        let retries_before = attempts.notes.len();
+        match self.retrying(attempts, "snapshot", || self.arrakis.snapshot_vm(name, &id)).await {
+            Ok(created) => {
+                Ok(TaskResult { snapshot_id: Some(created), vm_state: Some(VmState::Running), ..TaskResult::default() })
             }
+            // An earlier attempt of this task may have created it before its answer was lost.
+            Err(Failure::Arrakis(ArrakisError::Api { message, .. }))
+                if attempts.notes.len() > retries_before && message.contains("already exists") =>
+            {
+                Ok(TaskResult {
+                    snapshot_id: Some(id),
+                    vm_state: Some(VmState::Running),
+                    note: Some("snapshot was created by an earlier attempt".into()),
+                    ..TaskResult::default()
+                })
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -237,28 +226,18 @@ impl Executor {
                 vm.status.as_str()
             )));
         }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.arrakis.run_command(name, &cmd.command, cmd.blocking).await {
-                Ok(out) => {
-                    return Ok(TaskResult {
-                        output: Some(out.output),
-                        error: out.error,
-                        exit_code: out.exit_code,
-                        vm_state: Some(VmState::Running),
-                        ..TaskResult::default()
-                    })
-                }
-                Err(e) => {
-                    self.metrics.arrakis_error(&e);
-                    if !command_safe_to_resend(&e) || attempt > self.retry.retries {
-                        return Err(Failure::Arrakis(e));
-                    }
-                    self.note_retry(attempts, attempt, "cmd", &e).await;
-                }
-            }
-        }
+        let out = self
+            .retrying_when(attempts, "cmd", command_safe_to_resend, || {
+                self.arrakis.run_command(name, &cmd.command, cmd.blocking)
+            })
+            .await?;
+        Ok(TaskResult {
+            output: Some(out.output),
+            error: out.error,
+            exit_code: out.exit_code,
+            vm_state: Some(VmState::Running),
+            ..TaskResult::default()
+        })
     }
 
     /// The VM, or `None` when Arrakis does not know it.
@@ -280,6 +259,21 @@ impl Executor {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, ArrakisError>>,
     {
+        self.retrying_when(attempts, call, ArrakisError::is_transient, f).await
+    }
+
+    /// [`retrying`](Self::retrying) with the rule for which failures may be retried.
+    async fn retrying_when<T, F, Fut>(
+        &self,
+        attempts: &mut Attempts,
+        call: &'static str,
+        may_retry: fn(&ArrakisError) -> bool,
+        f: F,
+    ) -> Result<T, Failure>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ArrakisError>>,
+    {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -289,7 +283,7 @@ impl Executor {
                     if !e.is_not_found() {
                         self.metrics.arrakis_error(&e);
                     }
-                    if !e.is_transient() || attempt > self.retry.retries {
+                    if !may_retry(&e) || attempt > self.retry.retries {
                         return Err(Failure::Arrakis(e));
                     }
                     self.note_retry(attempts, attempt, call, &e).await;

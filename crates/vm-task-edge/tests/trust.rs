@@ -263,3 +263,19 @@ fn a_hot_poll_flag_other_than_0_or_1_is_refused() {
     let ok = edge.consumer_call(Request::new("GET", "/tasks/ready?server=production&hot=1").bearer(CONSUMER));
     assert_eq!(ok.status, 200);
 }
+
+#[test]
+fn a_task_that_cannot_be_queued_is_failed_with_the_reason_not_lost() {
+    let edge = Edge::new();
+    edge.queue.fail_sends(true);
+    let r = edge.api_call(Request::new("POST", "/vm/tasks").bearer(CLIENT).json_body(&launch("vm-1", "production")));
+    assert_eq!(r.status, 503);
+    let listed: Value = edge.api_call(Request::new("GET", "/vm/tasks").bearer(CLIENT)).json_body().unwrap();
+    assert_eq!(listed["tasks"][0]["status"], "failed", "{listed}");
+    let id: uuid::Uuid = listed["tasks"][0]["id"].as_str().unwrap().parse().unwrap();
+    assert!(edge.status(id)["error"].as_str().unwrap().contains("could not be queued"));
+    // The registry was not pointed at the failed task: the next one has no predecessor.
+    edge.queue.fail_sends(false);
+    let next = edge.submit(launch("vm-1", "production"));
+    assert!(edge.detail(next).get("previousTaskId").is_none());
+}
