@@ -19,7 +19,8 @@ const WAIT: Duration = Duration::from_secs(60);
 #[tokio::test]
 #[ignore = "needs the local stack: cargo xtask e2e"]
 async fn auth_refuses_anonymous_and_wrong_tokens_and_cors_allows_only_configured_origins() {
-    let stack = start(StackOptions::default().worker_var("ALLOWED_ORIGINS", "https://console.example.com")).await;
+    // No daemon: the task must stay as the refused requests left it.
+    let stack = start(StackOptions::edge_only().worker_var("ALLOWED_ORIGINS", "https://console.example.com")).await;
     let api = stack.client();
     let task = api.submit_op("launch_vm", json!({"vmName": "auth-vm", "targetServer": "production"})).await.unwrap();
     let path = format!("/vm/tasks/{}/status", task.task_id);
