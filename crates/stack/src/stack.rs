@@ -120,7 +120,7 @@ impl Stack {
             opts,
         };
         tracing::info!(dir = %stack.dir.display(), gateway = %stack.gateway_url(), "starting stack");
-        stack.start_wrangler().await?;
+        stack.start_wrangler_on_free_ports().await?;
         if stack.sim_addr.is_some() {
             stack.start_sim().await?;
         }
@@ -259,6 +259,30 @@ impl Stack {
             true
         })
         .await
+    }
+
+    /// The first start of wrangler. A port checked free can still be taken before workerd binds
+    /// it (by a process outside this one); when that happens and the ports were ours to choose,
+    /// choose again rather than fail the stack.
+    async fn start_wrangler_on_free_ports(&mut self) -> Result<()> {
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            let err = match self.start_wrangler().await {
+                Ok(()) => return Ok(()),
+                Err(err) => err,
+            };
+            let lost_race = format!("{err:#}").contains("Address already in use");
+            if !lost_race || self.opts.gateway_port.is_some() || attempt == ATTEMPTS {
+                return Err(err);
+            }
+            tracing::warn!(attempt, "a wrangler port was taken before workerd bound it; choosing new ports");
+            if let Some(proc) = self.wrangler.take() {
+                // The leader has exited; workerd may linger in its group.
+                let _ = proc.signal(Signal::SIGKILL);
+            }
+            [self.gateway_port, self.inspector_port] = free_ports([None, None])?;
+        }
+        unreachable!("the last attempt returns")
     }
 
     /// Starts the simulator (on the same address as before) and waits for its ready line.
@@ -484,15 +508,26 @@ static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 
 /// Fills each `None` with a free loopback port. All listeners are held until every port is
 /// chosen, so the OS cannot return one port twice.
+///
+/// Ports come from below the kernel's ephemeral range when there is room: a port the OS hands
+/// out for `bind(0)` can be handed again to another process (workerd binds several internal
+/// sockets that way) in the moment between our check and the child's bind, which made a
+/// stack fail to start with "Address already in use" under parallel tests.
 fn free_ports<const N: usize>(fixed: [Option<u16>; N]) -> Result<[u16; N]> {
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     let mut held = Vec::new();
     let mut ports = [0; N];
+    let mut candidates = quiet_port_candidates();
     for (slot, fixed) in ports.iter_mut().zip(fixed) {
         *slot = match fixed {
             Some(port) => port,
             None => loop {
-                let listener = TcpListener::bind(loopback(0)).context("could not bind a free port")?;
+                let wanted = candidates.as_mut().and_then(|c| c.next()).unwrap_or(0);
+                let listener = match TcpListener::bind(loopback(wanted)) {
+                    Ok(listener) => listener,
+                    Err(_) if wanted != 0 => continue,
+                    Err(e) => return Err(e).context("could not bind a free port"),
+                };
                 let port = listener.local_addr()?.port();
                 held.push(listener);
                 if !handed_out.contains(&port) {
@@ -503,6 +538,19 @@ fn free_ports<const N: usize>(fixed: [Option<u16>; N]) -> Result<[u16; N]> {
         handed_out.push(*slot);
     }
     Ok(ports)
+}
+
+/// Ports below the ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`), starting at an
+/// offset derived from the process id so that test binaries run side by side rarely probe
+/// the same ones. `None` when the range leaves too little room below it.
+fn quiet_port_candidates() -> Option<impl Iterator<Item = u16>> {
+    const LOWEST: u16 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let ephemeral_start: u16 = range.split_whitespace().next()?.parse().ok()?;
+    let room = u32::from(ephemeral_start.checked_sub(LOWEST).filter(|room| *room >= 1_000)?);
+    let start = std::process::id().wrapping_mul(7_919).wrapping_add(NEXT.fetch_add(97, Ordering::Relaxed));
+    Some((0..room).map(move |i| LOWEST + ((start + i) % room) as u16))
 }
 
 /// `<unix seconds>-<pid>-<n>`: sortable by age, unique within and across processes.
@@ -548,6 +596,19 @@ mod tests {
         assert_ne!(a, c);
         let [d] = free_ports([None]).unwrap();
         assert!(![a, c].contains(&d));
+    }
+
+    #[test]
+    fn free_ports_stay_out_of_the_ephemeral_range_when_there_is_room() {
+        let Some(range) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok() else {
+            return;
+        };
+        let ephemeral_start: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+        if ephemeral_start < 11_000 {
+            return;
+        }
+        let ports = free_ports([None; 8]).unwrap();
+        assert!(ports.iter().all(|p| (10_000..ephemeral_start).contains(p)), "{ports:?} vs {ephemeral_start}");
     }
 
     #[test]
