@@ -294,7 +294,7 @@ async fn job(shared: &Shared, task: BufferedTask, previous_done: bool) -> JobEnd
         return JobEnd::Deferred(task, Instant::now());
     }
 
-    let claim = match shared.edge.claim(id, config.lease).await {
+    let claim = match shared.edge.claim(&task, config.lease).await {
         Ok(ClaimOutcome::Claimed(claim)) => claim,
         Ok(ClaimOutcome::Finished(status)) => {
             tracing::info!(%status, "task is already terminal; skipping");

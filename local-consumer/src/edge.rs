@@ -10,8 +10,8 @@ use serde::{de::DeserializeOwned, Serialize};
 use uuid::Uuid;
 use vm_task_types::{
     wire::{
-        ClaimRequest, ClaimResponse, ErrorBody, LeaseRequest, LeaseResponse, ReadyTasksResponse, TaskStatusResponse,
-        UpdateStatusRequest,
+        BufferedTask, ClaimRequest, ClaimResponse, ErrorBody, LeaseRequest, LeaseResponse, ReadyTasksResponse,
+        TaskStatusResponse, UpdateStatusRequest,
     },
     TaskStatus, Timestamp,
 };
@@ -104,12 +104,15 @@ impl EdgeClient {
     /// Claims a task. The claim id is fixed per (process, task), so retrying after a lost
     /// response gets the same claim back rather than "held by another claim" until its lease
     /// ends.
-    pub async fn claim(&self, id: Uuid, lease: Duration) -> Result<ClaimOutcome, EdgeError> {
+    /// Claims a listed task; its entry's buffering time goes along for the task's timeline.
+    pub async fn claim(&self, task: &BufferedTask, lease: Duration) -> Result<ClaimOutcome, EdgeError> {
+        let id = task.task_id;
         let url = self.consumer.join(&format!("tasks/{id}/claim")).expect("uuid path");
         let body = ClaimRequest {
             consumer_id: self.consumer_id.clone(),
             claim_id: Some(self.claim_id_for(id)),
             lease_seconds: Some(lease.as_secs()),
+            buffered_at: Some(task.buffered_at),
         };
         match self.send::<ClaimResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await {
             Ok(claim) => Ok(ClaimOutcome::Claimed(Box::new(claim))),

@@ -197,7 +197,11 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         }
         match registry.as_mut() {
             Some(record) => {
-                self.fold_registry(record).await?;
+                // Folding reads the unfinished lifecycle tasks; the status route folds on every
+                // read anyway, so a POST folds only when the list must make room.
+                if record.is_full_for(task.kind()) {
+                    self.fold_registry(record).await?;
+                }
                 record.push_task(&task);
             }
             None => registry = Some(VmRecord::new_for(&task)),

@@ -190,8 +190,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
                 continue;
             }
             match outcome {
-                Ok(true) => by_server.entry(message.target_server.clone()).or_default().push(i),
-                Ok(false) => {}
+                Ok(()) => by_server.entry(message.target_server.clone()).or_default().push(i),
                 Err(_) => {
                     decisions[i] = retry;
                     blocked_vms.insert(message.vm_name.clone());
@@ -209,17 +208,14 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         decisions
     }
 
-    /// Writes the buffer entry; `Ok(false)` when the task is already terminal and needs none.
-    async fn buffer_one(&self, message: &QueueMessage, now: Timestamp) -> Result<bool, AppError> {
+    /// Writes the buffer entry; its server's doorbell rings after the batch.
+    ///
+    /// The task record is not read first: a task cancelled while queued is rare, and its
+    /// entry is harmless, since a claim checks the record, refuses the task with 409 and drops
+    /// the entry. Reading every record to catch that case cost each task a KV read.
+    async fn buffer_one(&self, message: &QueueMessage, now: Timestamp) -> Result<(), AppError> {
         if self.config.fault_fail_buffering_vm.as_deref() == Some(message.vm_name.as_str()) {
             return Err(AppError::Unavailable(format!("injected buffering fault for VM {}", message.vm_name)));
-        }
-        // A task cancelled while queued is never buffered. A task whose record is not visible
-        // yet (KV is eventually consistent) is buffered anyway: losing it would be worse.
-        if let Some(task) = self.tasks.load(message.task_id).await? {
-            if task.status.is_terminal() {
-                return Ok(false);
-            }
         }
         let entry = BufferedTask {
             task_id: message.task_id,
@@ -231,7 +227,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             buffered_at: now,
         };
         self.buffer.put(&entry).await?;
-        Ok(true)
+        Ok(())
     }
 
     /// Handles messages that exhausted their deliveries: each task becomes `failed` with the
@@ -403,14 +399,15 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             return Err(AppError::conflict(task.error.clone().unwrap_or_default(), TaskStatus::Failed));
         }
         if task.event_at("buffered").is_none() {
-            if let Some(entry) = self.buffer.get(&task.target_server, id).await? {
-                task.record(
-                    entry.buffered_at,
-                    WORKER,
-                    "buffered",
-                    None,
-                    format!("buffered for server {}", task.target_server),
-                );
+            // The daemon read the entry's buffering time in its listing; only a client that
+            // does not send it costs a read of the entry. Clamped: it is a timeline note, and
+            // the edge's clocks may differ by a few ms between locations.
+            let buffered_at = match body.buffered_at {
+                Some(at) => Some(at.max(task.created_at).min(now)),
+                None => self.buffer.get(&task.target_server, id).await?.map(|entry| entry.buffered_at),
+            };
+            if let Some(at) = buffered_at {
+                task.record(at, WORKER, "buffered", None, format!("buffered for server {}", task.target_server));
             }
         }
         task.attempts += 1;
@@ -572,10 +569,9 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
                     continue;
                 }
                 let message = QueueMessage::of(&task);
-                if self.buffer_one(&message, now).await? {
-                    self.ring(&task.target_server).await?;
-                    report.rebuffered += 1;
-                }
+                self.buffer_one(&message, now).await?;
+                self.ring(&task.target_server).await?;
+                report.rebuffered += 1;
             }
             if page.list_complete {
                 break;

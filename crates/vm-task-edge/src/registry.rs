@@ -1,7 +1,8 @@
 //! The VM registry: for each VM, the server that runs it, its last task, and its last known
 //! state. Written once per submitted task (by the API), never by the daemon: the state is
-//! folded in from finished tasks when the registry is next read, so reporting a result costs
-//! no extra KV write.
+//! folded in from finished lifecycle tasks when `GET /vm/:vmName/status` reads the registry
+//! (and stored when a submission needs room in the list of unfolded tasks), so reporting a
+//! result costs no extra KV write and a submission usually reads nothing but the registry.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -65,6 +66,11 @@ impl VmRecord {
             self.known = Some(KnownState { state, ip, port_forwards, task_id: task.id, at: task.updated_at });
         }
         Fold::Done
+    }
+
+    /// Whether noting a task of `kind` would push an unfolded lifecycle task out of the list.
+    pub fn is_full_for(&self, kind: OperationKind) -> bool {
+        kind.changes_vm_state() && self.pending_lifecycle.len() >= MAX_PENDING_LIFECYCLE
     }
 
     /// Notes a newly submitted task.

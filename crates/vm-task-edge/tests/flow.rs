@@ -5,7 +5,10 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use vm_task_edge::{consumer::Delivery, http::Request};
-use vm_task_types::wire::OpCounts;
+use vm_task_types::{
+    wire::{ClaimResponse, OpCounts},
+    Timestamp,
+};
 
 #[test]
 fn a_launch_goes_from_submission_to_completed_with_a_readable_result() {
@@ -84,6 +87,34 @@ fn all_seven_operations_are_accepted_and_later_ones_route_through_the_registry()
     assert!(snapshot.as_str().unwrap().starts_with("vm-1-"), "generated snapshot id: {snapshot}");
 }
 
+/// Runs one buffered task to completion with the given result.
+fn run(edge: &Edge, id: uuid::Uuid, result: Value) {
+    edge.deliver();
+    let claim = edge.claimed(id);
+    let r = edge.report(id, claim.claim_id, json!({"status": "completed", "result": result}));
+    assert_eq!(r.status, 200, "{}", body_text(&r));
+}
+
+#[test]
+fn a_submission_reads_only_the_registry_and_the_status_route_still_sees_every_result() {
+    let edge = Edge::new();
+    let launched = edge.submit(launch("vm-1", "production"));
+    run(&edge, launched, json!({"ip": "10.20.1.2", "vmState": "RUNNING"}));
+    let reads = edge.counters.snapshot().kv_reads;
+    let command = edge.submit(json!({"type": "run_command", "payload": {"vmName": "vm-1", "command": "true"}}));
+    assert_eq!(edge.counters.snapshot().kv_reads - reads, 1, "the registry only, no fold");
+    run(&edge, command, json!({"exitCode": 0}));
+
+    // More lifecycle tasks than the registry remembers unfolded: the oldest are folded to
+    // make room, so the launch's address survives a long run of pauses and resumes.
+    for i in 0..20 {
+        let id = edge.submit(op(if i % 2 == 0 { "pause_vm" } else { "resume_vm" }, "vm-1"));
+        run(&edge, id, json!({}));
+    }
+    let vm: Value = edge.api_call(Request::new("GET", "/vm/vm-1/status").bearer(CLIENT)).json_body().unwrap();
+    assert_eq!((vm["state"].as_str(), vm["ip"].as_str()), (Some("RUNNING"), Some("10.20.1.2")), "{vm}");
+}
+
 #[test]
 fn a_vm_nobody_launched_needs_a_target_server() {
     let edge = Edge::new();
@@ -121,6 +152,47 @@ fn tasks_list_newest_first_from_metadata_with_signed_cursors() {
     let forged = edge.api_call(Request::new("GET", "/vm/tasks?cursor=task:000").bearer(CLIENT));
     assert_eq!(forged.status, 400);
     assert_eq!(forged.json_body::<Value>().unwrap()["code"], "invalid_cursor");
+}
+
+#[test]
+fn a_task_costs_four_kv_reads_when_the_daemon_sends_the_buffering_time() {
+    let edge = Edge::new();
+    let id = edge.submit(launch("vm-1", "production"));
+    edge.deliver();
+    let entry = edge.ready("production").tasks.remove(0);
+    let reads_before = edge.counters.snapshot().kv_reads;
+    edge.clock.advance_ms(40);
+    let claim = edge.consumer_call(
+        Request::new("POST", &format!("/tasks/{id}/claim"))
+            .bearer(CONSUMER)
+            .json_body(&json!({"consumerId": "host-a", "bufferedAt": entry.buffered_at})),
+    );
+    assert_eq!(claim.status, 200, "{}", body_text(&claim));
+    assert_eq!(edge.counters.snapshot().kv_reads - reads_before, 1, "the claim reads the task record only");
+    let claim: ClaimResponse = claim.json_body().unwrap();
+    assert_eq!(claim.task.event_at("buffered"), Some(entry.buffered_at));
+    edge.report(id, claim.claim_id, json!({"status": "completed"}));
+    // POST: registry; buffering: none; ready: doorbell; claim: task; report: task.
+    assert_eq!(edge.counters.snapshot().kv_reads, 4);
+}
+
+#[test]
+fn a_buffering_time_outside_the_tasks_life_is_clamped() {
+    let edge = Edge::new();
+    let early = edge.submit(launch("vm-1", "production"));
+    let late = edge.submit(launch("vm-2", "production"));
+    edge.deliver();
+    edge.clock.advance_ms(40);
+    for (id, sent, expected) in [(early, "1970-01-01T00:00:00.000Z", 0), (late, "2999-01-01T00:00:00.000Z", 40)] {
+        let r = edge.consumer_call(
+            Request::new("POST", &format!("/tasks/{id}/claim"))
+                .bearer(CONSUMER)
+                .json_body(&json!({"consumerId": "host-a", "bufferedAt": sent})),
+        );
+        assert_eq!(r.status, 200, "{}", body_text(&r));
+        let claim: ClaimResponse = r.json_body().unwrap();
+        assert_eq!(claim.task.event_at("buffered"), Some(Timestamp(START_MS + expected)), "{sent}");
+    }
 }
 
 #[test]

@@ -103,12 +103,17 @@ fn a_cancelled_task_is_never_handed_out() {
 }
 
 #[test]
-fn a_task_cancelled_while_queued_is_not_buffered() {
+fn a_task_cancelled_while_queued_is_never_handed_to_a_daemon() {
     let edge = Edge::new();
     let id = edge.submit(launch("vm-1", "production"));
     edge.api_call(Request::new("DELETE", &format!("/vm/tasks/{id}")).bearer(CLIENT));
+    // Buffering does not read the record, so the entry is written; the claim refuses it.
     assert_eq!(edge.deliver(), vec![Delivery::Ack]);
-    assert!(edge.ready("production").tasks.is_empty());
+    let r = edge.claim(id, None);
+    assert_eq!(r.status, 409);
+    assert_eq!(r.json_body::<Value>().unwrap()["currentStatus"], "cancelled");
+    assert!(edge.ready("production").tasks.is_empty(), "the refused claim dropped the entry");
+    assert_eq!(edge.status(id)["status"], "cancelled");
 }
 
 #[test]

@@ -207,6 +207,10 @@ pub struct ClaimRequest {
     /// Requested lease; bounded by the worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_seconds: Option<u64>,
+    /// When the task was buffered, as its entry in `GET /tasks/ready` said. Saves the worker
+    /// reading the entry back for the timeline; it is clamped to the task's creation and now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffered_at: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
