@@ -123,15 +123,30 @@ impl Executor {
             };
             self.metrics.arrakis_error(&error);
             if !existed {
-                if let Ok(zombie) = self.arrakis.get_vm(&request.vm_name).await {
-                    tracing::warn!(vm = %request.vm_name, status = zombie.status.as_str(), "removing the VM a failed start left behind");
-                    let _ = self.arrakis.delete_vm(&request.vm_name).await;
-                }
+                self.remove_zombie(&request.vm_name, attempts).await;
             }
             if !error.is_transient() || attempt > self.retry.retries {
                 return Err(Failure::Arrakis(error));
             }
             self.note_retry(attempts, attempt, "start", &error).await;
+        }
+    }
+
+    /// Deletes the VM a failed boot left registered, if there is one. The check and the delete
+    /// are retried (and recorded) like any call: a transient failure of the check must not
+    /// leave the zombie in the way of the next start.
+    async fn remove_zombie(&self, name: &str, attempts: &mut Attempts) {
+        let zombie = match self.retrying(attempts, "get", || self.arrakis.get_vm(name)).await {
+            Ok(zombie) => zombie,
+            Err(Failure::Arrakis(e)) if e.is_not_found() => return,
+            Err(e) => {
+                tracing::warn!(vm = %name, error = ?e, "cannot tell whether the failed start left a VM behind");
+                return;
+            }
+        };
+        tracing::warn!(vm = %name, status = zombie.status.as_str(), "removing the VM a failed start left behind");
+        if let Err(e) = self.retrying(attempts, "delete", || self.arrakis.delete_vm(name)).await {
+            tracing::warn!(vm = %name, error = ?e, "could not remove the VM a failed start left behind");
         }
     }
 
