@@ -213,4 +213,9 @@ async fn soak_two_thousand_tasks_with_faults() {
     assert_eq!(duplicates, 0, "operations reached the simulator more often than the records account for");
     assert_eq!(mismatches, 0, "the simulator's VMs must match the VM registry");
     assert!(injected > 0, "faults were on");
+    if failed == 0 {
+        // Every injected fault is transient, so each one was retried, and every retry is on
+        // the record of the task that met it.
+        assert_eq!(retries, injected, "faults the task records do not account for");
+    }
 }
