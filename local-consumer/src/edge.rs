@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use arrakis_client::error_chain;
 use reqwest::{Method, StatusCode, Url};
 use serde::{de::DeserializeOwned, Serialize};
 use uuid::Uuid;
@@ -226,16 +227,4 @@ fn with_trailing_slash(url: &Url) -> Url {
 
 fn truncate(text: &str) -> String {
     text.chars().take(300).collect()
-}
-
-/// reqwest's Display hides the cause ("error sending request"); include the chain.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

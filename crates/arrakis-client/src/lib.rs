@@ -329,8 +329,9 @@ fn snippet(body: &[u8]) -> String {
     }
 }
 
-/// reqwest's `Display` omits the cause ("error sending request"); the chain says what failed.
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error with its causes, `: `-separated. reqwest's `Display` omits the cause ("error
+/// sending request"); the chain says what failed. The daemon's edge client uses it too.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut message = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
