@@ -518,6 +518,22 @@ impl GuestRef {
         Ok(Self { ip: vm.ip_addr().to_string(), status: vm.status, incarnation: vm.incarnation, boot_gen: vm.boot_gen })
     }
 
+    /// The guest of a VM whose agent can answer a request. For any other VM, after the proxy
+    /// timeout, the 500 Arrakis gives: `failure(ip, detail)` is its message.
+    async fn reachable(
+        sim: &Simulator,
+        name: &str,
+        not_found_prefix: &str,
+        failure: impl FnOnce(&str, &str) -> String,
+    ) -> Result<Self, Reply> {
+        let guest = Self::lookup(sim, name, not_found_prefix)?;
+        if guest.status != VmStatus::Running {
+            let detail = guest.unreachable(sim).await;
+            return Err(Reply::error(500, &failure(&guest.ip, &detail)));
+        }
+        Ok(guest)
+    }
+
     /// Waits out the proxy timeout for a guest that cannot answer and returns Go's error
     /// detail. A stopped guest's address stops answering ARP, so the dial fails with "no route
     /// to host" rather than a timeout (inferred); both take the proxy timeout here.
@@ -549,18 +565,15 @@ async fn cmd(sim: &Simulator, name: &str, body: &[u8]) -> Reply {
         return Reply::error(400, "Command cannot be empty");
     }
     let blocking = fields.bool("blocking").unwrap_or(true);
-    let guest = match GuestRef::lookup(sim, name, "Failed to execute command") {
+    let guest = match GuestRef::reachable(sim, name, "Failed to execute command", |ip, detail| {
+        format!("Failed to execute command: failed to execute request: Post \"http://{ip}:4031/cmd\": {detail}")
+    })
+    .await
+    {
         Ok(g) => g,
         Err(reply) => return reply,
     };
     let url = format!("http://{}:4031/cmd", guest.ip);
-    if guest.status != VmStatus::Running {
-        let detail = guest.unreachable(sim).await;
-        return Reply::error(
-            500,
-            &format!("Failed to execute command: failed to execute request: Post \"{url}\": {detail}"),
-        );
-    };
     if !shell::precheck(&command) {
         return Reply::error(500, "Failed to execute command: request failed with status: 400");
     }
@@ -627,18 +640,15 @@ async fn upload(sim: &Simulator, name: &str, body: &[u8]) -> Reply {
     if files.is_empty() {
         return Reply::error(400, "No files provided for upload");
     }
-    let guest = match GuestRef::lookup(sim, name, "Failed to upload files") {
+    let guest = match GuestRef::reachable(sim, name, "Failed to upload files", |ip, detail| {
+        format!("Failed to upload files: rpc error: code = Internal desc = failed to execute request: Post \"http://{ip}:4031/files\": {detail}")
+    })
+    .await
+    {
         Ok(g) => g,
         Err(reply) => return reply,
     };
     let ip = &guest.ip;
-    if guest.status != VmStatus::Running {
-        let detail = guest.unreachable(sim).await;
-        return Reply::error(
-            500,
-            &format!("Failed to upload files: rpc error: code = Internal desc = failed to execute request: Post \"http://{ip}:4031/files\": {detail}"),
-        );
-    }
     let mut world = sim.world();
     let Some(vm) = world.vms.get_mut(name).filter(|vm| vm.incarnation == guest.incarnation) else {
         return Reply::error(500, &format!("Failed to upload files: rpc error: code = Internal desc = failed to execute request: Post \"http://{ip}:4031/files\": EOF"));
@@ -683,17 +693,11 @@ async fn download(sim: &Simulator, name: &str, query: &str) -> Reply {
     if paths.is_empty() {
         return Reply::error(400, "Missing 'paths' query parameter");
     }
-    let guest = match GuestRef::lookup(sim, name, "Failed to download files") {
-        Ok(g) => g,
-        Err(reply) => return reply,
-    };
-    let ip = &guest.ip;
-    if guest.status != VmStatus::Running {
-        let detail = guest.unreachable(sim).await;
-        return Reply::error(
-            500,
-            &format!("Failed to download files: rpc error: code = Internal desc = failed to execute request: Get \"http://{ip}:4031/files?paths={paths}\": {detail}"),
-        );
+    let reachable = GuestRef::reachable(sim, name, "Failed to download files", |ip, detail| {
+        format!("Failed to download files: rpc error: code = Internal desc = failed to execute request: Get \"http://{ip}:4031/files?paths={paths}\": {detail}")
+    });
+    if let Err(reply) = reachable.await {
+        return reply;
     }
     let world = sim.world();
     let Some(vm) = world.vms.get(name) else {
