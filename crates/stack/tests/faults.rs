@@ -27,19 +27,7 @@ async fn thirty_percent_server_errors_are_retried_and_every_task_ends_cleanly() 
     )
     .await;
     let api = stack.client();
-    let mut ids = Vec::new();
-    for vm in 0..5 {
-        ids.push(
-            api.submit_op("launch_vm", json!({"vmName": format!("flaky-{vm}"), "targetServer": "production"}))
-                .await
-                .unwrap()
-                .task_id,
-        );
-        for step in 0..3 {
-            let cmd = json!({"vmName": format!("flaky-{vm}"), "command": format!("echo {step}")});
-            ids.push(api.submit_op("run_command", cmd).await.unwrap().task_id);
-        }
-    }
+    let ids = submit_chains(&api, "flaky", 5, 3).await;
     let (mut completed, mut failed, mut retries) = (0, 0, 0);
     for id in &ids {
         let status = api.wait_terminal(*id, WAIT).await.unwrap();
@@ -111,19 +99,7 @@ async fn restarting_wrangler_mid_run_loses_no_task() {
     )
     .await;
     let api = stack.client();
-    let mut ids = Vec::new();
-    for vm in 0..4 {
-        ids.push(
-            api.submit_op("launch_vm", json!({"vmName": format!("persist-{vm}"), "targetServer": "production"}))
-                .await
-                .unwrap()
-                .task_id,
-        );
-        for step in 0..4 {
-            let cmd = json!({"vmName": format!("persist-{vm}"), "command": format!("echo {step}")});
-            ids.push(api.submit_op("run_command", cmd).await.unwrap().task_id);
-        }
-    }
+    let ids = submit_chains(&api, "persist", 4, 4).await;
     stack.restart_wrangler().await.unwrap();
     let api = stack.client();
     for id in &ids {

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use stack::{Stack, StackOptions};
+use serde_json::{json, Value};
+use stack::{ApiClient, Stack, StackOptions};
 use uuid::Uuid;
 use vm_task_types::TaskStatus;
 
@@ -37,4 +37,20 @@ pub async fn wait_for_status(stack: &Stack, id: Uuid, want: TaskStatus) {
         assert!(Instant::now() < deadline, "task {id} never became {want}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// For each of `vms` VMs named `{prefix}-{n}`: a launch on `production`, then `commands` `echo`
+/// commands, each submitted after the previous one was accepted. The ids in submission order.
+pub async fn submit_chains(api: &ApiClient, prefix: &str, vms: usize, commands: usize) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    for vm in 0..vms {
+        let name = format!("{prefix}-{vm}");
+        let launch = json!({"vmName": name, "targetServer": "production"});
+        ids.push(api.submit_op("launch_vm", launch).await.unwrap().task_id);
+        for step in 0..commands {
+            let cmd = json!({"vmName": name, "command": format!("echo {step}")});
+            ids.push(api.submit_op("run_command", cmd).await.unwrap().task_id);
+        }
+    }
+    ids
 }
