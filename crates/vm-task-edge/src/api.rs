@@ -388,8 +388,10 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             .vm(vm_name)
             .await?
             .ok_or_else(|| AppError::NotFound(format!("VM {vm_name:?} is not in the registry")))?;
-        self.fold_registry(&mut record).await?;
-        let last = self.tasks.load(record.last_task_id).await?;
+        let last = match self.fold_registry(&mut record).await? {
+            Some(last) => Some(last),
+            None => self.tasks.load(record.last_task_id).await?,
+        };
         let known = record.known.clone();
         Ok(Response::json(
             200,
@@ -409,17 +411,24 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         ))
     }
 
-    /// Folds finished lifecycle tasks into the record's known state, oldest first.
-    async fn fold_registry(&self, record: &mut VmRecord) -> Result<(), AppError> {
+    /// Folds finished lifecycle tasks into the record's known state, oldest first. Returns the
+    /// VM's last task when folding read it, so the caller need not read it again.
+    async fn fold_registry(&self, record: &mut VmRecord) -> Result<Option<Task>, AppError> {
         let mut folded = 0;
+        let mut last = None;
         for id in record.pending_lifecycle.clone() {
-            match self.tasks.load(id).await? {
-                Some(task) if record.fold(&task) == Fold::Stop => break,
-                _ => folded += 1,
+            let task = self.tasks.load(id).await?;
+            let stop = task.as_ref().is_some_and(|task| record.fold(task) == Fold::Stop);
+            if id == record.last_task_id {
+                last = task;
             }
+            if stop {
+                break;
+            }
+            folded += 1;
         }
         record.pending_lifecycle.drain(..folded);
-        Ok(())
+        Ok(last)
     }
 
     fn preflight(&self, request: &Request) -> Response {

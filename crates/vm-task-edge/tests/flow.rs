@@ -116,6 +116,17 @@ fn a_submission_reads_only_the_registry_and_the_status_route_still_sees_every_re
 }
 
 #[test]
+fn the_vm_status_route_reads_the_registry_and_each_unfolded_task_once() {
+    let edge = Edge::new();
+    let launched = edge.submit(launch("vm-1", "production"));
+    run(&edge, launched, json!({"ip": "10.20.1.2", "vmState": "RUNNING"}));
+    let reads = edge.counters.snapshot().kv_reads;
+    let vm: Value = edge.api_call(Request::new("GET", "/vm/vm-1/status").bearer(CLIENT)).json_body().unwrap();
+    assert_eq!((vm["ip"].as_str(), vm["lastTaskStatus"].as_str()), (Some("10.20.1.2"), Some("completed")));
+    assert_eq!(edge.counters.snapshot().kv_reads - reads, 2, "the registry and the launch, once");
+}
+
+#[test]
 fn a_vm_nobody_launched_needs_a_target_server() {
     let edge = Edge::new();
     let r = edge.api_call(Request::new("POST", "/vm/tasks").bearer(CLIENT).json_body(&op("stop_vm", "ghost")));
