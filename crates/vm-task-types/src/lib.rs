@@ -13,6 +13,6 @@ pub mod wire;
 
 pub use operation::{LaunchVm, Operation, OperationKind, RunCommand, SnapshotVm, VmConfig, VmRef};
 pub use status::{TaskStatus, TransitionError};
-pub use task::{Claim, PortForward, Task, TaskResult, TaskSummary, TimelineEntry, VmState};
+pub use task::{Claim, PortForward, Task, TaskResult, TaskSummary, TimelineEntry, TimelineEvent, VmState};
 pub use time::Timestamp;
 pub use validate::{FieldError, Limits};

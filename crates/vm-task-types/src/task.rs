@@ -58,6 +58,8 @@ pub struct TimelineEntry {
     pub at: Timestamp,
     /// Who did it: `api`, `consumer-worker`, `sweeper`, `client`, or the daemon's consumer id.
     pub actor: String,
+    /// A [`TimelineEvent`]'s wire name. Kept a string on the wire so a reader built before a
+    /// new event was added still reads the record; writers go through the enum.
     pub event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<TaskStatus>,
@@ -65,6 +67,114 @@ pub struct TimelineEntry {
     pub to: Option<TaskStatus>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+}
+
+/// Every event a timeline can hold, with its wire name. Writers name events only through this
+/// enum, so a misspelt event does not compile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TimelineEvent {
+    /// The API accepted the task.
+    Created,
+    /// The queue send failed; the task failed at once.
+    QueueFailed,
+    /// The consumer worker wrote the task's buffer entry.
+    Buffered,
+    /// A daemon claimed the task (pending → processing).
+    Claimed,
+    /// The claiming daemon gave the task back before starting (processing → pending).
+    Released,
+    /// A lease ended without a report (processing → pending).
+    LeaseExpired,
+    /// No daemon claimed the task within `MAX_QUEUED_SECONDS` (pending → failed). Wire name
+    /// `expired`, kept from before the enum.
+    NeverClaimed,
+    /// Every claim's lease expired (→ failed).
+    AttemptsExhausted,
+    /// The queue gave up delivering the task (→ failed).
+    DeadLettered,
+    /// The client cancelled the task (→ cancelled).
+    Cancelled,
+    /// A client asked to cancel a task a claim was racing for; the outcome follows.
+    CancelRequested,
+    /// A claim saw the client's cancel and stood down (→ cancelled).
+    ClaimYielded,
+    /// The sweep found a non-terminal task in no buffer and buffered it again.
+    Rebuffered,
+    /// The sweep found a non-terminal task in no buffer that it could not buffer (→ failed).
+    Orphaned,
+    /// One failed try of the daemon's operation, reported with the outcome.
+    Retry,
+    /// The daemon reported success (→ completed).
+    Completed,
+    /// The daemon reported failure (→ failed).
+    Failed,
+}
+
+impl TimelineEvent {
+    pub const ALL: [TimelineEvent; 17] = [
+        Self::Created,
+        Self::QueueFailed,
+        Self::Buffered,
+        Self::Claimed,
+        Self::Released,
+        Self::LeaseExpired,
+        Self::NeverClaimed,
+        Self::AttemptsExhausted,
+        Self::DeadLettered,
+        Self::Cancelled,
+        Self::CancelRequested,
+        Self::ClaimYielded,
+        Self::Rebuffered,
+        Self::Orphaned,
+        Self::Retry,
+        Self::Completed,
+        Self::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::QueueFailed => "queue_failed",
+            Self::Buffered => "buffered",
+            Self::Claimed => "claimed",
+            Self::Released => "released",
+            Self::LeaseExpired => "lease_expired",
+            Self::NeverClaimed => "expired",
+            Self::AttemptsExhausted => "attempts_exhausted",
+            Self::DeadLettered => "dead_lettered",
+            Self::Cancelled => "cancelled",
+            Self::CancelRequested => "cancel_requested",
+            Self::ClaimYielded => "claim_yielded",
+            Self::Rebuffered => "rebuffered",
+            Self::Orphaned => "orphaned",
+            Self::Retry => "retry",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == s)
+    }
+}
+
+impl AsRef<str> for TimelineEvent {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for TimelineEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl TimelineEntry {
+    /// The event, or `None` for one written by a newer version.
+    pub fn kind(&self) -> Option<TimelineEvent> {
+        TimelineEvent::parse(&self.event)
+    }
 }
 
 /// A VM's lifecycle state as last reported by Arrakis, plus `DELETED` for a destroyed VM.
@@ -172,7 +282,7 @@ impl Task {
         &mut self,
         at: Timestamp,
         actor: &str,
-        event: &str,
+        event: TimelineEvent,
         to: Option<TaskStatus>,
         message: impl Into<String>,
     ) {
@@ -183,7 +293,7 @@ impl Task {
         self.timeline.push(TimelineEntry {
             at,
             actor: actor.to_owned(),
-            event: event.to_owned(),
+            event: event.as_str().to_owned(),
             from,
             to,
             message: message.into(),
@@ -197,8 +307,10 @@ impl Task {
         self.timeline.iter().rev().find(|e| e.to == Some(status)).map(|e| e.at)
     }
 
-    /// When an event (`buffered`, say) was last recorded.
-    pub fn event_at(&self, event: &str) -> Option<Timestamp> {
+    /// When an event (`buffered`, say) was last recorded. Takes a [`TimelineEvent`] or its
+    /// wire name.
+    pub fn event_at(&self, event: impl AsRef<str>) -> Option<Timestamp> {
+        let event = event.as_ref();
         self.timeline.iter().rev().find(|e| e.event == event).map(|e| e.at)
     }
 }
@@ -241,14 +353,28 @@ mod tests {
     #[test]
     fn record_tracks_status_changes_and_generations() {
         let mut task = sample();
-        task.record(Timestamp(2_000), "consumer-worker", "buffered", None, "");
-        task.record(Timestamp(3_000), "host-a", "claimed", Some(TaskStatus::Processing), "");
+        task.record(Timestamp(2_000), "consumer-worker", TimelineEvent::Buffered, None, "");
+        task.record(Timestamp(3_000), "host-a", TimelineEvent::Claimed, Some(TaskStatus::Processing), "");
         assert_eq!(task.status, TaskStatus::Processing);
         assert_eq!(task.gen, 2);
         assert_eq!(task.updated_at, Timestamp(3_000));
         assert_eq!(task.timeline[1].from, Some(TaskStatus::Pending));
         assert_eq!(task.entered(TaskStatus::Processing), Some(Timestamp(3_000)));
-        assert_eq!(task.event_at("buffered"), Some(Timestamp(2_000)));
+        assert_eq!(task.event_at(TimelineEvent::Buffered), Some(Timestamp(2_000)));
+        assert_eq!(task.timeline[0].event, "buffered");
+    }
+
+    #[test]
+    fn timeline_events_keep_their_wire_names_and_parse_back() {
+        assert_eq!(TimelineEvent::NeverClaimed.as_str(), "expired");
+        assert_eq!(TimelineEvent::LeaseExpired.as_str(), "lease_expired");
+        let mut names: Vec<&str> = TimelineEvent::ALL.iter().map(|e| e.as_str()).collect();
+        for event in TimelineEvent::ALL {
+            assert_eq!(TimelineEvent::parse(event.as_str()), Some(event));
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), TimelineEvent::ALL.len(), "wire names are distinct");
     }
 
     #[test]

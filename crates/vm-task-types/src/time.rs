@@ -72,13 +72,27 @@ impl Timestamp {
     }
 }
 
-impl fmt::Display for Timestamp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Timestamp {
+    /// RFC 3339 to the second (`2025-06-02T17:46:29Z`), as Go's `time.RFC3339` writes a UTC
+    /// time; [`Display`](fmt::Display) adds milliseconds.
+    pub fn to_rfc3339_secs(self) -> String {
+        let (date, time) = self.civil();
+        format!("{date}T{time}Z")
+    }
+
+    /// `YYYY-MM-DD` and `HH:MM:SS` of the instant, UTC.
+    fn civil(self) -> (String, String) {
         let secs = self.0 / 1000;
-        let millis = self.0 % 1000;
         let (year, month, day) = civil_from_days((secs / 86_400) as i64);
         let rem = secs % 86_400;
-        write!(f, "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, (rem / 60) % 60, rem % 60)
+        (format!("{year:04}-{month:02}-{day:02}"), format!("{:02}:{:02}:{:02}", rem / 3600, (rem / 60) % 60, rem % 60))
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (date, time) = self.civil();
+        write!(f, "{date}T{time}.{:03}Z", self.0 % 1000)
     }
 }
 
@@ -128,6 +142,7 @@ mod tests {
         // 2025-06-02T17:46:29Z, the timestamp in BEHAVIOR.md's health example.
         assert_eq!(Timestamp(1_748_886_389_000).to_string(), "2025-06-02T17:46:29.000Z");
         assert_eq!(Timestamp(951_782_400_123).to_string(), "2000-02-29T00:00:00.123Z");
+        assert_eq!(Timestamp(1_748_886_389_999).to_rfc3339_secs(), "2025-06-02T17:46:29Z");
     }
 
     #[test]
