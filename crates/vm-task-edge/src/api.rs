@@ -9,7 +9,7 @@ use vm_task_types::{
         CreateTaskResponse, HealthResponse, ListTasksResponse, StatsResponse, TaskDetailResponse, TaskStatusResponse,
         UpdateStatusRequest, UpdateStatusResponse, VmStatusResponse,
     },
-    FieldError, Limits, Operation, Task, TaskStatus, TaskSummary, Timestamp,
+    FieldError, Limits, Operation, Task, TaskStatus, TaskSummary, TimelineEvent, Timestamp,
 };
 
 use crate::{
@@ -17,7 +17,7 @@ use crate::{
     counting::OpCounters,
     http::{Request, Response},
     registry::{Fold, VmRecord},
-    routes::{match_route, Matched, API_ROUTES},
+    routes::{ApiRoute, API_ROUTES},
     store::{BufferStore, TaskStore},
     AppError, Clock, Ids, KvStore, QueueMessage, TaskQueue,
 };
@@ -69,18 +69,21 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         if request.method == "OPTIONS" {
             return self.preflight(&request);
         }
-        let response = match match_route(API_ROUTES, &request.method, &request.path) {
-            Ok(route) => self.dispatch(&route, &request).await.unwrap_or_else(Response::from),
-            Err(e) => e.into(),
+        let outcome = async {
+            let route = ApiRoute::parse(&request.method, &request.path)?;
+            let config = self.config;
+            auth::authorize(route.auth(), &request, &config.client_tokens, &config.consumer_tokens)?;
+            self.dispatch(route, &request).await
         };
+        let response = outcome.await.unwrap_or_else(Response::from);
         self.with_cors(&request, response)
     }
 
-    async fn dispatch(&self, route: &Matched, request: &Request) -> Result<Response, AppError> {
-        match route.pattern {
-            "/health" => Ok(self.health()),
-            "/" => Ok(index()),
-            "/openapi.json" => match self.config.openapi {
+    async fn dispatch(&self, route: ApiRoute, request: &Request) -> Result<Response, AppError> {
+        match route {
+            ApiRoute::Health => Ok(self.health()),
+            ApiRoute::Index => Ok(index()),
+            ApiRoute::OpenApi => match self.config.openapi {
                 Some(doc) => Ok(Response {
                     status: 200,
                     headers: vec![("content-type".into(), "application/json".into())],
@@ -88,44 +91,21 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
                 }),
                 None => Err(AppError::NotFound("no OpenAPI document is bundled".into())),
             },
-            "/stats" => {
-                self.config.client_tokens.check(request, "client")?;
-                Ok(Response::json(200, &self.stats()))
-            }
-            "/vm/tasks" if request.method == "POST" => {
-                self.config.client_tokens.check(request, "client")?;
-                self.create_task(request).await
-            }
-            "/vm/tasks" => {
-                self.config.client_tokens.check(request, "client")?;
-                self.list_tasks(request).await
-            }
-            "/vm/tasks/{id}" if request.method == "DELETE" => {
-                self.config.client_tokens.check(request, "client")?;
-                self.cancel_task(route.param(0)).await
-            }
-            "/vm/tasks/{id}" => {
-                self.config.client_tokens.check(request, "client")?;
-                let task = self.get_waiting(route.param(0), request).await?;
+            ApiRoute::Stats => Ok(Response::json(200, &self.stats())),
+            ApiRoute::CreateTask => self.create_task(request).await,
+            ApiRoute::ListTasks => self.list_tasks(request).await,
+            ApiRoute::CancelTask { id } => self.cancel_task(&id).await,
+            ApiRoute::GetTask { id } => {
+                let task = self.get_waiting(&id, request).await?;
                 Ok(Response::json(200, &TaskDetailResponse { success: true, task }))
             }
-            "/vm/tasks/{id}/status" if request.method == "PUT" => {
-                self.config.consumer_tokens.check(request, "consumer")?;
-                self.update_status(route.param(0), request).await
-            }
-            "/vm/tasks/{id}/status" => {
+            ApiRoute::ReportStatus { id } => self.update_status(&id, request).await,
+            ApiRoute::GetTaskStatus { id } => {
                 // Daemons read a task's predecessor here to keep per-VM order.
-                if self.config.consumer_tokens.check(request, "consumer").is_err() {
-                    self.config.client_tokens.check(request, "client")?;
-                }
-                let task = self.get_waiting(route.param(0), request).await?;
+                let task = self.get_waiting(&id, request).await?;
                 Ok(Response::json(200, &TaskStatusResponse::of(&task)))
             }
-            "/vm/{vmName}/status" => {
-                self.config.client_tokens.check(request, "client")?;
-                self.vm_status(route.param(0)).await
-            }
-            other => Err(AppError::NotFound(format!("no handler for {other}"))),
+            ApiRoute::VmStatus { vm_name } => self.vm_status(&vm_name).await,
         }
     }
 
@@ -186,11 +166,11 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             gen: 0,
             timeline: Vec::new(),
         };
-        task.record(now, "api", "created", None, format!("queued for server {}", task.target_server));
+        task.record(now, "api", TimelineEvent::Created, None, format!("queued for server {}", task.target_server));
         self.tasks.save(&task).await?;
         if let Err(e) = self.queue.send(&QueueMessage::of(&task)).await {
             // The client gets a readable terminal task, never a silently lost one.
-            task.record(self.clock.now(), "api", "queue_failed", Some(TaskStatus::Failed), e.to_string());
+            task.record(self.clock.now(), "api", TimelineEvent::QueueFailed, Some(TaskStatus::Failed), e.to_string());
             task.error = Some(format!("could not be queued: {e}"));
             self.tasks.save(&task).await?;
             return Err(AppError::Unavailable(format!("task {id} could not be queued and was marked failed: {e}")));
@@ -341,7 +321,7 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             task.timeline.push(vm_task_types::TimelineEntry {
                 at: retry.at,
                 actor: consumer.clone(),
-                event: "retry".into(),
+                event: TimelineEvent::Retry.as_str().into(),
                 from: None,
                 to: None,
                 message: format!("attempt {} failed: {}", retry.attempt, retry.error),
@@ -350,7 +330,14 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         task.result = update.result.clone().or(task.result.take());
         task.error = update.error.clone().or(task.error.take());
         let message = update.message.clone().or_else(|| update.error.clone()).unwrap_or_default();
-        task.record(self.clock.now(), &consumer, update.status.as_str(), Some(update.status), message);
+        let event = match update.status {
+            TaskStatus::Completed => TimelineEvent::Completed,
+            TaskStatus::Failed => TimelineEvent::Failed,
+            other @ (TaskStatus::Pending | TaskStatus::Processing | TaskStatus::Cancelled) => {
+                return Err(AppError::conflict(format!("a daemon cannot report {other}"), task.status))
+            }
+        };
+        task.record(self.clock.now(), &consumer, event, Some(update.status), message);
         self.tasks.save(&task).await?;
         if task.status.is_terminal() {
             self.buffer.remove(&task.target_server, id).await?;
@@ -373,7 +360,13 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
                 ))
             }
         }
-        task.record(self.clock.now(), "client", "cancelled", Some(TaskStatus::Cancelled), "cancelled by client");
+        task.record(
+            self.clock.now(),
+            "client",
+            TimelineEvent::Cancelled,
+            Some(TaskStatus::Cancelled),
+            "cancelled by client",
+        );
         task.error = Some("cancelled by client".into());
         self.tasks.save(&task).await?;
         // Best effort: a claim attempt would also find the task cancelled and drop the entry.
@@ -491,7 +484,7 @@ fn index() -> Response {
 }
 
 /// JSON with object keys sorted at every level, so equal bodies hash equal.
-pub fn canonical_json(value: &Value) -> String {
+fn canonical_json(value: &Value) -> String {
     fn sort(value: &Value) -> Value {
         match value {
             Value::Object(map) => {

@@ -5,7 +5,18 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::{http::Request, AppError};
+use crate::{http::Request, routes::Auth, AppError};
+
+/// Checks that the request carries the token `auth` asks for; the one place routes are
+/// authenticated, before any handler runs.
+pub(crate) fn authorize(auth: Auth, request: &Request, clients: &Tokens, consumers: &Tokens) -> Result<(), AppError> {
+    match auth {
+        Auth::Public => Ok(()),
+        Auth::Client => clients.check(request, "client"),
+        Auth::Consumer => consumers.check(request, "consumer"),
+        Auth::ConsumerOrClient => consumers.check(request, "consumer").or_else(|_| clients.check(request, "client")),
+    }
+}
 
 /// A set of accepted bearer tokens. Debug output never shows them.
 #[derive(Clone, Default)]
@@ -29,7 +40,7 @@ impl Tokens {
 
     /// Checks the request's `Authorization: Bearer` header against every token, in constant
     /// time per token, and without stopping at the first match.
-    pub fn check(&self, request: &Request, what: &str) -> Result<(), AppError> {
+    pub(crate) fn check(&self, request: &Request, what: &str) -> Result<(), AppError> {
         if self.0.is_empty() {
             return Err(AppError::Unavailable(format!(
                 "no {what} tokens are configured on this worker; set them with `wrangler secret put`"
@@ -57,7 +68,7 @@ impl Tokens {
 
 /// Compares two byte strings in time that depends only on their lengths. Hashing first makes
 /// the lengths equal, so not even the token's length leaks.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     let (ha, hb) = (Sha256::digest(a), Sha256::digest(b));
     ha.iter().zip(hb.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -74,14 +85,14 @@ impl Cors {
     }
 
     /// The `Access-Control-Allow-Origin` value for this request, if its origin is allowed.
-    pub fn allow_origin(&self, request: &Request) -> Option<String> {
+    pub(crate) fn allow_origin(&self, request: &Request) -> Option<String> {
         let origin = request.get_header("origin")?;
         self.origins.iter().any(|o| o == origin || o == "*").then(|| origin.to_owned())
     }
 }
 
 /// HMAC-SHA256 (RFC 2104), written out because it is ten lines over `sha2`.
-pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
     const BLOCK: usize = 64;
     let mut block_key = [0u8; BLOCK];
     if key.len() > BLOCK {
@@ -94,11 +105,11 @@ pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
     Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
 }
 
-pub fn hex(bytes: &[u8]) -> String {
+fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub fn sha256_hex(data: &[u8]) -> String {
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
     hex(&Sha256::digest(data))
 }
 
@@ -109,7 +120,7 @@ pub fn sign_cursor(secret: &[u8], kv_cursor: &str) -> String {
 }
 
 /// The KV cursor inside a signed cursor, or a 400 naming the problem.
-pub fn verify_cursor(secret: &[u8], cursor: &str) -> Result<String, AppError> {
+pub(crate) fn verify_cursor(secret: &[u8], cursor: &str) -> Result<String, AppError> {
     let invalid = || AppError::BadRequest {
         code: "invalid_cursor",
         message: "cursor is not one this API issued; pass back the `cursor` of a previous page".into(),

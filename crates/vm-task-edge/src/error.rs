@@ -39,19 +39,19 @@ pub enum AppError {
 }
 
 impl AppError {
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::BadRequest { code, message: message.into(), field: None }
     }
 
-    pub fn invalid_field(err: FieldError) -> Self {
+    pub(crate) fn invalid_field(err: FieldError) -> Self {
         Self::BadRequest { code: "invalid_field", message: err.to_string(), field: Some(err.field) }
     }
 
-    pub fn conflict(message: impl Into<String>, current: TaskStatus) -> Self {
+    pub(crate) fn conflict(message: impl Into<String>, current: TaskStatus) -> Self {
         Self::Conflict { message: message.into(), current_status: Some(current), lease_expires_at: None }
     }
 
-    pub fn status(&self) -> u16 {
+    pub(crate) fn status(&self) -> u16 {
         match self {
             Self::BadRequest { .. } => 400,
             Self::Unauthorized(_) => 401,
@@ -65,7 +65,7 @@ impl AppError {
         }
     }
 
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             Self::BadRequest { code, .. } | Self::Unprocessable { code, .. } => code,
             Self::Unauthorized(_) => "unauthorized",
@@ -78,7 +78,7 @@ impl AppError {
         }
     }
 
-    pub fn body(&self) -> ErrorBody {
+    pub(crate) fn body(&self) -> ErrorBody {
         let (field, current_status, lease_expires_at) = match self {
             Self::BadRequest { field, .. } | Self::Unprocessable { field, .. } => (field.clone(), None, None),
             Self::Conflict { current_status, lease_expires_at, .. } => (None, *current_status, *lease_expires_at),

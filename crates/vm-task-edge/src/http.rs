@@ -44,19 +44,19 @@ impl Request {
         self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
-    pub fn query_param(&self, name: &str) -> Option<&str> {
+    pub(crate) fn query_param(&self, name: &str) -> Option<&str> {
         self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     /// Parses the JSON body as `T`, with 4xx errors for every way it can be wrong.
-    pub fn json<T: DeserializeOwned>(&self) -> Result<T, AppError> {
+    pub(crate) fn json<T: DeserializeOwned>(&self) -> Result<T, AppError> {
         let value = self.json_value()?;
         serde_json::from_value(value)
             .map_err(|e| AppError::bad_request("invalid_body", format!("invalid request body: {e}")))
     }
 
     /// The body as a JSON value: checks size, content type, emptiness and syntax.
-    pub fn json_value(&self) -> Result<serde_json::Value, AppError> {
+    pub(crate) fn json_value(&self) -> Result<serde_json::Value, AppError> {
         if self.body.len() > Limits::BODY_MAX_BYTES {
             return Err(AppError::PayloadTooLarge(format!(
                 "request body is {} bytes; the limit is {} bytes",
@@ -88,16 +88,16 @@ pub struct Response {
 }
 
 impl Response {
-    pub fn json(status: u16, body: &impl Serialize) -> Self {
+    pub(crate) fn json(status: u16, body: &impl Serialize) -> Self {
         let body = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
         Self { status, headers: vec![("content-type".into(), "application/json".into())], body }
     }
 
-    pub fn empty(status: u16) -> Self {
+    pub(crate) fn empty(status: u16) -> Self {
         Self { status, headers: Vec::new(), body: Vec::new() }
     }
 
-    pub fn error(err: &AppError) -> Self {
+    pub(crate) fn error(err: &AppError) -> Self {
         let mut response = Self::json(err.status(), &err.body());
         if let AppError::MethodNotAllowed { allowed, .. } = err {
             response.headers.push(("allow".into(), allowed.join(", ")));
@@ -108,7 +108,7 @@ impl Response {
         response
     }
 
-    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+    pub(crate) fn with_header(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.to_ascii_lowercase(), value.to_owned()));
         self
     }
@@ -130,35 +130,21 @@ impl From<AppError> for Response {
 }
 
 /// Splits and percent-decodes a query string (`+` is a space, as in forms).
-pub fn parse_query(query: &str) -> Vec<(String, String)> {
+pub(crate) fn parse_query(query: &str) -> Vec<(String, String)> {
+    let decode = |s: &str| percent_decode(&s.replace('+', " "));
     query
         .split('&')
         .filter(|p| !p.is_empty())
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(&k.replace('+', " ")), percent_decode(&v.replace('+', " ")))
+            (decode(k), decode(v))
         })
         .collect()
 }
 
-/// Decodes `%XX` escapes; invalid escapes and invalid UTF-8 are kept or replaced, never fatal.
-pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = |c: u8| (c as char).to_digit(16);
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// Decodes `%XX` escapes; invalid escapes are kept and invalid UTF-8 is replaced, never fatal.
+pub(crate) fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
 }
 
 #[cfg(test)]

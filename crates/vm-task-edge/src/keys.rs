@@ -23,43 +23,44 @@ use crate::ports::task_id_millis;
 
 const MAX_MS: u64 = 0xFFFF_FFFF_FFFF;
 
-pub const TASK_PREFIX: &str = "task:";
-pub const READY_PREFIX: &str = "ready:";
+pub(crate) const TASK_PREFIX: &str = "task:";
+pub(crate) const READY_PREFIX: &str = "ready:";
 
 /// The record key of a task, or `None` for a UUID that is not a v7 task id.
-pub fn task(id: Uuid) -> Option<String> {
+pub(crate) fn task(id: Uuid) -> Option<String> {
     let ms = task_id_millis(id)?;
     Some(format!("task:{:012x}:{id}", MAX_MS - ms.min(MAX_MS)))
 }
 
 /// The task id at the end of a `task:` or `ready:` key.
-pub fn task_id_of(key: &str) -> Option<Uuid> {
+#[cfg(test)]
+pub(crate) fn task_id_of(key: &str) -> Option<Uuid> {
     Uuid::try_parse(key.rsplit(':').next()?).ok()
 }
 
-pub fn vm(vm_name: &str) -> String {
+pub(crate) fn vm(vm_name: &str) -> String {
     format!("vm:{vm_name}")
 }
 
-pub fn idempotency(key_hash_hex: &str) -> String {
+pub(crate) fn idempotency(key_hash_hex: &str) -> String {
     format!("idem:{key_hash_hex}")
 }
 
-pub fn ready(server: &str, id: Uuid) -> String {
+pub(crate) fn ready(server: &str, id: Uuid) -> String {
     format!("ready:{server}:{id}")
 }
 
-pub fn ready_prefix(server: &str) -> String {
+pub(crate) fn ready_prefix(server: &str) -> String {
     format!("ready:{server}:")
 }
 
 /// The server named in a `ready:{server}:{id}` key.
-pub fn server_of_ready(key: &str) -> Option<&str> {
+pub(crate) fn server_of_ready(key: &str) -> Option<&str> {
     let rest = key.strip_prefix(READY_PREFIX)?;
     rest.rsplit_once(':').map(|(server, _)| server)
 }
 
-pub fn bell(server: &str) -> String {
+pub(crate) fn bell(server: &str) -> String {
     format!("bell:{server}")
 }
 

@@ -10,19 +10,21 @@
 
 pub mod api;
 pub mod auth;
+#[cfg(any(test, feature = "memory"))]
+pub mod bad_input;
 pub mod consumer;
 pub mod counting;
-pub mod error;
+mod error;
 pub mod http;
-pub mod keys;
+mod keys;
 #[cfg(any(test, feature = "memory"))]
 pub mod memory;
 pub mod ports;
-pub mod registry;
+mod registry;
 pub mod routes;
 pub mod store;
 
-pub use error::AppError;
+pub(crate) use error::AppError;
 pub use ports::{Clock, Ids, KvKey, KvPage, KvStore, StoreError, TaskQueue};
 
 /// The queue message: enough to buffer the task without reading it back from KV.
@@ -40,7 +42,7 @@ pub struct QueueMessage {
 }
 
 impl QueueMessage {
-    pub fn of(task: &vm_task_types::Task) -> Self {
+    pub(crate) fn of(task: &vm_task_types::Task) -> Self {
         Self {
             task_id: task.id,
             kind: task.kind(),

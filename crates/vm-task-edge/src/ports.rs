@@ -73,7 +73,7 @@ pub trait Ids {
 }
 
 /// Creation time encoded in a v7 task id, or `None` for any other UUID (which no task has).
-pub fn task_id_millis(id: Uuid) -> Option<u64> {
+pub(crate) fn task_id_millis(id: Uuid) -> Option<u64> {
     if id.get_version_num() != 7 {
         return None;
     }

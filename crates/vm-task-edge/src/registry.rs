@@ -13,35 +13,35 @@ const MAX_PENDING_LIFECYCLE: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct VmRecord {
-    pub vm_name: String,
-    pub server: String,
-    pub last_task_id: Uuid,
-    pub last_task_kind: OperationKind,
-    pub updated_at: Timestamp,
+pub(crate) struct VmRecord {
+    pub(crate) vm_name: String,
+    pub(crate) server: String,
+    pub(crate) last_task_id: Uuid,
+    pub(crate) last_task_kind: OperationKind,
+    pub(crate) updated_at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub known: Option<KnownState>,
+    pub(crate) known: Option<KnownState>,
     /// Lifecycle tasks submitted after `known` was established, oldest first.
     #[serde(default)]
-    pub pending_lifecycle: Vec<Uuid>,
+    pub(crate) pending_lifecycle: Vec<Uuid>,
 }
 
 /// What a finished task established about the VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct KnownState {
-    pub state: VmState,
+pub(crate) struct KnownState {
+    pub(crate) state: VmState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip: Option<String>,
+    pub(crate) ip: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port_forwards: Option<Vec<PortForward>>,
-    pub task_id: Uuid,
-    pub at: Timestamp,
+    pub(crate) port_forwards: Option<Vec<PortForward>>,
+    pub(crate) task_id: Uuid,
+    pub(crate) at: Timestamp,
 }
 
 /// What folding one pending lifecycle task did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fold {
+pub(crate) enum Fold {
     /// The task is finished and has been taken into account.
     Done,
     /// The task is still running: stop folding to keep order.
@@ -50,7 +50,7 @@ pub enum Fold {
 
 impl VmRecord {
     /// Applies a finished lifecycle task to `known`. Unfinished tasks stop the fold.
-    pub fn fold(&mut self, task: &Task) -> Fold {
+    pub(crate) fn fold(&mut self, task: &Task) -> Fold {
         if !task.status.is_terminal() {
             return Fold::Stop;
         }
@@ -69,12 +69,12 @@ impl VmRecord {
     }
 
     /// Whether noting a task of `kind` would push an unfolded lifecycle task out of the list.
-    pub fn is_full_for(&self, kind: OperationKind) -> bool {
+    pub(crate) fn is_full_for(&self, kind: OperationKind) -> bool {
         kind.changes_vm_state() && self.pending_lifecycle.len() >= MAX_PENDING_LIFECYCLE
     }
 
     /// Notes a newly submitted task.
-    pub fn push_task(&mut self, task: &Task) {
+    pub(crate) fn push_task(&mut self, task: &Task) {
         self.last_task_id = task.id;
         self.last_task_kind = task.kind();
         self.updated_at = task.created_at;
@@ -86,7 +86,7 @@ impl VmRecord {
         }
     }
 
-    pub fn new_for(task: &Task) -> Self {
+    pub(crate) fn new_for(task: &Task) -> Self {
         let mut record = Self {
             vm_name: task.vm_name().to_owned(),
             server: task.target_server.clone(),

@@ -9,7 +9,7 @@ use crate::{keys, registry::VmRecord, AppError, KvPage, KvStore};
 /// `TASK_STORAGE`: task records, the VM registry and idempotency records.
 #[derive(Debug)]
 pub struct TaskStore<S> {
-    pub kv: S,
+    pub(crate) kv: S,
 }
 
 impl<S: KvStore> TaskStore<S> {
@@ -18,18 +18,18 @@ impl<S: KvStore> TaskStore<S> {
     }
 
     /// The task with this id; `None` for unknown ids, including UUIDs that are not v7.
-    pub async fn load(&self, id: Uuid) -> Result<Option<Task>, AppError> {
+    pub(crate) async fn load(&self, id: Uuid) -> Result<Option<Task>, AppError> {
         let Some(key) = keys::task(id) else { return Ok(None) };
         self.get_json(&key).await
     }
 
     /// Like [`load`](Self::load), but a missing task is a 404.
-    pub async fn require(&self, id: Uuid) -> Result<Task, AppError> {
+    pub(crate) async fn require(&self, id: Uuid) -> Result<Task, AppError> {
         self.load(id).await?.ok_or_else(|| AppError::NotFound(format!("task {id} not found")))
     }
 
     /// Writes the record with its summary as metadata: one KV write.
-    pub async fn save(&self, task: &Task) -> Result<(), AppError> {
+    pub(crate) async fn save(&self, task: &Task) -> Result<(), AppError> {
         let key = keys::task(task.id)
             .ok_or_else(|| AppError::Unavailable(format!("task id {} is not a v7 UUID", task.id)))?;
         let metadata = serde_json::to_value(task.summary()).map_err(|e| AppError::Unavailable(e.to_string()))?;
@@ -38,19 +38,19 @@ impl<S: KvStore> TaskStore<S> {
         Ok(())
     }
 
-    pub async fn list(&self, limit: usize, cursor: Option<&str>) -> Result<KvPage, AppError> {
+    pub(crate) async fn list(&self, limit: usize, cursor: Option<&str>) -> Result<KvPage, AppError> {
         Ok(self.kv.list(keys::TASK_PREFIX, limit, cursor).await?)
     }
 
-    pub async fn vm(&self, vm_name: &str) -> Result<Option<VmRecord>, AppError> {
+    pub(crate) async fn vm(&self, vm_name: &str) -> Result<Option<VmRecord>, AppError> {
         self.get_json(&keys::vm(vm_name)).await
     }
 
-    pub async fn save_vm(&self, record: &VmRecord) -> Result<(), AppError> {
+    pub(crate) async fn save_vm(&self, record: &VmRecord) -> Result<(), AppError> {
         self.put_json(&keys::vm(&record.vm_name), record).await
     }
 
-    pub async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, AppError> {
+    pub(crate) async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, AppError> {
         match self.kv.get(key).await? {
             None => Ok(None),
             Some(text) => serde_json::from_str(&text)
@@ -59,7 +59,7 @@ impl<S: KvStore> TaskStore<S> {
         }
     }
 
-    pub async fn put_json<T: Serialize>(&self, key: &str, value: &T) -> Result<(), AppError> {
+    pub(crate) async fn put_json<T: Serialize>(&self, key: &str, value: &T) -> Result<(), AppError> {
         let text = serde_json::to_string(value).map_err(|e| AppError::Unavailable(e.to_string()))?;
         Ok(self.kv.put(key, &text, None).await?)
     }
@@ -68,7 +68,7 @@ impl<S: KvStore> TaskStore<S> {
 /// `TASK_BUFFER`: per-server ready entries and doorbells.
 #[derive(Debug)]
 pub struct BufferStore<B> {
-    pub kv: B,
+    pub(crate) kv: B,
 }
 
 impl<B: KvStore> BufferStore<B> {
@@ -76,23 +76,23 @@ impl<B: KvStore> BufferStore<B> {
         Self { kv }
     }
 
-    pub async fn put(&self, entry: &BufferedTask) -> Result<(), AppError> {
+    pub(crate) async fn put(&self, entry: &BufferedTask) -> Result<(), AppError> {
         let metadata = serde_json::to_value(entry).map_err(|e| AppError::Unavailable(e.to_string()))?;
         self.kv.put(&keys::ready(&entry.target_server, entry.task_id), "", Some(&metadata)).await?;
         Ok(())
     }
 
-    pub async fn get(&self, server: &str, id: Uuid) -> Result<Option<BufferedTask>, AppError> {
+    pub(crate) async fn get(&self, server: &str, id: Uuid) -> Result<Option<BufferedTask>, AppError> {
         let found = self.kv.get_with_metadata(&keys::ready(server, id)).await?;
         Ok(found.and_then(|(_, metadata)| metadata).and_then(|m| serde_json::from_value(m).ok()))
     }
 
-    pub async fn remove(&self, server: &str, id: Uuid) -> Result<(), AppError> {
+    pub(crate) async fn remove(&self, server: &str, id: Uuid) -> Result<(), AppError> {
         Ok(self.kv.delete(&keys::ready(server, id)).await?)
     }
 
     /// One page of buffered entries under `prefix`, oldest first, decoded from metadata only.
-    pub async fn list(
+    pub(crate) async fn list(
         &self,
         prefix: &str,
         limit: usize,
@@ -105,11 +105,11 @@ impl<B: KvStore> BufferStore<B> {
     }
 
     /// The server's doorbell; `"0"` before the first ring, so it is never empty.
-    pub async fn bell(&self, server: &str) -> Result<String, AppError> {
+    pub(crate) async fn bell(&self, server: &str) -> Result<String, AppError> {
         Ok(self.kv.get(&keys::bell(server)).await?.filter(|b| !b.is_empty()).unwrap_or_else(|| "0".into()))
     }
 
-    pub async fn ring(&self, server: &str, value: &str) -> Result<(), AppError> {
+    pub(crate) async fn ring(&self, server: &str, value: &str) -> Result<(), AppError> {
         Ok(self.kv.put(&keys::bell(server), value, None).await?)
     }
 }

@@ -109,7 +109,8 @@ pub async fn to_core_request(mut req: worker::Request) -> worker::Result<http::R
         // which would serve them as reads instead of a 405.
         method: req.inner().method(),
         path: url.path().to_owned(),
-        query: url.query().map(http::parse_query).unwrap_or_default(),
+        // `application/x-www-form-urlencoded` decoding, `+` as a space, from the URL parser.
+        query: url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect(),
         headers,
         body,
     })

@@ -1,0 +1,175 @@
+//! Claims and their leases: `claim` (decided by [`super::claim::decide`]), `heartbeat`,
+//! `release`, and the two ways a lease ends without a report (expiry, attempts exhausted),
+//! which the sweep shares.
+
+use uuid::Uuid;
+use vm_task_types::{
+    validate::parse_task_id,
+    wire::{ClaimRequest, ClaimResponse, LeaseRequest, LeaseResponse},
+    Claim, Task, TaskStatus, TimelineEvent, Timestamp,
+};
+
+use super::{
+    check_consumer_id,
+    claim::{decide, ClaimDecision},
+    ConsumerService, WORKER,
+};
+use crate::{
+    http::{Request, Response},
+    AppError, Clock, Ids, KvStore,
+};
+
+impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
+    pub(super) async fn claim(&self, raw_id: &str, request: &Request) -> Result<Response, AppError> {
+        let id = parse_task_id("id", raw_id)?;
+        let body: ClaimRequest = request.json()?;
+        check_consumer_id(&body.consumer_id)?;
+        let lease = self.lease_secs(body.lease_seconds);
+        let mut task = self.tasks.require(id).await?;
+        let now = self.clock.now();
+        match decide(&task, body.claim_id, now, self.config.max_attempts) {
+            ClaimDecision::Refuse(status) => {
+                self.buffer.remove(&task.target_server, id).await?;
+                return Err(AppError::conflict(format!("task {id} is {status}; it will not run"), status));
+            }
+            ClaimDecision::Repeat => {
+                // The same claim again: its first response was lost. Nothing to write.
+                let held = task.claim.clone().ok_or_else(|| AppError::Unavailable("claim vanished".into()))?;
+                return Ok(Response::json(
+                    200,
+                    &ClaimResponse {
+                        success: true,
+                        claim_id: held.claim_id,
+                        lease_expires_at: held.lease_expires_at,
+                        task,
+                    },
+                ));
+            }
+            ClaimDecision::Busy { until } => {
+                return Err(AppError::Conflict {
+                    message: format!("task {id} is claimed until {until}"),
+                    current_status: Some(task.status),
+                    lease_expires_at: Some(until),
+                });
+            }
+            ClaimDecision::GiveUp { lease_expired } => {
+                if lease_expired {
+                    self.expire_lease(&mut task, now);
+                }
+                self.give_up(&mut task, now).await?;
+                return Err(AppError::conflict(task.error.clone().unwrap_or_default(), TaskStatus::Failed));
+            }
+            ClaimDecision::Grant { lease_expired } => {
+                if lease_expired {
+                    self.expire_lease(&mut task, now);
+                }
+            }
+        }
+        if task.event_at(TimelineEvent::Buffered).is_none() {
+            // The daemon read the entry's buffering time in its listing; only a client that
+            // does not send it costs a read of the entry. Clamped: it is a timeline note, and
+            // the edge's clocks may differ by a few ms between locations.
+            let buffered_at = match body.buffered_at {
+                Some(at) => Some(at.max(task.created_at).min(now)),
+                None => self.buffer.get(&task.target_server, id).await?.map(|entry| entry.buffered_at),
+            };
+            if let Some(at) = buffered_at {
+                let note = format!("buffered for server {}", task.target_server);
+                task.record(at, WORKER, TimelineEvent::Buffered, None, note);
+            }
+        }
+        task.attempts += 1;
+        let claim = Claim {
+            claim_id: body.claim_id.unwrap_or_else(|| self.ids.random_uuid()),
+            consumer_id: body.consumer_id.clone(),
+            claimed_at: now,
+            lease_expires_at: now.plus_secs(lease),
+        };
+        task.claim = Some(claim.clone());
+        let note = format!(
+            "attempt {} of {}, lease until {}",
+            task.attempts, self.config.max_attempts, claim.lease_expires_at
+        );
+        task.record(now, &body.consumer_id, TimelineEvent::Claimed, Some(TaskStatus::Processing), note);
+        self.tasks.save(&task).await?;
+        Ok(Response::json(
+            200,
+            &ClaimResponse { success: true, claim_id: claim.claim_id, lease_expires_at: claim.lease_expires_at, task },
+        ))
+    }
+
+    pub(super) async fn heartbeat(&self, raw_id: &str, request: &Request) -> Result<Response, AppError> {
+        let id = parse_task_id("id", raw_id)?;
+        let body: LeaseRequest = request.json()?;
+        let mut task = self.held(id, body.claim_id).await?;
+        let expires = self.clock.now().plus_secs(self.lease_secs(body.lease_seconds));
+        if let Some(claim) = task.claim.as_mut() {
+            claim.lease_expires_at = expires;
+        }
+        task.updated_at = self.clock.now();
+        task.gen += 1;
+        self.tasks.save(&task).await?;
+        Ok(Response::json(
+            200,
+            &LeaseResponse { success: true, task_id: id, status: task.status, lease_expires_at: Some(expires) },
+        ))
+    }
+
+    pub(super) async fn release(&self, raw_id: &str, request: &Request) -> Result<Response, AppError> {
+        let id = parse_task_id("id", raw_id)?;
+        let body: LeaseRequest = request.json()?;
+        let mut task = self.held(id, body.claim_id).await?;
+        let actor = task.claim.as_ref().map(|c| c.consumer_id.clone()).unwrap_or_default();
+        task.claim = None;
+        // A released claim never started work, so it does not count as an attempt.
+        task.attempts = task.attempts.saturating_sub(1);
+        let reason = body.reason.clone().unwrap_or_else(|| "released by its consumer".into());
+        task.record(self.clock.now(), &actor, TimelineEvent::Released, Some(TaskStatus::Pending), reason);
+        self.tasks.save(&task).await?;
+        self.ring(&task.target_server).await?;
+        Ok(Response::json(
+            200,
+            &LeaseResponse { success: true, task_id: id, status: task.status, lease_expires_at: None },
+        ))
+    }
+
+    /// The task, if `claim_id` holds it and it is still processing; 409 otherwise.
+    async fn held(&self, id: Uuid, claim_id: Uuid) -> Result<Task, AppError> {
+        let task = self.tasks.require(id).await?;
+        if task.status != TaskStatus::Processing || !task.is_claimed_by(claim_id) {
+            return Err(AppError::Conflict {
+                message: format!("claim {claim_id} does not hold task {id} (it is {})", task.status),
+                current_status: Some(task.status),
+                lease_expires_at: task.claim.as_ref().map(|c| c.lease_expires_at),
+            });
+        }
+        Ok(task)
+    }
+
+    /// Moves a processing task whose lease ended back to pending (in memory).
+    pub(super) fn expire_lease(&self, task: &mut Task, now: Timestamp) {
+        let holder = task.claim.take().map(|c| c.consumer_id).unwrap_or_default();
+        let note = format!(
+            "lease of {holder} expired without a report (attempt {} of {})",
+            task.attempts, self.config.max_attempts
+        );
+        task.record(now, "sweeper", TimelineEvent::LeaseExpired, Some(TaskStatus::Pending), note);
+    }
+
+    /// Fails a task that used all its attempts, and drops its buffer entry.
+    pub(super) async fn give_up(&self, task: &mut Task, now: Timestamp) -> Result<(), AppError> {
+        let reason =
+            format!("gave up after {} attempts: every lease expired without a report from the daemon", task.attempts);
+        task.error = Some(reason.clone());
+        task.claim = None;
+        task.record(now, "sweeper", TimelineEvent::AttemptsExhausted, Some(TaskStatus::Failed), reason);
+        self.tasks.save(task).await?;
+        self.buffer.remove(&task.target_server, task.id).await
+    }
+
+    fn lease_secs(&self, requested: Option<u64>) -> u64 {
+        requested
+            .unwrap_or(self.config.lease_default_secs)
+            .clamp(self.config.lease_min_secs, self.config.lease_max_secs)
+    }
+}
