@@ -18,7 +18,7 @@ use crate::{
     http::{Request, Response},
     registry::{Fold, VmRecord},
     routes::{ApiRoute, API_ROUTES},
-    store::{BufferStore, TaskStore},
+    store::{paced, BufferStore, TaskStore},
     AppError, Clock, Ids, KvStore, QueueMessage, TaskQueue,
 };
 
@@ -109,6 +109,16 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         }
     }
 
+    /// Saves a task record, waiting out a fast hand-off's 429 ([`paced`]).
+    async fn save(&self, task: &Task) -> Result<(), AppError> {
+        paced(&self.clock, || self.tasks.save(task)).await
+    }
+
+    /// Removes a task's buffer entry, waiting out a 429 ([`paced`]).
+    async fn unbuffer(&self, server: &str, id: Uuid) -> Result<(), AppError> {
+        paced(&self.clock, || self.buffer.remove(server, id)).await
+    }
+
     fn health(&self) -> Response {
         Response::json(
             200,
@@ -145,7 +155,7 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         let now = self.clock.now();
         let id = self.ids.task_id(now);
         let vm_name = operation.vm_name().to_owned();
-        let mut registry = self.tasks.vm(&vm_name).await?;
+        let registry = self.tasks.vm(&vm_name).await?;
         let target_server = self.route(&operation, registry.as_ref())?;
         if let Operation::SnapshotVm(snapshot) = &mut operation {
             // Arrakis snapshot ids are global and single-use: give each task a fresh one.
@@ -167,34 +177,45 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             timeline: Vec::new(),
         };
         task.record(now, "api", TimelineEvent::Created, None, format!("queued for server {}", task.target_server));
-        self.tasks.save(&task).await?;
+        // The idempotency record goes first: once the queue has the task, a retry with the same
+        // key must find it, whatever fails after. A record whose task was never saved is
+        // harmless: the lookup finds no task and takes the key as new.
+        if let Some(Idempotency::New { key_hash, body_hash }) = &idempotency {
+            let record = IdempotencyRecord { task_id: id, body_hash: body_hash.clone() };
+            let key = crate::keys::idempotency(key_hash);
+            paced(&self.clock, || self.tasks.put_json(&key, &record)).await?;
+        }
+        self.save(&task).await?;
         if let Err(e) = self.queue.send(&QueueMessage::of(&task)).await {
             // The client gets a readable terminal task, never a silently lost one.
             task.record(self.clock.now(), "api", TimelineEvent::QueueFailed, Some(TaskStatus::Failed), e.to_string());
             task.error = Some(format!("could not be queued: {e}"));
-            self.tasks.save(&task).await?;
+            self.save(&task).await?;
             return Err(AppError::Unavailable(format!("task {id} could not be queued and was marked failed: {e}")));
         }
-        match registry.as_mut() {
-            Some(record) => {
+        // The task is queued and will run: from here on the answer is 202 whatever fails.
+        // The registry is a hot key (two POSTs for one VM within a second), so its write waits
+        // the window out; should it still fail, the next submission for the VM rewrites it,
+        // and per-VM order holds through creation order in the daemon's listing meanwhile.
+        let _ = self.note_in_registry(&task, registry).await;
+        Ok(created_response(202, &task))
+    }
+
+    /// Notes a queued task in its VM's registry entry.
+    async fn note_in_registry(&self, task: &Task, registry: Option<VmRecord>) -> Result<(), AppError> {
+        let record = match registry {
+            Some(mut record) => {
                 // Folding reads the unfinished lifecycle tasks; the status route folds on every
                 // read anyway, so a POST folds only when the list must make room.
                 if record.is_full_for(task.kind()) {
-                    self.fold_registry(record).await?;
+                    self.fold_registry(&mut record).await?;
                 }
-                record.push_task(&task);
+                record.push_task(task);
+                record
             }
-            None => registry = Some(VmRecord::new_for(&task)),
-        }
-        if let Some(record) = &registry {
-            self.tasks.save_vm(record).await?;
-        }
-        if let Some(Idempotency::New { key_hash, body_hash }) = idempotency {
-            self.tasks
-                .put_json(&crate::keys::idempotency(&key_hash), &IdempotencyRecord { task_id: id, body_hash })
-                .await?;
-        }
-        Ok(created_response(202, &task))
+            None => VmRecord::new_for(task),
+        };
+        paced(&self.clock, || self.tasks.save_vm(&record)).await
     }
 
     /// Which server runs the task: the request's, else the registry's, else the default.
@@ -338,9 +359,9 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             }
         };
         task.record(self.clock.now(), &consumer, event, Some(update.status), message);
-        self.tasks.save(&task).await?;
+        self.save(&task).await?;
         if task.status.is_terminal() {
-            self.buffer.remove(&task.target_server, id).await?;
+            self.unbuffer(&task.target_server, id).await?;
         }
         Ok(Response::json(200, &status_response(&task, "status updated")))
     }
@@ -368,9 +389,9 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             "cancelled by client",
         );
         task.error = Some("cancelled by client".into());
-        self.tasks.save(&task).await?;
+        self.save(&task).await?;
         // Best effort: a claim attempt would also find the task cancelled and drop the entry.
-        self.buffer.remove(&task.target_server, id).await?;
+        self.unbuffer(&task.target_server, id).await?;
         Ok(Response::json(200, &status_response(&task, "task cancelled")))
     }
 

@@ -36,6 +36,10 @@ pub enum AppError {
     /// 503: a binding failed or the worker is misconfigured.
     #[error("{0}")]
     Unavailable(String),
+    /// 503: KV refused a write to a key written less than a second ago. Kept apart from
+    /// `Unavailable` so writers can wait the window out ([`crate::store::paced`]).
+    #[error("{0}")]
+    RateLimited(String),
 }
 
 impl AppError {
@@ -61,7 +65,7 @@ impl AppError {
             Self::PayloadTooLarge(_) => 413,
             Self::UnsupportedMediaType(_) => 415,
             Self::Unprocessable { .. } => 422,
-            Self::Unavailable(_) => 503,
+            Self::Unavailable(_) | Self::RateLimited(_) => 503,
         }
     }
 
@@ -74,7 +78,7 @@ impl AppError {
             Self::Conflict { .. } => "conflict",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
-            Self::Unavailable(_) => "unavailable",
+            Self::Unavailable(_) | Self::RateLimited(_) => "unavailable",
         }
     }
 
@@ -97,7 +101,11 @@ impl AppError {
 
 impl From<StoreError> for AppError {
     fn from(e: StoreError) -> Self {
-        Self::Unavailable(format!("storage unavailable: {e}"))
+        if e.rate_limited {
+            Self::RateLimited(format!("storage busy: {e}"))
+        } else {
+            Self::Unavailable(format!("storage unavailable: {e}"))
+        }
     }
 }
 

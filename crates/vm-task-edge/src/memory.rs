@@ -1,8 +1,13 @@
 //! In-memory ports: a KV store with metadata and cursors, a recording queue, a manual clock
 //! and deterministic ids. Used by this crate's tests and by anything that hosts the edge
 //! logic natively.
+//!
+//! The KV store can enforce Workers KV's production limits ([`Invocation`]): one write per
+//! second per key (by the injected clock; a second write fails like production's 429) and
+//! 1,000 operations per invocation. The native tests run with them on, so code that would
+//! trip them in production fails here first.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
@@ -13,11 +18,45 @@ use crate::{Clock, Ids, KvKey, KvPage, KvStore, QueueMessage, StoreError, TaskQu
 
 type Entries = BTreeMap<String, (String, Option<Value>)>;
 
+/// Operations a worker invocation may make on KV, across every namespace it binds.
+pub const MAX_OPS_PER_INVOCATION: u64 = 1_000;
+/// Shortest gap between two writes to one key.
+pub const KEY_WRITE_GAP_MS: u64 = 1_000;
+
+/// One worker invocation's share of the production limits: its operation count, and the
+/// clock that times writes. Shared by the namespaces of one test edge; [`begin`](Self::begin)
+/// starts a new invocation.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    clock: ManualClock,
+    ops: Arc<AtomicU64>,
+}
+
+impl Invocation {
+    pub fn new(clock: &ManualClock) -> Self {
+        Self { clock: clock.clone(), ops: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// A new invocation: the operation count starts again.
+    pub fn begin(&self) {
+        self.ops.store(0, SeqCst);
+    }
+
+    /// Operations made so far in this invocation.
+    pub fn ops(&self) -> u64 {
+        self.ops.load(SeqCst)
+    }
+}
+
 /// A KV namespace in memory. Clones share the data.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryKv {
     entries: Arc<Mutex<Entries>>,
     fail_writes: Arc<AtomicBool>,
+    fail_prefix: Arc<Mutex<Option<String>>>,
+    limits: Option<Invocation>,
+    /// When each key was last written, for the one-write-per-second rule.
+    last_write: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl MemoryKv {
@@ -25,9 +64,53 @@ impl MemoryKv {
         Self::default()
     }
 
+    /// A namespace with the production limits of [`Invocation`].
+    pub fn with_production_limits(invocation: &Invocation) -> Self {
+        Self { limits: Some(invocation.clone()), ..Self::default() }
+    }
+
     /// Makes every later put fail (until turned off), to test error paths.
     pub fn fail_writes(&self, fail: bool) {
         self.fail_writes.store(fail, SeqCst);
+    }
+
+    /// Makes every later put or delete of a key starting with `prefix` fail (`None`: stop).
+    pub fn fail_writes_to(&self, prefix: Option<&str>) {
+        *self.fail_prefix.lock().unwrap_or_else(|p| p.into_inner()) = prefix.map(str::to_owned);
+    }
+
+    /// Counts one operation against the invocation's budget.
+    fn count(&self, what: &str, key: &str) -> Result<(), StoreError> {
+        let Some(limits) = &self.limits else { return Ok(()) };
+        if limits.ops.fetch_add(1, SeqCst) + 1 > MAX_OPS_PER_INVOCATION {
+            return Err(StoreError::other(format!(
+                "KV {what} {key} failed: Too many API requests by single worker invocation (over {MAX_OPS_PER_INVOCATION})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Applies the write rules: injected failures, then one write per second per key.
+    fn admit_write(&self, what: &str, key: &str) -> Result<(), StoreError> {
+        self.count(what, key)?;
+        if self.fail_writes.load(SeqCst) && what == "PUT" {
+            return Err(StoreError::other(format!("injected write failure for {key}")));
+        }
+        if let Some(prefix) = self.fail_prefix.lock().unwrap_or_else(|p| p.into_inner()).as_deref() {
+            if key.starts_with(prefix) {
+                return Err(StoreError::other(format!("injected write failure for {key}")));
+            }
+        }
+        let Some(limits) = &self.limits else { return Ok(()) };
+        let now = limits.clock.now_ms();
+        let mut last = self.last_write.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&at) = last.get(key) {
+            if now < at + KEY_WRITE_GAP_MS {
+                return Err(StoreError::rate_limited(format!("KV {what} {key} failed: 429 Too Many Requests")));
+            }
+        }
+        last.insert(key.to_owned(), now);
+        Ok(())
     }
 
     pub fn keys(&self) -> Vec<String> {
@@ -45,27 +128,29 @@ impl MemoryKv {
 
 impl KvStore for MemoryKv {
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.count("GET", key)?;
         Ok(self.lock().get(key).map(|(v, _)| v.clone()))
     }
 
     async fn get_with_metadata(&self, key: &str) -> Result<Option<(String, Option<Value>)>, StoreError> {
+        self.count("GET", key)?;
         Ok(self.lock().get(key).cloned())
     }
 
     async fn put(&self, key: &str, value: &str, metadata: Option<&Value>) -> Result<(), StoreError> {
-        if self.fail_writes.load(SeqCst) {
-            return Err(StoreError(format!("injected write failure for {key}")));
-        }
+        self.admit_write("PUT", key)?;
         self.lock().insert(key.to_owned(), (value.to_owned(), metadata.cloned()));
         Ok(())
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.admit_write("DELETE", key)?;
         self.lock().remove(key);
         Ok(())
     }
 
     async fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> Result<KvPage, StoreError> {
+        self.count("LIST", prefix)?;
         // The cursor is the last key returned, like an opaque KV cursor would encode.
         let entries = self.lock();
         let start = cursor.unwrap_or(prefix);
@@ -114,7 +199,7 @@ impl MemoryQueue {
 impl TaskQueue for MemoryQueue {
     async fn send(&self, message: &QueueMessage) -> Result<(), StoreError> {
         if self.fail.load(SeqCst) {
-            return Err(StoreError("injected queue failure".into()));
+            return Err(StoreError::other("injected queue failure"));
         }
         self.sent.lock().unwrap_or_else(|p| p.into_inner()).push(message.clone());
         Ok(())

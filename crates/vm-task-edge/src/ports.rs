@@ -10,8 +10,23 @@ use crate::QueueMessage;
 
 /// A failed storage or queue call. Always a server-side problem (5xx), never the client's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct StoreError(pub String);
+#[error("{message}")]
+pub struct StoreError {
+    pub message: String,
+    /// KV refused a write because the key was written less than a second ago (429). Callers
+    /// that can wait out the window, or know another write covers theirs, branch on this.
+    pub rate_limited: bool,
+}
+
+impl StoreError {
+    pub fn other(message: impl Into<String>) -> Self {
+        Self { message: message.into(), rate_limited: false }
+    }
+
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        Self { message: message.into(), rate_limited: true }
+    }
+}
 
 /// One key of a listing, with its metadata.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,7 +4,34 @@ use serde::{de::DeserializeOwned, Serialize};
 use uuid::Uuid;
 use vm_task_types::{wire::BufferedTask, Task};
 
-use crate::{keys, registry::VmRecord, AppError, KvPage, KvStore};
+use crate::{keys, registry::VmRecord, AppError, Clock, KvPage, KvStore};
+
+/// Tries of a write that KV keeps refusing as a second write to its key within a second.
+const PACED_TRIES: u32 = 3;
+/// How long a refused write waits before its next try: the one-second window and a margin
+/// for clocks that differ between the caller and KV.
+pub(crate) const KEY_WINDOW_WAIT_MS: u64 = 1_100;
+
+/// Runs a write; when KV refuses it because the key was written less than a second ago (429),
+/// waits the window out on `clock` and tries again, [`PACED_TRIES`] times in all. Every key
+/// of a task has one writer at a time (the API, then the claimer, then the reporter), so a
+/// 429 means a hand-off came fast, and one wait clears it.
+pub(crate) async fn paced<T, F, Fut>(clock: &impl Clock, mut write: F) -> Result<T, AppError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, AppError>>,
+{
+    let mut tries = 1;
+    loop {
+        match write().await {
+            Err(AppError::RateLimited(_)) if tries < PACED_TRIES => {
+                tries += 1;
+                clock.sleep_ms(KEY_WINDOW_WAIT_MS).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
 
 /// `TASK_STORAGE`: task records, the VM registry and idempotency records.
 #[derive(Debug)]

@@ -193,8 +193,10 @@ fn a_buffering_time_outside_the_tasks_life_is_clamped() {
     let early = edge.submit(launch("vm-1", "production"));
     let late = edge.submit(launch("vm-2", "production"));
     edge.deliver();
-    edge.clock.advance_ms(40);
-    for (id, sent, expected) in [(early, "1970-01-01T00:00:00.000Z", 0), (late, "2999-01-01T00:00:00.000Z", 40)] {
+    // Over a second later, as real hand-offs are: a claim within the second waits the task
+    // record's write window out, which would move the claim's clock.
+    edge.clock.advance_ms(1_040);
+    for (id, sent, expected) in [(early, "1970-01-01T00:00:00.000Z", 0), (late, "2999-01-01T00:00:00.000Z", 1_040)] {
         let r = edge.consumer_call(
             Request::new("POST", &format!("/tasks/{id}/claim"))
                 .bearer(CONSUMER)
@@ -212,7 +214,11 @@ fn a_lone_task_costs_six_writes_one_delete_and_one_list() {
     let id = edge.submit(launch("vm-1", "production"));
     edge.deliver();
     edge.ready("production");
+    // A second apart, as real VM work is: a faster hand-off spends one refused write (429)
+    // on the task record before waiting its window out.
+    edge.clock.advance_ms(1_000);
     let claim = edge.claimed(id);
+    edge.clock.advance_ms(1_000);
     edge.report(id, claim.claim_id, json!({"status": "completed"}));
     let OpCounts { kv_writes, kv_deletes, kv_lists, queue_sends, .. } = edge.counters.snapshot();
     // Writes: task created, registry, buffer entry, doorbell, claim, completion.

@@ -11,8 +11,15 @@ use worker::{Date, Delay, Env};
 /// A Workers KV namespace.
 pub struct WorkerKv(pub worker::kv::KvStore);
 
+/// The runtime reports KV errors as text only (`KV PUT failed: 429 Too Many Requests` when a
+/// key is written twice within a second); this is the one place that text is read.
 fn store_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError(e.to_string())
+    let message = e.to_string();
+    if message.contains("429") {
+        StoreError::rate_limited(message)
+    } else {
+        StoreError::other(message)
+    }
 }
 
 impl KvStore for WorkerKv {

@@ -29,7 +29,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         let now = self.clock.now();
         match decide(&task, body.claim_id, now, self.config.max_attempts) {
             ClaimDecision::Refuse(status) => {
-                self.buffer.remove(&task.target_server, id).await?;
+                self.unbuffer(&task.target_server, id).await?;
                 return Err(AppError::conflict(format!("task {id} is {status}; it will not run"), status));
             }
             ClaimDecision::Repeat => {
@@ -91,7 +91,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             task.attempts, self.config.max_attempts, claim.lease_expires_at
         );
         task.record(now, &body.consumer_id, TimelineEvent::Claimed, Some(TaskStatus::Processing), note);
-        self.tasks.save(&task).await?;
+        self.save(&task).await?;
         Ok(Response::json(
             200,
             &ClaimResponse { success: true, claim_id: claim.claim_id, lease_expires_at: claim.lease_expires_at, task },
@@ -108,7 +108,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         }
         task.updated_at = self.clock.now();
         task.gen += 1;
-        self.tasks.save(&task).await?;
+        self.save(&task).await?;
         Ok(Response::json(
             200,
             &LeaseResponse { success: true, task_id: id, status: task.status, lease_expires_at: Some(expires) },
@@ -125,7 +125,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         task.attempts = task.attempts.saturating_sub(1);
         let reason = body.reason.clone().unwrap_or_else(|| "released by its consumer".into());
         task.record(self.clock.now(), &actor, TimelineEvent::Released, Some(TaskStatus::Pending), reason);
-        self.tasks.save(&task).await?;
+        self.save(&task).await?;
         self.ring(&task.target_server).await?;
         Ok(Response::json(
             200,
@@ -163,8 +163,8 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         task.error = Some(reason.clone());
         task.claim = None;
         task.record(now, "sweeper", TimelineEvent::AttemptsExhausted, Some(TaskStatus::Failed), reason);
-        self.tasks.save(task).await?;
-        self.buffer.remove(&task.target_server, task.id).await
+        self.save(task).await?;
+        self.unbuffer(&task.target_server, task.id).await
     }
 
     fn lease_secs(&self, requested: Option<u64>) -> u64 {

@@ -13,7 +13,8 @@ mod queue;
 mod sweep;
 
 use serde_json::Value;
-use vm_task_types::{validate, wire::HealthResponse, FieldError, Timestamp};
+use uuid::Uuid;
+use vm_task_types::{validate, wire::HealthResponse, FieldError, Task, Timestamp};
 
 pub use queue::Delivery;
 pub use sweep::SweepReport;
@@ -23,7 +24,7 @@ use crate::{
     counting::OpCounters,
     http::{Request, Response},
     routes::{ConsumerRoute, CONSUMER_ROUTES},
-    store::{BufferStore, TaskStore},
+    store::{paced, BufferStore, TaskStore, KEY_WINDOW_WAIT_MS},
     AppError, Clock, Ids, KvStore,
 };
 
@@ -128,9 +129,35 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         }
     }
 
-    /// Rewrites `server`'s doorbell, so its waiting daemon lists again.
+    /// Rewrites `server`'s doorbell, so its waiting daemon lists again. Call it at most once
+    /// per server per invocation: the bell is a hot key (one write per second).
+    ///
+    /// A 429 means someone rang within the last second, possibly before our entries were
+    /// written, so it is not yet safe to skip: wait the window out and ring again. A second
+    /// 429 means someone rang after that wait began, hence after our entries were written:
+    /// the daemon lists them on that ring, and skipping ours is safe.
     async fn ring(&self, server: &str) -> Result<(), AppError> {
-        self.buffer.ring(server, &self.ids.random_uuid().simple().to_string()).await
+        let token = self.ids.random_uuid().simple().to_string();
+        match self.buffer.ring(server, &token).await {
+            Err(AppError::RateLimited(_)) => {
+                self.clock.sleep_ms(KEY_WINDOW_WAIT_MS).await;
+                match self.buffer.ring(server, &token).await {
+                    Err(AppError::RateLimited(_)) => Ok(()),
+                    other => other,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Saves a task record, waiting out a fast hand-off's 429 ([`paced`]).
+    async fn save(&self, task: &Task) -> Result<(), AppError> {
+        paced(&self.clock, || self.tasks.save(task)).await
+    }
+
+    /// Removes a task's buffer entry, waiting out a 429 ([`paced`]).
+    async fn unbuffer(&self, server: &str, id: Uuid) -> Result<(), AppError> {
+        paced(&self.clock, || self.buffer.remove(server, id)).await
     }
 }
 

@@ -17,6 +17,8 @@ use crate::{
 
 /// First doorbell check interval of a `hot` long poll.
 const HOT_BELL_CHECK_MS: u64 = 100;
+/// KV operations one long poll may make: under the 1,000 per invocation, with a margin.
+const POLL_OP_BUDGET: u64 = 900;
 /// Listing pages `/stats` reads per request; beyond this the count is cut short.
 const MAX_SCAN_PAGES: usize = 20;
 
@@ -42,11 +44,17 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         let mut interval =
             if hot { HOT_BELL_CHECK_MS.min(self.config.bell_check_ms) } else { self.config.bell_check_ms };
         let deadline = self.clock.now().plus_millis(wait_ms);
+        // Each check reads every server's bell, and the answer lists every server's prefix;
+        // the poll answers (unchanged) before a check would leave no room for that listing.
+        let per_check = servers.len().max(1) as u64;
+        let mut ops = 0;
         loop {
             let bell = self.bells(&servers).await?;
+            ops += per_check;
             let changed = since != Some(bell.as_str());
             let now = self.clock.now();
-            if changed || now >= deadline {
+            let out_of_budget = ops + 2 * per_check > POLL_OP_BUDGET;
+            if changed || now >= deadline || out_of_budget {
                 let (tasks, list_complete) =
                     if changed { self.list_ready(&servers, limit).await? } else { (Vec::new(), true) };
                 return Ok(Response::json(
@@ -107,7 +115,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             }
             None => self.tasks.require(id).await?.target_server,
         };
-        self.buffer.remove(&server, id).await?;
+        self.unbuffer(&server, id).await?;
         Ok(Response::json(
             200,
             &serde_json::json!({"success": true, "taskId": id, "message": "removed from the buffer"}),

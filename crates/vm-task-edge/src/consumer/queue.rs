@@ -8,7 +8,7 @@ use serde_json::Value;
 use vm_task_types::{wire::BufferedTask, TaskStatus, TimelineEvent, Timestamp};
 
 use super::{decode_messages, ConsumerService, WORKER};
-use crate::{AppError, Clock, Ids, KvStore, QueueMessage};
+use crate::{store::paced, AppError, Clock, Ids, KvStore, QueueMessage};
 
 /// What to do with one queue message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,8 +82,8 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             created_at: message.created_at,
             buffered_at: now,
         };
-        self.buffer.put(&entry).await?;
-        Ok(())
+        // Paced: a cancel racing the queue may have just deleted this key.
+        paced(&self.clock, || self.buffer.put(&entry)).await
     }
 
     /// Handles messages that exhausted their deliveries: each task becomes `failed` with the
@@ -108,7 +108,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
                         Some(TaskStatus::Failed),
                         reason,
                     );
-                    self.tasks.save(&task).await?;
+                    self.save(&task).await?;
                 }
                 Ok(())
             }

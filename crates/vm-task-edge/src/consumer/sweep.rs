@@ -110,14 +110,14 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         let queued_too_long = now.millis_since(entry.created_at) > self.config.max_queued_secs * 1000;
         let Some(mut task) = self.tasks.load(entry.task_id).await? else {
             if queued_too_long {
-                self.buffer.remove(&entry.target_server, entry.task_id).await?;
+                self.unbuffer(&entry.target_server, entry.task_id).await?;
                 report.cleaned += 1;
             }
             return Ok(());
         };
         match task.status {
             status if status.is_terminal() => {
-                self.buffer.remove(&entry.target_server, entry.task_id).await?;
+                self.unbuffer(&entry.target_server, entry.task_id).await?;
                 report.cleaned += 1;
             }
             TaskStatus::Processing if task.claim.as_ref().is_none_or(|c| c.lease_expires_at <= now) => {
@@ -126,7 +126,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
                     self.give_up(&mut task, now).await?;
                     report.failed += 1;
                 } else {
-                    self.tasks.save(&task).await?;
+                    self.save(&task).await?;
                     self.ring(&task.target_server).await?;
                     report.returned_to_ready += 1;
                 }
@@ -138,8 +138,8 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
                 );
                 task.error = Some(reason.clone());
                 task.record(now, "sweeper", TimelineEvent::NeverClaimed, Some(TaskStatus::Failed), reason);
-                self.tasks.save(&task).await?;
-                self.buffer.remove(&task.target_server, task.id).await?;
+                self.save(&task).await?;
+                self.unbuffer(&task.target_server, task.id).await?;
                 report.failed += 1;
             }
             TaskStatus::Pending if now.millis_since(entry.buffered_at) > self.config.rebuffer_after_secs * 1000 => {

@@ -11,7 +11,7 @@ use vm_task_edge::{
     consumer::{ConsumerConfig, ConsumerService, Delivery},
     counting::{CountingKv, CountingQueue, OpCounters},
     http::{Request, Response},
-    memory::{ManualClock, MemoryKv, MemoryQueue, SeqIds},
+    memory::{Invocation, ManualClock, MemoryKv, MemoryQueue, SeqIds},
     store::{BufferStore, TaskStore},
 };
 use vm_task_types::wire::{ClaimResponse, ReadyTasksResponse};
@@ -20,7 +20,11 @@ pub const CLIENT: &str = "client-token";
 pub const CONSUMER: &str = "consumer-token";
 pub const START_MS: u64 = 1_800_000_000_000;
 
+/// Both services over shared in-memory ports with Workers KV's production limits on: one write
+/// per second per key (by `clock`) and 1,000 operations per invocation; each `api()` or
+/// `consumer()` is one invocation.
 pub struct Edge {
+    pub invocation: Invocation,
     pub tasks: MemoryKv,
     pub buffer: MemoryKv,
     pub queue: MemoryQueue,
@@ -43,11 +47,14 @@ pub type Consumer<'a> = ConsumerService<'a, CountingKv<'a, MemoryKv>, CountingKv
 
 impl Edge {
     pub fn new() -> Self {
+        let clock = ManualClock::at(START_MS);
+        let invocation = Invocation::new(&clock);
         Self {
-            tasks: MemoryKv::new(),
-            buffer: MemoryKv::new(),
+            tasks: MemoryKv::with_production_limits(&invocation),
+            buffer: MemoryKv::with_production_limits(&invocation),
+            invocation,
             queue: MemoryQueue::new(),
-            clock: ManualClock::at(START_MS),
+            clock,
             ids: SeqIds::default(),
             api_config: ApiConfig {
                 client_tokens: Tokens::parse(CLIENT),
@@ -70,7 +77,9 @@ impl Edge {
         }
     }
 
+    /// The API worker for one invocation.
     pub fn api(&self) -> Api<'_> {
+        self.invocation.begin();
         ApiService {
             tasks: TaskStore::new(CountingKv::new(self.tasks.clone(), &self.counters)),
             buffer: BufferStore::new(CountingKv::new(self.buffer.clone(), &self.counters)),
@@ -82,7 +91,9 @@ impl Edge {
         }
     }
 
+    /// The consumer worker for one invocation.
     pub fn consumer(&self) -> Consumer<'_> {
+        self.invocation.begin();
         ConsumerService {
             tasks: TaskStore::new(CountingKv::new(self.tasks.clone(), &self.counters)),
             buffer: BufferStore::new(CountingKv::new(self.buffer.clone(), &self.counters)),
