@@ -33,6 +33,8 @@ cargo xtask <command>
   bench              benchmarks on the local stack; prints a table (not part of `test`)
   soak               2,000 tasks over 100 VMs with injected faults; prints RELIABILITY.md's figures
   diagrams           render diagrams/*.dot to SVG (needs Graphviz: apt-get install graphviz)
+  simulate           the production model (crates/edge-model): --seed N replays one seed with its
+                     trace; --seeds N [--from S] runs N seeds, prints violations and latencies
   fuzz               schemathesis against both workers on a local stack (venv in target/fuzz-venv);
                      [--max-examples N] [--seed N] [-- SCHEMATHESIS ARGS...]
 ";
@@ -77,6 +79,9 @@ fn main() -> Result<()> {
                 "--nocapture",
             ]))
         }
+        Some("simulate") => run(Command::new("cargo")
+            .args(["run", "--release", "-q", "-p", "edge-model", "--bin", "simulate", "--"])
+            .args(&args[1..])),
         Some("fuzz") => fuzz(&root, &args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{HELP}");

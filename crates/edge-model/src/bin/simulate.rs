@@ -1,0 +1,97 @@
+//! `simulate --seed N` replays one seed and prints its trace; `simulate --seeds N [--from S]`
+//! runs seeds S..S+N and prints the violations found and the production dispatch latencies.
+//! `cargo xtask simulate` runs this in release mode.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use edge_model::sim::{self, Outcome};
+
+const USAGE: &str = "usage: simulate --seed N | --seeds N [--from S]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = |name: &str| -> Option<u64> {
+        let i = args.iter().position(|a| a == name)?;
+        args.get(i + 1)?.parse().ok()
+    };
+    if let Some(seed) = value("--seed") {
+        let outcome = sim::run(seed);
+        print!("{}", outcome.report());
+        return if outcome.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+    }
+    let Some(count) = value("--seeds") else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let from = value("--from").unwrap_or(0);
+    let started = Instant::now();
+    let mut summary = Summary::default();
+    for seed in from..from + count {
+        summary.add(sim::run(seed));
+    }
+    summary.print(count, started.elapsed().as_secs_f64());
+    if summary.violating_seeds.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+#[derive(Default)]
+struct Summary {
+    violating_seeds: Vec<(u64, Vec<String>)>,
+    claim: Vec<u64>,
+    visible: Vec<u64>,
+    accepted: usize,
+    by_kind: std::collections::BTreeMap<String, usize>,
+}
+
+impl Summary {
+    fn add(&mut self, outcome: Outcome) {
+        self.claim.extend(&outcome.claim_latency_ms);
+        self.visible.extend(&outcome.visible_latency_ms);
+        self.accepted += outcome.accepted;
+        for v in &outcome.violations {
+            *self.by_kind.entry(sim::violation_kind(v).to_owned()).or_default() += 1;
+        }
+        if !outcome.violations.is_empty() {
+            self.violating_seeds.push((outcome.seed, outcome.violations));
+        }
+    }
+
+    fn print(&mut self, seeds: u64, secs: f64) {
+        for (seed, violations) in &self.violating_seeds {
+            println!("seed {seed}: {}", violations[0]);
+            for v in &violations[1..] {
+                println!("         {v}");
+            }
+        }
+        println!(
+            "{seeds} seeds, {} accepted tasks, {} violating seed(s) in {secs:.1} s",
+            self.accepted,
+            self.violating_seeds.len()
+        );
+        for (kind, n) in &self.by_kind {
+            println!("  {n:>6} × {kind}");
+        }
+        for (name, xs) in [("POST → claimed", &mut self.claim), ("POST → completed, seen elsewhere", &mut self.visible)]
+        {
+            xs.sort_unstable();
+            println!(
+                "{name}: p50 {:.1} s, p99 {:.1} s (n = {})",
+                percentile(xs, 50.0) as f64 / 1000.0,
+                percentile(xs, 99.0) as f64 / 1000.0,
+                xs.len()
+            );
+        }
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}

@@ -1,0 +1,1231 @@
+//! The simulation: clients, daemons, the queue consumer and the cron, each at a location,
+//! calling the real `ApiService`/`ConsumerService` handlers over the KV and queue models, in
+//! simulated time, with faults, all chosen by one seed.
+//!
+//! Time is a discrete-event loop: events wait in a heap ordered by (time, sequence number) and
+//! each handler invocation runs to completion at its event's time (`futures::executor::block_on`;
+//! a handler that sleeps moves only its own invocation clock). Nothing reads the wall clock,
+//! iterates a hash map or spawns a thread, so one seed gives one run and one trace.
+//!
+//! Actors:
+//! - **clients**, one per VM, submit its chain (launch, commands, maybe stop, delete) one POST
+//!   after another from their location, retry a POST that failed or timed out with the same
+//!   `Idempotency-Key`, and cancel some tasks after a random delay;
+//! - **watchers** poll each accepted task from another location until it is terminal (the
+//!   "visible as completed elsewhere" latency);
+//! - **the queue** delivers batches to `buffer_batch` at a random location, and dead letters
+//!   to `dead_letter_batch`;
+//! - **the cron** runs `sweep` every minute at its location;
+//! - **daemons**, one per server, run the consumer protocol (list ready → check predecessor →
+//!   claim → execute on an in-memory Arrakis → report), one task at a time. This driver is a
+//!   minimal stand-in for `local-consumer`'s loop, which is not yet factored over a transport
+//!   trait; its rules follow the daemon's (oldest task per VM, predecessor must be terminal,
+//!   claim ids fixed per process and task, lifecycle operations look at the VM first, a
+//!   command is not re-sent after a lost attempt).
+//!
+//! Faults from the seed: lost requests and responses, daemon crashes and restarts, partitions
+//! between a daemon and the edge, daemons moving between locations, queue send failures and
+//! failed consumer invocations, plus everything the KV and queue models do on their own.
+
+use std::cell::RefCell;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::rc::Rc;
+
+use futures::executor::block_on;
+use serde_json::{json, Value};
+use uuid::Uuid;
+use vm_task_edge::{
+    api::{ApiConfig, ApiService},
+    auth::{Cors, Tokens},
+    consumer::{ConsumerConfig, ConsumerService},
+    counting::OpCounters,
+    http::{Request, Response},
+    store::{BufferStore, TaskStore},
+    Ids, QueueMessage, StoreError, TaskQueue,
+};
+use vm_task_types::{
+    wire::{BufferedTask, ClaimResponse, CreateTaskResponse, ReadyTasksResponse, TaskStatusResponse},
+    OperationKind, Task, TaskStatus, Timestamp,
+};
+
+use crate::kv::{Invocation, KvConfig, KvModel, Location};
+use crate::queue::{QueueConfig, QueueModel};
+use crate::rng::Rng;
+
+const CLIENT_TOKEN: &str = "sim-client";
+const CONSUMER_TOKEN: &str = "sim-consumer";
+/// Simulated time starts at a realistic epoch so v7 ids and timestamps look like production.
+const EPOCH_MS: u64 = 1_800_000_000_000;
+/// Every accepted task must be terminal this long after it was accepted.
+pub const TERMINAL_BOUND_MS: u64 = 20 * 60_000;
+/// A run ends at the latest this long after the last client finished.
+const SETTLE_MS: u64 = 40 * 60_000;
+const LOCATIONS: [&str; 3] = ["ams", "iad", "sin"];
+
+/// What one run found and measured.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub seed: u64,
+    pub trace: Vec<String>,
+    pub violations: Vec<String>,
+    /// POST answered → first claim answered, per accepted task that was claimed.
+    pub claim_latency_ms: Vec<u64>,
+    /// POST answered → a client at another location reads `completed`.
+    pub visible_latency_ms: Vec<u64>,
+    pub accepted: usize,
+    pub sim_ms: u64,
+}
+
+impl Outcome {
+    /// The seed, the violations and the trace, for a human.
+    pub fn report(&self) -> String {
+        let mut out = format!("seed {}: {} violation(s)\n", self.seed, self.violations.len());
+        for v in &self.violations {
+            out.push_str(&format!("  VIOLATION {v}\n"));
+        }
+        out.push_str("trace:\n");
+        for line in &self.trace {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// Runs one seed.
+pub fn run(seed: u64) -> Outcome {
+    run_with(seed, DaemonRules::default())
+}
+
+/// Runs one seed with the daemon driver following `rules`.
+pub fn run_with(seed: u64, rules: DaemonRules) -> Outcome {
+    let mut sim = Sim::new(seed);
+    sim.rules = rules;
+    sim.run();
+    sim.check();
+    sim.outcome
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ports for one invocation
+
+#[derive(Debug, Clone)]
+struct SimIds {
+    rng: Rc<RefCell<Rng>>,
+    created: Rc<RefCell<Vec<Uuid>>>,
+}
+
+impl Ids for SimIds {
+    fn random_bytes(&self) -> [u8; 16] {
+        self.rng.borrow_mut().bytes16()
+    }
+
+    fn task_id(&self, now: Timestamp) -> Uuid {
+        let bytes = self.random_bytes();
+        let mut random = [0u8; 10];
+        random.copy_from_slice(&bytes[..10]);
+        let id = uuid::Builder::from_unix_timestamp_millis(now.as_millis(), &random).into_uuid();
+        self.created.borrow_mut().push(id);
+        id
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct SimQueueSend {
+    sent: Rc<RefCell<Vec<QueueMessage>>>,
+    fail: bool,
+}
+
+impl TaskQueue for SimQueueSend {
+    async fn send(&self, message: &QueueMessage) -> Result<(), StoreError> {
+        if self.fail {
+            return Err(StoreError("queue send failed (simulated)".into()));
+        }
+        self.sent.borrow_mut().push(message.clone());
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The world
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    ClientPost { vm: usize },
+    Cancel { task: Uuid },
+    Watch { task: Uuid },
+    QueueDeliver,
+    DlqDeliver,
+    Sweep,
+    DaemonPoll { d: usize, gen: u32 },
+    DaemonClaim { d: usize, gen: u32, entry: Box<BufferedTaskKey>, tries: u32 },
+    DaemonDone { d: usize, gen: u32, task: Uuid, claim: Uuid, ok: bool, note: String },
+    DaemonReport { d: usize, gen: u32, task: Uuid, claim: Uuid, ok: bool, note: String, tries: u32 },
+    DaemonCrash { d: usize },
+    DaemonRestart { d: usize },
+    DaemonMove { d: usize },
+}
+
+/// The fields of a buffered task the daemon needs, ordered so events can sit in the heap.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct BufferedTaskKey {
+    task_id: Uuid,
+    vm_name: String,
+    buffered_at: u64,
+}
+
+/// One operation a client wants done: a step of a VM's chain.
+#[derive(Debug, Clone)]
+struct Op {
+    vm: usize,
+    step: usize,
+    kind: OperationKind,
+    body: Value,
+    idempotency_key: String,
+    tries: u32,
+    first_post_at: Option<u64>,
+    accepted: Option<Uuid>,
+}
+
+#[derive(Debug, Clone)]
+struct Client {
+    vm_name: String,
+    server: String,
+    location: Location,
+    watcher_location: Location,
+    ops: Vec<usize>,
+    next: usize,
+    done_at: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Accepted {
+    op: usize,
+    accepted_at: u64,
+    cancel_ok: bool,
+    claimed_at: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Daemon {
+    server: String,
+    location: Location,
+    gen: u32,
+    up: bool,
+    /// Tasks this process knows to be terminal (it reported them, or the API said so).
+    known_terminal: BTreeSet<Uuid>,
+    /// Tasks whose claim was refused recently: skipped until then.
+    skip_until: BTreeMap<Uuid, u64>,
+    claim_ids: BTreeMap<Uuid, Uuid>,
+    partitions: Vec<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VmState {
+    Running,
+    Stopped,
+}
+
+/// One request Arrakis received for a task.
+#[derive(Debug, Clone)]
+struct ArrakisCall {
+    at: u64,
+    task: Uuid,
+    vm: String,
+    /// Changed the VM (created, stopped, deleted it, ran a command); otherwise a look.
+    mutating: bool,
+}
+
+/// What the network did to one request.
+enum Net {
+    /// Never reached the edge.
+    RequestLost,
+    /// The edge handled it; the caller never heard back.
+    ResponseLost(Response),
+    Answered(Response),
+}
+
+/// Choices of the daemon driver where the real daemon's behaviour is in question.
+#[derive(Debug, Clone, Copy)]
+pub struct DaemonRules {
+    /// Whether a command claimed again after a lost attempt (its daemon crashed, its lease
+    /// expired) is sent to Arrakis again. `local-consumer` does so today: its executor looks
+    /// only within one attempt.
+    pub resend_commands_on_reclaim: bool,
+}
+
+impl Default for DaemonRules {
+    fn default() -> Self {
+        Self { resend_commands_on_reclaim: true }
+    }
+}
+
+struct Sim {
+    rules: DaemonRules,
+    now: u64,
+    seq: u64,
+    events: BinaryHeap<Reverse<(u64, u64, Event)>>,
+    rng: Rng,
+    ids_rng: Rc<RefCell<Rng>>,
+    tasks_kv: KvModel,
+    buffer_kv: KvModel,
+    queue: QueueModel,
+    dlq: QueueModel,
+    api_config: ApiConfig,
+    consumer_config: ConsumerConfig,
+    counters: OpCounters,
+    kv_ops_limit: u32,
+    // Faults.
+    loss_rate: f64,
+    queue_send_fail_rate: f64,
+    consumer_fail_rate: f64,
+    cron_location: Location,
+    // Actors.
+    ops: Vec<Op>,
+    clients: Vec<Client>,
+    daemons: Vec<Daemon>,
+    arrakis: BTreeMap<(String, String), VmState>,
+    // Observations.
+    created_by: BTreeMap<Uuid, (usize, u64)>,
+    /// Tasks created by a POST the client saw answered with an error.
+    error_answered: BTreeMap<Uuid, u16>,
+    accepted: BTreeMap<Uuid, Accepted>,
+    arrakis_log: Vec<ArrakisCall>,
+    outcome: Outcome,
+}
+
+impl Sim {
+    fn new(seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let locations = LOCATIONS.len();
+        let tasks_kv = KvModel::new("TASK_STORAGE", locations, KvConfig::production(), rng.next_u64());
+        let buffer_kv = KvModel::new("TASK_BUFFER", locations, KvConfig::production(), rng.next_u64());
+        let queue = QueueModel::new(QueueConfig::production(), rng.next_u64());
+        let dlq = QueueModel::new(
+            QueueConfig { max_batch: 10, max_retries: 10, duplicate_rate: 0.0, ..QueueConfig::production() },
+            rng.next_u64(),
+        );
+        let ids_rng = Rc::new(RefCell::new(Rng::new(rng.next_u64())));
+        let api_config = ApiConfig {
+            client_tokens: Tokens::parse(CLIENT_TOKEN),
+            consumer_tokens: Tokens::parse(CONSUMER_TOKEN),
+            cors: Cors::parse(""),
+            default_target_server: None,
+            cursor_secret: b"sim".to_vec(),
+            wait_poll_ms: 1000,
+            openapi: None,
+            started_at: Timestamp(EPOCH_MS),
+        };
+        let consumer_config =
+            ConsumerConfig { consumer_tokens: Tokens::parse(CONSUMER_TOKEN), ..ConsumerConfig::default() };
+        let mut sim = Self {
+            rules: DaemonRules::default(),
+            now: EPOCH_MS,
+            seq: 0,
+            events: BinaryHeap::new(),
+            loss_rate: [0.0, 0.01, 0.03][rng.range(0, 2) as usize],
+            queue_send_fail_rate: [0.0, 0.02][rng.range(0, 1) as usize],
+            consumer_fail_rate: [0.0, 0.05][rng.range(0, 1) as usize],
+            cron_location: rng.range(0, locations as u64 - 1) as usize,
+            rng,
+            ids_rng,
+            tasks_kv,
+            buffer_kv,
+            queue,
+            dlq,
+            api_config,
+            consumer_config,
+            counters: OpCounters::new(),
+            kv_ops_limit: KvConfig::production().ops_per_invocation,
+            ops: Vec::new(),
+            clients: Vec::new(),
+            daemons: Vec::new(),
+            arrakis: BTreeMap::new(),
+            created_by: BTreeMap::new(),
+            error_answered: BTreeMap::new(),
+            accepted: BTreeMap::new(),
+            arrakis_log: Vec::new(),
+            outcome: Outcome { seed, ..Outcome::default() },
+        };
+        sim.plan();
+        sim
+    }
+
+    /// Chooses the servers, VMs, chains and faults of this seed.
+    fn plan(&mut self) {
+        let servers = self.rng.range(1, 2) as usize;
+        let locations = LOCATIONS.len() as u64;
+        for s in 0..servers {
+            let location = self.rng.range(0, locations - 1) as usize;
+            let mut partitions = Vec::new();
+            if self.rng.chance(0.3) {
+                let start = self.rng.range(0, 120_000);
+                partitions.push((EPOCH_MS + start, EPOCH_MS + start + self.rng.range(10_000, 120_000)));
+            }
+            self.daemons.push(Daemon {
+                server: format!("host-{}", s + 1),
+                location,
+                gen: 0,
+                up: true,
+                known_terminal: BTreeSet::new(),
+                skip_until: BTreeMap::new(),
+                claim_ids: BTreeMap::new(),
+                partitions,
+            });
+            let first_poll = self.rng.range(0, 1_000);
+            self.schedule(first_poll, Event::DaemonPoll { d: s, gen: 0 });
+            if self.rng.chance(0.3) {
+                let at = self.rng.range(5_000, 120_000);
+                self.schedule(at, Event::DaemonCrash { d: s });
+            }
+            if self.rng.chance(0.3) {
+                let at = self.rng.range(5_000, 120_000);
+                self.schedule(at, Event::DaemonMove { d: s });
+            }
+        }
+        let vms = self.rng.range(2, 5) as usize;
+        for v in 0..vms {
+            let vm_name = format!("vm-{}", v + 1);
+            let server = self.daemons[self.rng.range(0, servers as u64 - 1) as usize].server.clone();
+            let location = self.rng.range(0, locations - 1) as usize;
+            let watcher_location = (location + 1 + self.rng.range(0, locations - 2) as usize) % locations as usize;
+            let mut kinds = vec![OperationKind::LaunchVm];
+            for _ in 0..self.rng.range(0, 3) {
+                kinds.push(OperationKind::RunCommand);
+            }
+            if self.rng.chance(0.5) {
+                kinds.push(OperationKind::StopVm);
+            }
+            kinds.push(OperationKind::DeleteVm);
+            let mut ops = Vec::new();
+            for (step, kind) in kinds.into_iter().enumerate() {
+                let body = match kind {
+                    OperationKind::LaunchVm => json!({"type": "launch_vm", "payload": {
+                        "vmName": vm_name, "vmConfig": {"memory": "1G"}, "targetServer": server}}),
+                    OperationKind::RunCommand => json!({"type": "run_command", "payload": {
+                        "vmName": vm_name, "command": format!("echo step-{step}")}}),
+                    other => json!({"type": other.as_str(), "payload": {"vmName": vm_name}}),
+                };
+                ops.push(self.ops.len());
+                self.ops.push(Op {
+                    vm: v,
+                    step,
+                    kind,
+                    body,
+                    idempotency_key: format!("{vm_name}-step-{step}"),
+                    tries: 0,
+                    first_post_at: None,
+                    accepted: None,
+                });
+            }
+            self.clients.push(Client { vm_name, server, location, watcher_location, ops, next: 0, done_at: None });
+            let start = self.rng.range(0, 20_000);
+            self.schedule(start, Event::ClientPost { vm: v });
+        }
+        let first_sweep = self.rng.range(1_000, 60_000);
+        self.schedule(first_sweep, Event::Sweep);
+        self.trace(format!(
+            "plan: {} server(s) {:?}, {} VM(s), loss {:.0}%, queue send failures {:.0}%, consumer failures {:.0}%, cron at {}",
+            servers,
+            self.daemons.iter().map(|d| format!("{}@{}", d.server, LOCATIONS[d.location])).collect::<Vec<_>>(),
+            vms,
+            self.loss_rate * 100.0,
+            self.queue_send_fail_rate * 100.0,
+            self.consumer_fail_rate * 100.0,
+            LOCATIONS[self.cron_location],
+        ));
+        for c in &self.clients.clone() {
+            let kinds: Vec<&str> = c.ops.iter().map(|&o| self.ops[o].kind.as_str()).collect();
+            self.trace(format!(
+                "plan: {} on {} from {} (watched from {}): {}",
+                c.vm_name,
+                c.server,
+                LOCATIONS[c.location],
+                LOCATIONS[c.watcher_location],
+                kinds.join(", ")
+            ));
+        }
+    }
+
+    fn schedule(&mut self, delay_ms: u64, event: Event) {
+        self.seq += 1;
+        self.events.push(Reverse((self.now + delay_ms, self.seq, event)));
+    }
+
+    fn schedule_at(&mut self, at: u64, event: Event) {
+        let delay = at.saturating_sub(self.now);
+        self.schedule(delay, event);
+    }
+
+    fn trace(&mut self, line: String) {
+        let t = self.now - EPOCH_MS;
+        self.outcome.trace.push(format!("{:>4}.{:03}s {line}", t / 1000, t % 1000));
+    }
+
+    fn run(&mut self) {
+        while let Some(Reverse((at, _, event))) = self.events.pop() {
+            self.now = at;
+            if self.finished() {
+                break;
+            }
+            self.step(event);
+        }
+        self.outcome.sim_ms = self.now - EPOCH_MS;
+    }
+
+    /// All clients are done and every accepted task is terminal with nothing in flight, or the
+    /// settle time is up.
+    fn finished(&self) -> bool {
+        let Some(last) = self.clients.iter().map(|c| c.done_at).collect::<Option<Vec<_>>>() else { return false };
+        let last = last.into_iter().max().unwrap_or(self.now);
+        if self.now > last + SETTLE_MS {
+            return true;
+        }
+        self.queue.is_empty()
+            && self.dlq.is_empty()
+            && self.daemons.iter().all(|d| d.up)
+            && self.accepted.keys().all(|id| self.central_task(*id).is_some_and(|t| t.status.is_terminal()))
+            && self.now > last + 120_000
+    }
+
+    fn central_task(&self, id: Uuid) -> Option<Task> {
+        let key = vm_task_edge::keys::task(id)?;
+        self.tasks_kv.central(&key).and_then(|v| serde_json::from_str(&v).ok())
+    }
+
+    fn step(&mut self, event: Event) {
+        match event {
+            Event::ClientPost { vm } => self.client_post(vm),
+            Event::Cancel { task } => self.cancel(task),
+            Event::Watch { task } => self.watch(task),
+            Event::QueueDeliver => self.deliver(false),
+            Event::DlqDeliver => self.deliver(true),
+            Event::Sweep => self.sweep(),
+            Event::DaemonPoll { d, gen } if self.alive(d, gen) => self.daemon_poll(d),
+            Event::DaemonClaim { d, gen, entry, tries } if self.alive(d, gen) => self.daemon_claim(d, *entry, tries),
+            Event::DaemonDone { d, gen, task, claim, ok, note } if self.alive(d, gen) => {
+                self.daemon_report(d, task, claim, ok, note, 0)
+            }
+            Event::DaemonReport { d, gen, task, claim, ok, note, tries } if self.alive(d, gen) => {
+                self.daemon_report(d, task, claim, ok, note, tries)
+            }
+            Event::DaemonCrash { d } => {
+                let daemon = &mut self.daemons[d];
+                daemon.up = false;
+                daemon.gen += 1;
+                daemon.known_terminal.clear();
+                daemon.skip_until.clear();
+                daemon.claim_ids.clear();
+                let server = daemon.server.clone();
+                let down = self.rng.range(5_000, 90_000);
+                self.trace(format!("{server}: daemon CRASHES, restarts in {} s", down / 1000));
+                self.schedule(down, Event::DaemonRestart { d });
+            }
+            Event::DaemonRestart { d } => {
+                self.daemons[d].up = true;
+                let gen = self.daemons[d].gen;
+                let server = self.daemons[d].server.clone();
+                self.trace(format!("{server}: daemon restarts (process {gen})"));
+                self.schedule(0, Event::DaemonPoll { d, gen });
+            }
+            Event::DaemonMove { d } => {
+                let to = (self.daemons[d].location + 1) % LOCATIONS.len();
+                self.daemons[d].location = to;
+                let server = self.daemons[d].server.clone();
+                self.trace(format!("{server}: daemon's requests now land at {}", LOCATIONS[to]));
+            }
+            _ => {} // An event of a daemon process that has since crashed.
+        }
+    }
+
+    fn alive(&self, d: usize, gen: u32) -> bool {
+        self.daemons[d].up && self.daemons[d].gen == gen
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Calling the edge
+
+    fn invocation(&self, location: Location) -> Invocation {
+        Invocation::new(location, self.now, self.kv_ops_limit)
+    }
+
+    /// One API worker invocation: returns the response, the messages it queued and the task
+    /// ids it created.
+    fn api(&mut self, location: Location, request: Request) -> (Response, Vec<Uuid>) {
+        let inv = self.invocation(location);
+        let sent = SimQueueSend { sent: Rc::default(), fail: self.rng.chance(self.queue_send_fail_rate) };
+        let created = Rc::new(RefCell::new(Vec::new()));
+        let service = ApiService {
+            tasks: TaskStore::new(self.tasks_kv.at(&inv)),
+            buffer: BufferStore::new(self.buffer_kv.at(&inv)),
+            queue: sent.clone(),
+            clock: inv.clock(),
+            ids: SimIds { rng: self.ids_rng.clone(), created: created.clone() },
+            config: &self.api_config,
+            counters: &self.counters,
+        };
+        let response = block_on(service.handle(request));
+        for message in sent.sent.borrow().iter() {
+            let at = self.queue.send(self.now, serde_json::to_value(message).unwrap_or_default());
+            self.schedule_at(at, Event::QueueDeliver);
+        }
+        let created = created.borrow().clone();
+        (response, created)
+    }
+
+    fn consumer_service<'a>(
+        &'a self,
+        inv: &Invocation,
+    ) -> ConsumerService<'a, crate::kv::SimKv, crate::kv::SimKv, crate::kv::InvocationClock, SimIds> {
+        ConsumerService {
+            tasks: TaskStore::new(self.tasks_kv.at(inv)),
+            buffer: BufferStore::new(self.buffer_kv.at(inv)),
+            clock: inv.clock(),
+            ids: SimIds { rng: self.ids_rng.clone(), created: Rc::default() },
+            config: &self.consumer_config,
+            counters: &self.counters,
+        }
+    }
+
+    fn consumer(&mut self, location: Location, request: Request) -> Response {
+        let inv = self.invocation(location);
+        block_on(self.consumer_service(&inv).handle(request))
+    }
+
+    /// A daemon's request through the network: lost in either direction, or partitioned.
+    fn daemon_call(&mut self, d: usize, api: bool, request: Request) -> Net {
+        let location = self.daemons[d].location;
+        let partitioned = self.daemons[d].partitions.iter().any(|&(from, to)| (from..to).contains(&self.now));
+        if partitioned || self.rng.chance(self.loss_rate) {
+            return Net::RequestLost;
+        }
+        let response = if api { self.api(location, request).0 } else { self.consumer(location, request) };
+        if self.rng.chance(self.loss_rate) {
+            Net::ResponseLost(response)
+        } else {
+            Net::Answered(response)
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Clients
+
+    fn client_post(&mut self, vm: usize) {
+        let client = self.clients[vm].clone();
+        let Some(&op_index) = client.ops.get(client.next) else { return };
+        let op = self.ops[op_index].clone();
+        self.ops[op_index].tries += 1;
+        self.ops[op_index].first_post_at.get_or_insert(self.now);
+        let request = Request::new("POST", "/vm/tasks")
+            .bearer(CLIENT_TOKEN)
+            .header("idempotency-key", &op.idempotency_key)
+            .json_body(&op.body);
+        let lost_request = self.rng.chance(self.loss_rate);
+        let (net, created) = if lost_request {
+            (Net::RequestLost, Vec::new())
+        } else {
+            let (response, created) = self.api(client.location, request);
+            if self.rng.chance(self.loss_rate) {
+                (Net::ResponseLost(response), created)
+            } else {
+                (Net::Answered(response), created)
+            }
+        };
+        for id in &created {
+            self.created_by.insert(*id, (op_index, self.now));
+        }
+        let label = format!("{} step {} {}", client.vm_name, op.step, op.kind.as_str());
+        match net {
+            Net::Answered(r) if r.status == 202 || r.status == 200 => {
+                let Ok(body) = r.json_body::<CreateTaskResponse>() else { return };
+                let task = body.task_id;
+                self.trace(format!(
+                    "client@{}: POST {label} → {} task {}",
+                    LOCATIONS[client.location],
+                    r.status,
+                    short(task)
+                ));
+                self.ops[op_index].accepted = Some(task);
+                self.accepted.entry(task).or_insert(Accepted {
+                    op: op_index,
+                    accepted_at: self.now,
+                    cancel_ok: false,
+                    claimed_at: None,
+                });
+                if op.kind != OperationKind::LaunchVm && self.rng.chance(0.2) {
+                    let delay = self.rng.range(0, 4_000);
+                    self.schedule(delay, Event::Cancel { task });
+                }
+                self.schedule(2_000, Event::Watch { task });
+                self.client_next(vm);
+            }
+            other => {
+                let what = match &other {
+                    Net::RequestLost => "request lost".to_owned(),
+                    Net::ResponseLost(r) => format!("response {} lost", r.status),
+                    Net::Answered(r) => format!("{} {}", r.status, body_text(r)),
+                };
+                if let Net::Answered(r) = &other {
+                    for id in &created {
+                        self.error_answered.insert(*id, r.status);
+                    }
+                }
+                let tries = self.ops[op_index].tries;
+                let retryable = match &other {
+                    Net::Answered(r) => r.status >= 500 || r.status == 429,
+                    _ => true,
+                };
+                self.trace(format!(
+                    "client@{}: POST {label} (try {tries}) → {what}{}",
+                    LOCATIONS[client.location],
+                    if created.is_empty() { String::new() } else { format!(" [created {}]", short(created[0])) }
+                ));
+                if retryable && tries < 5 {
+                    self.schedule(1_000 << tries.min(4), Event::ClientPost { vm });
+                } else {
+                    self.trace(format!("client@{}: gives up on {label}", LOCATIONS[client.location]));
+                    self.client_next(vm);
+                }
+            }
+        }
+    }
+
+    fn client_next(&mut self, vm: usize) {
+        self.clients[vm].next += 1;
+        if self.clients[vm].next >= self.clients[vm].ops.len() {
+            self.clients[vm].done_at = Some(self.now);
+        } else {
+            let think = self.rng.range(0, 3_000);
+            self.schedule(think, Event::ClientPost { vm });
+        }
+    }
+
+    fn cancel(&mut self, task: Uuid) {
+        let Some(accepted) = self.accepted.get(&task) else { return };
+        let client = self.clients[self.ops[accepted.op].vm].clone();
+        let (r, _) =
+            self.api(client.location, Request::new("DELETE", &format!("/vm/tasks/{task}")).bearer(CLIENT_TOKEN));
+        self.trace(format!(
+            "client@{}: DELETE task {} → {} {}",
+            LOCATIONS[client.location],
+            short(task),
+            r.status,
+            status_of(&r)
+        ));
+        if r.status == 200 {
+            if let Some(a) = self.accepted.get_mut(&task) {
+                a.cancel_ok = true;
+            }
+        }
+    }
+
+    fn watch(&mut self, task: Uuid) {
+        let Some(accepted) = self.accepted.get(&task).cloned() else { return };
+        let location = self.clients[self.ops[accepted.op].vm].watcher_location;
+        let (r, _) = self.api(location, Request::new("GET", &format!("/vm/tasks/{task}/status")).bearer(CLIENT_TOKEN));
+        let status = r.json_body::<TaskStatusResponse>().ok().map(|s| s.status);
+        match status {
+            Some(s) if s.is_terminal() => {
+                if s == TaskStatus::Completed {
+                    self.outcome.visible_latency_ms.push(self.now - accepted.accepted_at);
+                }
+                self.trace(format!("watcher@{}: task {} is {s}", LOCATIONS[location], short(task)));
+            }
+            _ if self.now > accepted.accepted_at + TERMINAL_BOUND_MS => {}
+            _ => self.schedule(5_000, Event::Watch { task }),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Queue and cron
+
+    fn deliver(&mut self, dead_letters: bool) {
+        let batch = if dead_letters { self.dlq.take_batch(self.now) } else { self.queue.take_batch(self.now) };
+        if batch.is_empty() {
+            return;
+        }
+        let location = self.rng.range(0, LOCATIONS.len() as u64 - 1) as usize;
+        let bodies: Vec<Value> = batch.iter().map(|m| m.body.clone()).collect();
+        let failed = self.rng.chance(self.consumer_fail_rate);
+        let decisions = if failed {
+            None
+        } else {
+            let inv = self.invocation(location);
+            let service = self.consumer_service(&inv);
+            Some(if dead_letters {
+                block_on(service.dead_letter_batch(&bodies))
+            } else {
+                block_on(service.buffer_batch(&bodies))
+            })
+        };
+        let ids: Vec<String> = bodies.iter().filter_map(|b| b["taskId"].as_str()?.parse().ok()).map(short).collect();
+        let acks =
+            decisions.as_ref().map(|d| d.iter().filter(|x| **x == vm_task_edge::consumer::Delivery::Ack).count());
+        let settled = if dead_letters {
+            self.dlq.settle(self.now, batch, decisions.as_deref())
+        } else {
+            self.queue.settle(self.now, batch, decisions.as_deref())
+        };
+        self.trace(format!(
+            "{}@{}: batch [{}] → {}{}",
+            if dead_letters { "dlq" } else { "queue" },
+            LOCATIONS[location],
+            ids.join(" "),
+            match acks {
+                None => "invocation FAILED, all retried".to_owned(),
+                Some(a) => format!("{a} acked, {} retried", settled.retried),
+            },
+            if settled.dead_lettered.is_empty() {
+                String::new()
+            } else {
+                format!(", {} dead-lettered", settled.dead_lettered.len())
+            },
+        ));
+        for body in settled.dead_lettered {
+            if dead_letters {
+                self.trace(format!("dlq: message for {} dropped after its retries", body["taskId"]));
+            } else {
+                let at = self.dlq.send(self.now, body);
+                self.schedule_at(at, Event::DlqDeliver);
+            }
+        }
+        let next = if dead_letters { self.dlq.next_available() } else { self.queue.next_available() };
+        if let Some(at) = next {
+            self.schedule_at(at, if dead_letters { Event::DlqDeliver } else { Event::QueueDeliver });
+        }
+    }
+
+    fn sweep(&mut self) {
+        let inv = self.invocation(self.cron_location);
+        let report = block_on(self.consumer_service(&inv).sweep());
+        match report {
+            Ok(r) if r.returned_to_ready + r.failed + r.cleaned + r.rebuffered + r.rung > 0 => self.trace(format!(
+                "cron@{}: sweep: {} returned, {} failed, {} cleaned, {} rebuffered, {} rung",
+                LOCATIONS[self.cron_location], r.returned_to_ready, r.failed, r.cleaned, r.rebuffered, r.rung
+            )),
+            Ok(_) => {}
+            Err(e) => self.trace(format!("cron@{}: sweep failed: {e}", LOCATIONS[self.cron_location])),
+        }
+        self.schedule(60_000, Event::Sweep);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Daemons
+
+    fn poll_later(&mut self, d: usize, ms: u64) {
+        let gen = self.daemons[d].gen;
+        let jitter = self.rng.range(0, 200);
+        self.schedule(ms + jitter, Event::DaemonPoll { d, gen });
+    }
+
+    fn daemon_poll(&mut self, d: usize) {
+        let server = self.daemons[d].server.clone();
+        let request = Request::new("GET", &format!("/tasks/ready?server={server}&limit=100")).bearer(CONSUMER_TOKEN);
+        let ready = match self.daemon_call(d, false, request) {
+            Net::Answered(r) if r.status == 200 => match r.json_body::<ReadyTasksResponse>() {
+                Ok(ready) => ready,
+                Err(_) => return self.poll_later(d, 1_000),
+            },
+            Net::Answered(_) => return self.poll_later(d, 1_000),
+            _ => return self.poll_later(d, 5_000),
+        };
+        // Oldest listed task per VM, not known finished, not recently refused.
+        let now = self.now;
+        let daemon = &self.daemons[d];
+        let mut firsts: BTreeMap<String, BufferedTask> = BTreeMap::new();
+        for t in ready.tasks {
+            if daemon.known_terminal.contains(&t.task_id) {
+                continue;
+            }
+            firsts.entry(t.vm_name.clone()).or_insert(t);
+        }
+        let candidates: Vec<BufferedTask> = firsts
+            .into_values()
+            .filter(|t| daemon.skip_until.get(&t.task_id).is_none_or(|&until| until <= now))
+            .collect();
+        for entry in candidates {
+            if let Some(prev) = entry.previous_task_id {
+                if !self.daemons[d].known_terminal.contains(&prev) && !self.predecessor_terminal(d, prev) {
+                    continue;
+                }
+            }
+            let key = BufferedTaskKey {
+                task_id: entry.task_id,
+                vm_name: entry.vm_name.clone(),
+                buffered_at: entry.buffered_at.as_millis(),
+            };
+            let gen = self.daemons[d].gen;
+            self.schedule(0, Event::DaemonClaim { d, gen, entry: Box::new(key), tries: 0 });
+            return;
+        }
+        self.poll_later(d, 1_000);
+    }
+
+    /// Asks the API whether `prev` is terminal (a lost request counts as "not yet").
+    fn predecessor_terminal(&mut self, d: usize, prev: Uuid) -> bool {
+        let request = Request::new("GET", &format!("/vm/tasks/{prev}/status")).bearer(CONSUMER_TOKEN);
+        let terminal = match self.daemon_call(d, true, request) {
+            Net::Answered(r) if r.status == 200 => {
+                r.json_body::<TaskStatusResponse>().is_ok_and(|s| s.status.is_terminal())
+            }
+            // A predecessor nobody can find never blocks its successor (the daemon's rule).
+            Net::Answered(r) => r.status == 404,
+            _ => false,
+        };
+        if terminal {
+            self.daemons[d].known_terminal.insert(prev);
+        }
+        terminal
+    }
+
+    fn daemon_claim(&mut self, d: usize, entry: BufferedTaskKey, tries: u32) {
+        let task = entry.task_id;
+        let gen = self.daemons[d].gen;
+        let claim_id = match self.daemons[d].claim_ids.get(&task) {
+            Some(id) => *id,
+            None => {
+                let id = uuid::Builder::from_random_bytes(self.rng.bytes16()).into_uuid();
+                self.daemons[d].claim_ids.insert(task, id);
+                id
+            }
+        };
+        let server = self.daemons[d].server.clone();
+        let consumer_id = format!("{server}-p{gen}");
+        let request = Request::new("POST", &format!("/tasks/{task}/claim")).bearer(CONSUMER_TOKEN).json_body(&json!({
+            "consumerId": consumer_id, "claimId": claim_id, "bufferedAt": Timestamp(entry.buffered_at),
+        }));
+        let location = LOCATIONS[self.daemons[d].location];
+        match self.daemon_call(d, false, request) {
+            Net::Answered(r) if r.status == 200 => {
+                let Ok(claim) = r.json_body::<ClaimResponse>() else { return self.poll_later(d, 1_000) };
+                self.trace(format!(
+                    "{server}@{location}: claimed task {} ({} {}, attempt {})",
+                    short(task),
+                    claim.task.vm_name(),
+                    claim.task.kind().as_str(),
+                    claim.task.attempts
+                ));
+                if let Some(a) = self.accepted.get_mut(&task) {
+                    if a.claimed_at.is_none() {
+                        a.claimed_at = Some(self.now);
+                        let latency = self.now - a.accepted_at;
+                        self.outcome.claim_latency_ms.push(latency);
+                    }
+                }
+                self.execute(d, &claim.task, claim.claim_id);
+            }
+            Net::Answered(r) if r.status == 409 || r.status == 404 => {
+                self.trace(format!("{server}@{location}: claim of {} → {} {}", short(task), r.status, status_of(&r)));
+                let until = self.now + 10_000;
+                self.daemons[d].skip_until.insert(task, until);
+                if r.status == 409 && r.json_body::<Value>().is_ok_and(|b| terminal_in_body(&b)) {
+                    self.daemons[d].known_terminal.insert(task);
+                }
+                self.poll_later(d, 200);
+            }
+            other => {
+                let what = net_text(&other);
+                self.trace(format!("{server}@{location}: claim of {} (try {}) → {what}", short(task), tries + 1));
+                if tries < 5 {
+                    let delay = if matches!(other, Net::Answered(_)) { 1_000 } else { 5_000 };
+                    self.schedule(delay, Event::DaemonClaim { d, gen, entry: Box::new(entry), tries: tries + 1 });
+                } else {
+                    self.poll_later(d, 1_000);
+                }
+            }
+        }
+    }
+
+    /// Runs the task on the in-memory Arrakis: the effect happens now, the report when the
+    /// work would have finished.
+    fn execute(&mut self, d: usize, task: &Task, claim: Uuid) {
+        let server = self.daemons[d].server.clone();
+        let vm = task.vm_name().to_owned();
+        let key = (server.clone(), vm.clone());
+        let state = self.arrakis.get(&key).copied();
+        let kind = task.kind();
+        let (mutating, ok, note, duration) = match kind {
+            OperationKind::LaunchVm => match state {
+                Some(_) => (false, true, "already running: nothing to do".to_owned(), 100),
+                None => {
+                    self.arrakis.insert(key, VmState::Running);
+                    (true, true, "launched".to_owned(), self.rng.range(1_000, 8_000))
+                }
+            },
+            OperationKind::RunCommand if task.attempts > 1 && !self.rules.resend_commands_on_reclaim => {
+                (false, false, "an earlier attempt may have run it; not re-sent".to_owned(), 50)
+            }
+            OperationKind::RunCommand => match state {
+                Some(VmState::Running) => (true, true, "command ran".to_owned(), self.rng.range(100, 2_000)),
+                _ => (false, false, "VM is not running".to_owned(), 50),
+            },
+            OperationKind::StopVm => match state {
+                Some(VmState::Running) => {
+                    self.arrakis.insert(key, VmState::Stopped);
+                    (true, true, "stopped".to_owned(), self.rng.range(500, 3_000))
+                }
+                Some(VmState::Stopped) => (false, true, "already stopped".to_owned(), 50),
+                None => (false, false, "VM not found".to_owned(), 50),
+            },
+            OperationKind::DeleteVm => match state {
+                Some(_) => {
+                    self.arrakis.remove(&key);
+                    (true, true, "deleted".to_owned(), self.rng.range(500, 3_000))
+                }
+                None => (false, true, "already gone".to_owned(), 50),
+            },
+            _ => (false, true, "not modelled".to_owned(), 50),
+        };
+        self.arrakis_log.push(ArrakisCall { at: self.now, task: task.id, vm: vm.clone(), mutating });
+        self.trace(format!(
+            "{server}: arrakis {} {vm} for task {}: {note}{}",
+            kind.as_str(),
+            short(task.id),
+            if mutating { "" } else { " (look only)" }
+        ));
+        let gen = self.daemons[d].gen;
+        self.schedule(duration, Event::DaemonDone { d, gen, task: task.id, claim, ok, note });
+    }
+
+    fn daemon_report(&mut self, d: usize, task: Uuid, claim: Uuid, ok: bool, note: String, tries: u32) {
+        let status = if ok { "completed" } else { "failed" };
+        let mut body = json!({"status": status, "claimId": claim, "message": note});
+        if !ok {
+            body["error"] = json!(note);
+        }
+        let request = Request::new("PUT", &format!("/vm/tasks/{task}/status")).bearer(CONSUMER_TOKEN).json_body(&body);
+        let server = self.daemons[d].server.clone();
+        let location = LOCATIONS[self.daemons[d].location];
+        match self.daemon_call(d, true, request) {
+            Net::Answered(r) if r.status == 200 || r.status == 409 || r.status == 404 => {
+                self.trace(format!(
+                    "{server}@{location}: report {status} for {} → {} {}",
+                    short(task),
+                    r.status,
+                    status_of(&r)
+                ));
+                self.daemons[d].known_terminal.insert(task);
+                self.poll_later(d, 0);
+            }
+            other => {
+                self.trace(format!(
+                    "{server}@{location}: report {status} for {} (try {}) → {}",
+                    short(task),
+                    tries + 1,
+                    net_text(&other)
+                ));
+                if tries < 20 {
+                    let gen = self.daemons[d].gen;
+                    let delay = (1_000u64 << tries.min(5)).min(30_000);
+                    self.schedule(delay, Event::DaemonReport { d, gen, task, claim, ok, note, tries: tries + 1 });
+                } else {
+                    self.poll_later(d, 1_000);
+                }
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Invariants
+
+    fn check(&mut self) {
+        let mut violations = Vec::new();
+        // 1. Every accepted task reaches a terminal state within the bound.
+        let first_terminal = self.first_terminal_writes();
+        for (id, a) in &self.accepted {
+            match self.central_task(*id) {
+                Some(t) if t.status.is_terminal() => {
+                    if let Some(&at) = first_terminal.get(id) {
+                        if at > a.accepted_at + TERMINAL_BOUND_MS {
+                            violations.push(format!(
+                                "not-terminal-in-time: task {} became terminal {} s after it was accepted (bound {} s)",
+                                short(*id),
+                                (at - a.accepted_at) / 1000,
+                                TERMINAL_BOUND_MS / 1000
+                            ));
+                        }
+                    }
+                }
+                Some(t) => violations.push(format!(
+                    "not-terminal-in-time: task {} ({} {}) accepted at {} s is still {} at the end ({} s)",
+                    short(*id),
+                    t.vm_name(),
+                    t.kind().as_str(),
+                    (a.accepted_at - EPOCH_MS) / 1000,
+                    t.status,
+                    (self.now - EPOCH_MS) / 1000
+                )),
+                None => {
+                    violations.push(format!("not-terminal-in-time: task {} was accepted but has no record", short(*id)))
+                }
+            }
+        }
+        // 2. No operation reaches Arrakis twice (a look that changes nothing is a safe repeat).
+        let mut changes_per_op: BTreeMap<usize, Vec<&ArrakisCall>> = BTreeMap::new();
+        for call in self.arrakis_log.iter().filter(|c| c.mutating) {
+            if let Some(&(op, _)) = self.created_by.get(&call.task) {
+                changes_per_op.entry(op).or_default().push(call);
+            }
+        }
+        for (op, calls) in &changes_per_op {
+            if calls.len() > 1 {
+                let o = &self.ops[*op];
+                violations.push(format!(
+                    "reached-arrakis-twice: {} step {} ({}) changed Arrakis {} times: {}",
+                    self.clients[o.vm].vm_name,
+                    o.step,
+                    o.kind.as_str(),
+                    calls.len(),
+                    calls
+                        .iter()
+                        .map(|c| format!("task {} at {} s", short(c.task), (c.at - EPOCH_MS) / 1000))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        // 3. A cancel answered 200 never reaches Arrakis.
+        for call in &self.arrakis_log {
+            if self.accepted.get(&call.task).is_some_and(|a| a.cancel_ok) {
+                violations.push(format!(
+                    "cancelled-but-ran: task {} ({}) was cancelled with a 200 but reached Arrakis at {} s",
+                    short(call.task),
+                    call.vm,
+                    (call.at - EPOCH_MS) / 1000
+                ));
+            }
+        }
+        // 4. A terminal state never changes (in last-write-wins order of the task's record).
+        violations.extend(self.terminal_changes());
+        // 5. Per-VM order: a VM's operations reach Arrakis in submission order.
+        let mut last_step: BTreeMap<String, (usize, Uuid)> = BTreeMap::new();
+        let mut seen = BTreeSet::new();
+        for call in &self.arrakis_log {
+            let Some(&(op, _)) = self.created_by.get(&call.task) else { continue };
+            if !seen.insert(op) {
+                continue;
+            }
+            let step = self.ops[op].step;
+            if let Some(&(prev_step, prev_task)) = last_step.get(&call.vm) {
+                if step < prev_step {
+                    violations.push(format!(
+                        "order: {}: step {step} (task {}) reached Arrakis after step {prev_step} (task {})",
+                        call.vm,
+                        short(call.task),
+                        short(prev_task)
+                    ));
+                }
+            }
+            last_step.insert(call.vm.clone(), (step, call.task));
+        }
+        // 6. A task whose POST was answered with an error never runs: the client was told it
+        //    was not accepted (and retries it).
+        for call in &self.arrakis_log {
+            if let Some(status) = self.error_answered.get(&call.task) {
+                violations.push(format!(
+                    "error-answer-but-ran: task {} ({}) reached Arrakis although its POST was answered {status}",
+                    short(call.task),
+                    call.vm
+                ));
+            }
+        }
+        violations.dedup();
+        self.outcome.accepted = self.accepted.len();
+        self.outcome.violations = violations;
+    }
+
+    fn record_status(value: &Option<String>) -> Option<TaskStatus> {
+        value
+            .as_ref()
+            .and_then(|v| serde_json::from_str::<Value>(v).ok())
+            .and_then(|v| v.get("status").and_then(|s| serde_json::from_value::<TaskStatus>(s.clone()).ok()))
+    }
+
+    fn first_terminal_writes(&self) -> BTreeMap<Uuid, u64> {
+        let mut out = BTreeMap::new();
+        for w in self.tasks_kv.write_log() {
+            let Some(id) = task_of_key(&w.key) else { continue };
+            if Self::record_status(&w.value).is_some_and(|s| s.is_terminal()) {
+                out.entry(id).or_insert(w.at);
+            }
+        }
+        out
+    }
+
+    fn terminal_changes(&self) -> Vec<String> {
+        let mut by_key: BTreeMap<String, Vec<_>> = BTreeMap::new();
+        for w in self.tasks_kv.write_log() {
+            if task_of_key(&w.key).is_some() {
+                by_key.entry(w.key.clone()).or_default().push(w);
+            }
+        }
+        let mut out = Vec::new();
+        for (key, mut writes) in by_key {
+            writes.sort_by_key(|w| w.stamp);
+            let mut terminal: Option<(TaskStatus, u64, usize)> = None;
+            for w in writes {
+                let Some(status) = Self::record_status(&w.value) else { continue };
+                match terminal {
+                    Some((t, at, loc)) if status != t => {
+                        out.push(format!(
+                            "terminal-changed: task {} was {t} (written at {} s at {}) and then {status} (written at {} s at {})",
+                            task_of_key(&key).map(short).unwrap_or_default(),
+                            (at - EPOCH_MS) / 1000,
+                            LOCATIONS[loc],
+                            (w.at - EPOCH_MS) / 1000,
+                            LOCATIONS[w.location]
+                        ));
+                        break;
+                    }
+                    None if status.is_terminal() => terminal = Some((status, w.at, w.location)),
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The invariant a violation message breaks: the text before its first colon.
+pub fn violation_kind(violation: &str) -> &str {
+    violation.split(':').next().unwrap_or(violation)
+}
+
+fn task_of_key(key: &str) -> Option<Uuid> {
+    key.strip_prefix("task:").and_then(|rest| rest.rsplit(':').next()).and_then(|id| id.parse().ok())
+}
+
+fn short(id: Uuid) -> String {
+    id.simple().to_string()[..8].to_owned() + "…" + &id.simple().to_string()[28..]
+}
+
+fn body_text(r: &Response) -> String {
+    let text = String::from_utf8_lossy(&r.body);
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    v.get("error")
+        .and_then(|e| e.get("message").or(Some(e)))
+        .map(|m| m.to_string())
+        .unwrap_or_else(|| text.chars().take(120).collect())
+}
+
+fn status_of(r: &Response) -> String {
+    let v: Value = r.json_body().unwrap_or(Value::Null);
+    match v.get("status").and_then(Value::as_str) {
+        Some(s) => format!("({s})"),
+        None => format!("({})", body_text(r)),
+    }
+}
+
+fn terminal_in_body(body: &Value) -> bool {
+    let status = body.get("currentStatus").or_else(|| body.get("error").and_then(|e| e.get("currentStatus")));
+    status.and_then(|s| serde_json::from_value::<TaskStatus>(s.clone()).ok()).is_some_and(|s| s.is_terminal())
+}
+
+fn net_text(net: &Net) -> String {
+    match net {
+        Net::RequestLost => "request lost".into(),
+        Net::ResponseLost(r) => format!("response {} lost", r.status),
+        Net::Answered(r) => format!("{} {}", r.status, body_text(r)),
+    }
+}
