@@ -16,6 +16,7 @@ use crate::{
     auth::{self, Cors, Tokens},
     counting::OpCounters,
     http::{Request, Response},
+    intents::{claim_outcome, CancelIntent, ClaimOutcome},
     registry::{Fold, VmRecord},
     routes::{ApiRoute, API_ROUTES},
     store::{paced, BufferStore, TaskStore},
@@ -54,6 +55,11 @@ pub struct ApiService<'a, S, B, Q, C, I> {
     pub config: &'a ApiConfig,
     pub counters: &'a OpCounters,
 }
+
+/// Longest a cancel waits for a claim in flight to decide.
+const CANCEL_WAIT_MS: u64 = 2_000;
+/// How often it re-reads the record meanwhile.
+const CANCEL_POLL_MS: u64 = 250;
 
 /// Stored under `idem:{sha256(key)}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -366,32 +372,63 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         Ok(Response::json(200, &status_response(&task, "status updated")))
     }
 
+    /// Cancels a pending task, racing any claim through intents ([`crate::intents`]): 200
+    /// only when no claim can take the task any more, 409 when a claim took it, 202
+    /// `cancel_requested` when a claim in flight did not decide within [`CANCEL_WAIT_MS`].
     async fn cancel_task(&self, raw_id: &str) -> Result<Response, AppError> {
         let id = parse_task_id("id", raw_id)?;
-        let mut task = self.tasks.require(id).await?;
+        let task = self.tasks.require(id).await?;
         match task.status {
             TaskStatus::Cancelled => {
                 return Ok(Response::json(200, &status_response(&task, "task was already cancelled")))
             }
             TaskStatus::Pending => {}
-            other => {
-                return Err(AppError::conflict(
-                    format!("task {id} is {other}; only a pending task can be cancelled"),
-                    other,
-                ))
-            }
+            other => return Err(not_cancellable(id, other)),
         }
-        task.record(
-            self.clock.now(),
-            "client",
-            TimelineEvent::Cancelled,
-            Some(TaskStatus::Cancelled),
-            "cancelled by client",
-        );
-        task.error = Some("cancelled by client".into());
+        let intent = CancelIntent { at: self.clock.now(), message: "cancelled by client".into() };
+        paced(&self.clock, || self.tasks.put_cancel_intent(id, &intent)).await?;
+        let Some(claim) = self.tasks.claim_intent(id).await? else {
+            // No claim has begun: every later one reads our intent and yields.
+            return self.finish_cancel(task, &intent).await;
+        };
+        let deadline = self.clock.now().plus_millis(CANCEL_WAIT_MS);
+        let mut task = task;
+        loop {
+            match claim_outcome(&task, &claim) {
+                ClaimOutcome::Settled => return self.finish_cancel(task, &intent).await,
+                ClaimOutcome::Yielded => return Ok(Response::json(200, &status_response(&task, "task cancelled"))),
+                ClaimOutcome::Proceeded(status) => {
+                    // Our intent must not cancel the task later, against this answer.
+                    paced(&self.clock, || self.tasks.drop_cancel_intent(id)).await?;
+                    return Err(not_cancellable(id, status));
+                }
+                ClaimOutcome::InFlight => {}
+            }
+            let now = self.clock.now();
+            if now >= deadline {
+                return Ok(Response::json(
+                    202,
+                    &serde_json::json!({
+                        "success": true,
+                        "taskId": id,
+                        "status": "cancel_requested",
+                        "message": "a daemon is claiming the task; it will not run if the claim sees this cancel, \
+                                    and every later claim will; read the task for the outcome",
+                    }),
+                ));
+            }
+            self.clock.sleep_ms(CANCEL_POLL_MS.min(deadline.millis_since(now))).await;
+            task = self.tasks.require(id).await?;
+        }
+    }
+
+    /// The cancel won: the record becomes cancelled and the buffer entry goes.
+    async fn finish_cancel(&self, mut task: Task, intent: &CancelIntent) -> Result<Response, AppError> {
+        task.record(intent.at, "client", TimelineEvent::Cancelled, Some(TaskStatus::Cancelled), &intent.message);
+        task.error = Some(intent.message.clone());
         self.save(&task).await?;
         // Best effort: a claim attempt would also find the task cancelled and drop the entry.
-        self.unbuffer(&task.target_server, id).await?;
+        self.unbuffer(&task.target_server, task.id).await?;
         Ok(Response::json(200, &status_response(&task, "task cancelled")))
     }
 
@@ -471,6 +508,10 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
 enum Idempotency {
     New { key_hash: String, body_hash: String },
     Replay(Box<Task>),
+}
+
+fn not_cancellable(id: Uuid, status: TaskStatus) -> AppError {
+    AppError::conflict(format!("task {id} is {status}; only a pending task can be cancelled"), status)
 }
 
 fn created_response(status: u16, task: &Task) -> Response {

@@ -6,6 +6,8 @@
 //!   first; it is derived from the v7 task id itself, so a lookup by id needs no index.
 //! - `vm:{vmName}`: the VM registry entry ([`crate::registry::VmRecord`]).
 //! - `idem:{sha256(Idempotency-Key)}`: which task a key created, and a hash of its body.
+//! - `cancel:{taskId}`, `claim:{taskId}`: a client's cancel intent and the last claim's intent
+//!   ([`crate::intents`]); each side writes its own, then reads the other's.
 //!
 //! `TASK_BUFFER` (owned by the consumer worker):
 //! - `ready:{server}:{taskId}`: one buffered task; empty value; metadata =
@@ -44,6 +46,14 @@ pub(crate) fn vm(vm_name: &str) -> String {
 
 pub(crate) fn idempotency(key_hash_hex: &str) -> String {
     format!("idem:{key_hash_hex}")
+}
+
+pub(crate) fn cancel_intent(id: Uuid) -> String {
+    format!("cancel:{id}")
+}
+
+pub(crate) fn claim_intent(id: Uuid) -> String {
+    format!("claim:{id}")
 }
 
 pub(crate) fn ready(server: &str, id: Uuid) -> String {

@@ -16,6 +16,7 @@ pub mod consumer;
 pub mod counting;
 mod error;
 pub mod http;
+mod intents;
 mod keys;
 #[cfg(any(test, feature = "memory"))]
 pub mod memory;

@@ -55,6 +55,7 @@ pub struct MemoryKv {
     fail_writes: Arc<AtomicBool>,
     fail_prefix: Arc<Mutex<Option<String>>>,
     limits: Option<Invocation>,
+    interleave: Arc<AtomicBool>,
     /// When each key was last written, for the one-write-per-second rule.
     last_write: Arc<Mutex<HashMap<String, u64>>>,
 }
@@ -77,6 +78,18 @@ impl MemoryKv {
     /// Makes every later put or delete of a key starting with `prefix` fail (`None`: stop).
     pub fn fail_writes_to(&self, prefix: Option<&str>) {
         *self.fail_prefix.lock().unwrap_or_else(|p| p.into_inner()) = prefix.map(str::to_owned);
+    }
+
+    /// Makes every operation yield to the executor once before it runs, so futures joined
+    /// together interleave operation by operation (races, deterministically).
+    pub fn interleave(&self, on: bool) {
+        self.interleave.store(on, SeqCst);
+    }
+
+    async fn step(&self) {
+        if self.interleave.load(SeqCst) {
+            YieldOnce(false).await;
+        }
     }
 
     /// Counts one operation against the invocation's budget.
@@ -128,28 +141,33 @@ impl MemoryKv {
 
 impl KvStore for MemoryKv {
     async fn get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.step().await;
         self.count("GET", key)?;
         Ok(self.lock().get(key).map(|(v, _)| v.clone()))
     }
 
     async fn get_with_metadata(&self, key: &str) -> Result<Option<(String, Option<Value>)>, StoreError> {
+        self.step().await;
         self.count("GET", key)?;
         Ok(self.lock().get(key).cloned())
     }
 
     async fn put(&self, key: &str, value: &str, metadata: Option<&Value>) -> Result<(), StoreError> {
+        self.step().await;
         self.admit_write("PUT", key)?;
         self.lock().insert(key.to_owned(), (value.to_owned(), metadata.cloned()));
         Ok(())
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.step().await;
         self.admit_write("DELETE", key)?;
         self.lock().remove(key);
         Ok(())
     }
 
     async fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> Result<KvPage, StoreError> {
+        self.step().await;
         self.count("LIST", prefix)?;
         // The cursor is the last key returned, like an opaque KV cursor would encode.
         let entries = self.lock();
@@ -233,6 +251,25 @@ impl Clock for ManualClock {
 
     async fn sleep_ms(&self, ms: u64) {
         self.advance_ms(ms);
+        // Let whatever runs beside the sleeper go on, as a real sleep would.
+        YieldOnce(false).await;
+    }
+}
+
+/// Returns `Pending` once (waking itself at once), then `Ready`.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.0 {
+            std::task::Poll::Ready(())
+        } else {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
     }
 }
 

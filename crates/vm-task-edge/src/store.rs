@@ -4,7 +4,12 @@ use serde::{de::DeserializeOwned, Serialize};
 use uuid::Uuid;
 use vm_task_types::{wire::BufferedTask, Task};
 
-use crate::{keys, registry::VmRecord, AppError, Clock, KvPage, KvStore};
+use crate::{
+    intents::{CancelIntent, ClaimIntent},
+    keys,
+    registry::VmRecord,
+    AppError, Clock, KvPage, KvStore,
+};
 
 /// Tries of a write that KV keeps refusing as a second write to its key within a second.
 const PACED_TRIES: u32 = 3;
@@ -75,6 +80,26 @@ impl<S: KvStore> TaskStore<S> {
 
     pub(crate) async fn save_vm(&self, record: &VmRecord) -> Result<(), AppError> {
         self.put_json(&keys::vm(&record.vm_name), record).await
+    }
+
+    pub(crate) async fn cancel_intent(&self, id: Uuid) -> Result<Option<CancelIntent>, AppError> {
+        self.get_json(&keys::cancel_intent(id)).await
+    }
+
+    pub(crate) async fn put_cancel_intent(&self, id: Uuid, intent: &CancelIntent) -> Result<(), AppError> {
+        self.put_json(&keys::cancel_intent(id), intent).await
+    }
+
+    pub(crate) async fn drop_cancel_intent(&self, id: Uuid) -> Result<(), AppError> {
+        Ok(self.kv.delete(&keys::cancel_intent(id)).await?)
+    }
+
+    pub(crate) async fn claim_intent(&self, id: Uuid) -> Result<Option<ClaimIntent>, AppError> {
+        self.get_json(&keys::claim_intent(id)).await
+    }
+
+    pub(crate) async fn put_claim_intent(&self, id: Uuid, intent: &ClaimIntent) -> Result<(), AppError> {
+        self.put_json(&keys::claim_intent(id), intent).await
     }
 
     pub(crate) async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, AppError> {

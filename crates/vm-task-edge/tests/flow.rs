@@ -166,7 +166,7 @@ fn tasks_list_newest_first_from_metadata_with_signed_cursors() {
 }
 
 #[test]
-fn a_task_costs_four_kv_reads_when_the_daemon_sends_the_buffering_time() {
+fn a_task_costs_five_kv_reads_when_the_daemon_sends_the_buffering_time() {
     let edge = Edge::new();
     let id = edge.submit(launch("vm-1", "production"));
     edge.deliver();
@@ -179,12 +179,16 @@ fn a_task_costs_four_kv_reads_when_the_daemon_sends_the_buffering_time() {
             .json_body(&json!({"consumerId": "host-a", "bufferedAt": entry.buffered_at})),
     );
     assert_eq!(claim.status, 200, "{}", body_text(&claim));
-    assert_eq!(edge.counters.snapshot().kv_reads - reads_before, 1, "the claim reads the task record only");
+    assert_eq!(
+        edge.counters.snapshot().kv_reads - reads_before,
+        2,
+        "the claim reads the task record and the cancel intent, not the entry"
+    );
     let claim: ClaimResponse = claim.json_body().unwrap();
     assert_eq!(claim.task.event_at("buffered"), Some(entry.buffered_at));
     edge.report(id, claim.claim_id, json!({"status": "completed"}));
-    // POST: registry; buffering: none; ready: doorbell; claim: task; report: task.
-    assert_eq!(edge.counters.snapshot().kv_reads, 4);
+    // POST: registry; buffering: none; ready: doorbell; claim: task, cancel intent; report: task.
+    assert_eq!(edge.counters.snapshot().kv_reads, 5);
 }
 
 #[test]
@@ -209,7 +213,7 @@ fn a_buffering_time_outside_the_tasks_life_is_clamped() {
 }
 
 #[test]
-fn a_lone_task_costs_six_writes_one_delete_and_one_list() {
+fn a_lone_task_costs_seven_writes_one_delete_and_one_list() {
     let edge = Edge::new();
     let id = edge.submit(launch("vm-1", "production"));
     edge.deliver();
@@ -221,6 +225,6 @@ fn a_lone_task_costs_six_writes_one_delete_and_one_list() {
     edge.clock.advance_ms(1_000);
     edge.report(id, claim.claim_id, json!({"status": "completed"}));
     let OpCounts { kv_writes, kv_deletes, kv_lists, queue_sends, .. } = edge.counters.snapshot();
-    // Writes: task created, registry, buffer entry, doorbell, claim, completion.
-    assert_eq!((kv_writes, kv_deletes, kv_lists, queue_sends), (6, 1, 1, 1));
+    // Writes: task created, registry, buffer entry, doorbell, claim intent, claim, completion.
+    assert_eq!((kv_writes, kv_deletes, kv_lists, queue_sends), (7, 1, 1, 1));
 }

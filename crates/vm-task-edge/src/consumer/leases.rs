@@ -16,6 +16,8 @@ use super::{
 };
 use crate::{
     http::{Request, Response},
+    intents::{CancelIntent, ClaimIntent},
+    store::paced,
     AppError, Clock, Ids, KvStore,
 };
 
@@ -78,9 +80,16 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
                 task.record(at, WORKER, TimelineEvent::Buffered, None, note);
             }
         }
+        let claim_id = body.claim_id.unwrap_or_else(|| self.ids.random_uuid());
+        // The claim's intent goes first, then the cancel's is read ([`crate::intents`]).
+        let intent = ClaimIntent { claim_id, consumer_id: body.consumer_id.clone(), at: now };
+        paced(&self.clock, || self.tasks.put_claim_intent(id, &intent)).await?;
+        if let Some(cancel) = self.tasks.cancel_intent(id).await? {
+            return self.yield_to_cancel(task, &cancel, &body.consumer_id).await;
+        }
         task.attempts += 1;
         let claim = Claim {
-            claim_id: body.claim_id.unwrap_or_else(|| self.ids.random_uuid()),
+            claim_id,
             consumer_id: body.consumer_id.clone(),
             claimed_at: now,
             lease_expires_at: now.plus_secs(lease),
@@ -95,6 +104,33 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         Ok(Response::json(
             200,
             &ClaimResponse { success: true, claim_id: claim.claim_id, lease_expires_at: claim.lease_expires_at, task },
+        ))
+    }
+
+    /// A client cancelled the task while this claim was being decided: the task becomes
+    /// cancelled with the client's event and ours, and the daemon gets 409 (it never runs).
+    async fn yield_to_cancel(
+        &self,
+        mut task: Task,
+        cancel: &CancelIntent,
+        consumer_id: &str,
+    ) -> Result<Response, AppError> {
+        let id = task.id;
+        task.claim = None;
+        task.record(cancel.at, "client", TimelineEvent::Cancelled, Some(TaskStatus::Cancelled), &cancel.message);
+        task.error = Some(cancel.message.clone());
+        task.record(
+            self.clock.now(),
+            consumer_id,
+            TimelineEvent::ClaimYielded,
+            None,
+            "the claim saw the client's cancel",
+        );
+        self.save(&task).await?;
+        self.unbuffer(&task.target_server, id).await?;
+        Err(AppError::conflict(
+            format!("task {id} was cancelled by its client; it will not run"),
+            TaskStatus::Cancelled,
         ))
     }
 
