@@ -174,6 +174,12 @@ impl KvModel {
             .collect()
     }
 
+    /// The key ending in `suffix`, if any was ever written (finds a task's key by its id
+    /// without knowing the edge's key layout).
+    pub fn find_key(&self, suffix: &str) -> Option<String> {
+        self.inner.borrow().versions.keys().find(|k| k.ends_with(suffix)).cloned()
+    }
+
     /// Every write that reached the central store, in commit order.
     pub fn write_log(&self) -> Vec<WriteRecord> {
         self.inner.borrow().log.clone()
@@ -211,10 +217,10 @@ impl KvModel {
         let gap = inner.config.min_write_gap_ms;
         if let Some(&last) = inner.last_write_at.get(key) {
             if now < last + gap {
-                return Err(StoreError(format!(
+                return Err(StoreError::rate_limited(format!(
                     "KV {} 429 Too Many Requests: {key} was written {} ms ago (1 write per second per key)",
                     inner.name,
-                    now - last
+                    now.saturating_sub(last)
                 )));
             }
         }
@@ -310,7 +316,7 @@ impl Invocation {
         let n = self.ops.get() + 1;
         self.ops.set(n);
         if n > self.max_ops {
-            return Err(StoreError(format!(
+            return Err(StoreError::other(format!(
                 "too many KV operations in one invocation: this is operation {n}, the limit is {}",
                 self.max_ops
             )));
@@ -439,11 +445,11 @@ mod tests {
         let kv = model();
         put(&kv, A, 1_000, "k", "1").unwrap();
         let err = put(&kv, B, 1_999, "k", "2").unwrap_err();
-        assert!(err.0.contains("429"), "{err}");
+        assert!(err.message.contains("429"), "{err}");
         put(&kv, A, 1_999, "other", "x").unwrap();
         put(&kv, B, 2_000, "k", "2").unwrap();
         let del = block_on(kv.at(&Invocation::new(A, 2_500, 1000)).delete("k")).unwrap_err();
-        assert!(del.0.contains("429"), "deletes are writes: {del}");
+        assert!(del.message.contains("429"), "deletes are writes: {del}");
     }
 
     #[test]
@@ -474,7 +480,7 @@ mod tests {
             block_on(store.get(&format!("k{i}"))).unwrap();
         }
         let err = block_on(store.get("one-more")).unwrap_err();
-        assert!(err.0.contains("1001"), "{err}");
+        assert!(err.message.contains("1001"), "{err}");
         // The count is per invocation, across namespaces.
         let other = model().at(&inv);
         assert!(block_on(other.put("x", "y", None)).is_err());

@@ -140,7 +140,7 @@ struct SimQueueSend {
 impl TaskQueue for SimQueueSend {
     async fn send(&self, message: &QueueMessage) -> Result<(), StoreError> {
         if self.fail {
-            return Err(StoreError("queue send failed (simulated)".into()));
+            return Err(StoreError::other("queue send failed (simulated)"));
         }
         self.sent.borrow_mut().push(message.clone());
         Ok(())
@@ -292,6 +292,8 @@ struct Sim {
     error_answered: BTreeMap<Uuid, u16>,
     accepted: BTreeMap<Uuid, Accepted>,
     arrakis_log: Vec<ArrakisCall>,
+    /// Task id → its KV key, found once in the model.
+    task_keys: RefCell<BTreeMap<Uuid, Option<String>>>,
     outcome: Outcome,
 }
 
@@ -346,6 +348,7 @@ impl Sim {
             error_answered: BTreeMap::new(),
             accepted: BTreeMap::new(),
             arrakis_log: Vec::new(),
+            task_keys: RefCell::default(),
             outcome: Outcome { seed, ..Outcome::default() },
         };
         sim.plan();
@@ -482,15 +485,16 @@ impl Sim {
         if self.now > last + SETTLE_MS {
             return true;
         }
-        self.queue.is_empty()
+        self.now > last + 120_000
+            && self.queue.is_empty()
             && self.dlq.is_empty()
             && self.daemons.iter().all(|d| d.up)
             && self.accepted.keys().all(|id| self.central_task(*id).is_some_and(|t| t.status.is_terminal()))
-            && self.now > last + 120_000
     }
 
     fn central_task(&self, id: Uuid) -> Option<Task> {
-        let key = vm_task_edge::keys::task(id)?;
+        let key =
+            self.task_keys.borrow_mut().entry(id).or_insert_with(|| self.tasks_kv.find_key(&id.to_string())).clone()?;
         self.tasks_kv.central(&key).and_then(|v| serde_json::from_str(&v).ok())
     }
 
