@@ -44,7 +44,6 @@ fn config(env: &Env) -> ConsumerConfig {
         retry_delay_secs: number(env, "QUEUE_RETRY_DELAY_SECONDS", defaults.retry_delay_secs as u64) as u32,
         fault_fail_buffering_vm: Some(setting(env, "FAULT_FAIL_BUFFERING_VM")).filter(|v| !v.is_empty()),
         rebuffer_after_secs: number(env, "REBUFFER_AFTER_SECONDS", defaults.rebuffer_after_secs),
-        reconcile_secs: number(env, "RECONCILE_SECONDS", defaults.reconcile_secs),
     }
 }
 
@@ -108,7 +107,7 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     let config = config(&env);
     match service(&env, &config) {
         Ok(service) => match service.sweep().await {
-            Ok(report) if report.returned_to_ready + report.failed + report.cleaned > 0 => {
+            Ok(report) if report.returned_to_ready + report.failed + report.cleaned + report.rebuffered > 0 => {
                 worker::console_log!("sweep: {report:?}")
             }
             Ok(_) => {}

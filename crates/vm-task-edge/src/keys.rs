@@ -13,6 +13,7 @@
 //! - `ready:{server}:{taskId}`: one buffered task; empty value; metadata =
 //!   [`BufferedTask`](vm_task_types::wire::BufferedTask). v7 ids sort by creation time, so a
 //!   host lists its own tasks oldest first with one `list(prefix = "ready:{server}:")`.
+//! - `sweep:state`: where the sweep's walk over the task listing continues.
 //! - `bell:{server}`: the doorbell, rewritten whenever tasks for `server` are buffered; idle
 //!   daemons read it instead of listing.
 //!
@@ -27,6 +28,7 @@ const MAX_MS: u64 = 0xFFFF_FFFF_FFFF;
 
 pub(crate) const TASK_PREFIX: &str = "task:";
 pub(crate) const READY_PREFIX: &str = "ready:";
+pub(crate) const SWEEP_STATE: &str = "sweep:state";
 
 /// The record key of a task, or `None` for a UUID that is not a v7 task id.
 pub(crate) fn task(id: Uuid) -> Option<String> {

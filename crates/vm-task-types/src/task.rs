@@ -98,10 +98,6 @@ pub enum TimelineEvent {
     CancelRequested,
     /// A claim saw the client's cancel and stood down (→ cancelled).
     ClaimYielded,
-    /// The sweep found a non-terminal task in no buffer and buffered it again.
-    Rebuffered,
-    /// The sweep found a non-terminal task in no buffer that it could not buffer (→ failed).
-    Orphaned,
     /// One failed try of the daemon's operation, reported with the outcome.
     Retry,
     /// The daemon reported success (→ completed).
@@ -111,7 +107,7 @@ pub enum TimelineEvent {
 }
 
 impl TimelineEvent {
-    pub const ALL: [TimelineEvent; 17] = [
+    pub const ALL: [TimelineEvent; 15] = [
         Self::Created,
         Self::QueueFailed,
         Self::Buffered,
@@ -124,8 +120,6 @@ impl TimelineEvent {
         Self::Cancelled,
         Self::CancelRequested,
         Self::ClaimYielded,
-        Self::Rebuffered,
-        Self::Orphaned,
         Self::Retry,
         Self::Completed,
         Self::Failed,
@@ -145,8 +139,6 @@ impl TimelineEvent {
             Self::Cancelled => "cancelled",
             Self::CancelRequested => "cancel_requested",
             Self::ClaimYielded => "claim_yielded",
-            Self::Rebuffered => "rebuffered",
-            Self::Orphaned => "orphaned",
             Self::Retry => "retry",
             Self::Completed => "completed",
             Self::Failed => "failed",
@@ -248,6 +240,10 @@ pub struct TaskSummary {
     pub target_server: String,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    /// When the current claim's lease ends, while the task is processing: the sweep finds
+    /// expired leases from listings alone, without reading records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_expires_at: Option<Timestamp>,
 }
 
 impl Task {
@@ -268,6 +264,7 @@ impl Task {
             target_server: self.target_server.clone(),
             created_at: self.created_at,
             updated_at: self.updated_at,
+            lease_expires_at: self.claim.as_ref().map(|c| c.lease_expires_at),
         }
     }
 

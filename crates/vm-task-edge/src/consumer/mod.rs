@@ -55,11 +55,10 @@ pub struct ConsumerConfig {
     /// fails, so its messages exhaust their retries and reach the dead letter queue. Unset in
     /// every shipped config.
     pub fault_fail_buffering_vm: Option<String>,
-    /// `REBUFFER_AFTER_SECONDS`: a pending task in no buffer this long after its creation is
-    /// taken to have lost its queue message, and is buffered by the sweep.
+    /// `REBUFFER_AFTER_SECONDS`: a task in no buffer this long after its creation is taken to
+    /// have lost its queue message (or its entry), and is buffered by the sweep; an entry
+    /// unclaimed this long gets its doorbell rung again.
     pub rebuffer_after_secs: u64,
-    /// `RECONCILE_SECONDS`: how far back the sweep looks for such tasks.
-    pub reconcile_secs: u64,
 }
 
 impl Default for ConsumerConfig {
@@ -77,7 +76,6 @@ impl Default for ConsumerConfig {
             retry_delay_secs: 5,
             fault_fail_buffering_vm: None,
             rebuffer_after_secs: 60,
-            reconcile_secs: 3_600,
         }
     }
 }

@@ -106,14 +106,27 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         ))
     }
 
+    /// Removes a finished task's entry. A task that is not finished keeps its entry: without
+    /// it, no daemon would find the task again (the sweep would have to buffer it anew).
     pub(super) async fn delete(&self, raw_id: &str, request: &Request) -> Result<Response, AppError> {
         let id = parse_task_id("id", raw_id)?;
-        let server = match request.query_param("server") {
+        let requested = match request.query_param("server") {
             Some(server) => {
                 validate::check_server_name("server", server)?;
-                server.to_owned()
+                Some(server.to_owned())
             }
-            None => self.tasks.require(id).await?.target_server,
+            None => None,
+        };
+        let server = match self.tasks.load(id).await? {
+            Some(task) if !task.status.is_terminal() => {
+                return Err(AppError::conflict(
+                    format!("task {id} is {}; only a finished task's entry can be removed", task.status),
+                    task.status,
+                ))
+            }
+            Some(task) => requested.unwrap_or(task.target_server),
+            // An entry left by a task that no longer exists: removable when its server is named.
+            None => requested.ok_or_else(|| AppError::NotFound(format!("task {id} not found")))?,
         };
         self.unbuffer(&server, id).await?;
         Ok(Response::json(

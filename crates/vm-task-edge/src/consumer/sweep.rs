@@ -1,152 +1,361 @@
 //! The sweep (cron, every minute, and `POST /admin/sweep`): returns expired leases, fails
 //! tasks nobody claims, drops entries of finished tasks, rings again for entries left
-//! unclaimed, and buffers pending tasks whose queue message was lost.
+//! unclaimed, and buffers every non-terminal task found in no buffer (a lost queue message,
+//! an entry removed while the task was processing), whatever its age.
+//!
+//! It works from listings, which carry each task's summary and each entry in KV metadata:
+//! one list operation covers 1,000 tasks, and a task record is read only when the sweep is
+//! about to change it. A run spends at most [`SWEEP_OP_BUDGET`] KV operations (the
+//! invocation limit is 1,000) and walks the task listing from a cursor it keeps in
+//! `TASK_BUFFER` (`sweep:state`), so consecutive runs cover every task, however many there
+//! are and however many one server has piled up.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use vm_task_types::{wire::BufferedTask, TaskStatus, TaskSummary, TimelineEvent};
+use uuid::Uuid;
+use vm_task_types::{wire::BufferedTask, TaskStatus, TaskSummary, TimelineEvent, Timestamp};
 
 use super::ConsumerService;
-use crate::{keys, AppError, Clock, Ids, KvStore, QueueMessage};
+use crate::{keys, store::paced, AppError, Clock, Ids, KvStore, QueueMessage};
 
-/// Listing pages the sweep reads per run; beyond this it picks up next time.
-const MAX_SCAN_PAGES: usize = 20;
+/// KV operations one sweep run may spend, under the 1,000 of an invocation.
+pub(crate) const SWEEP_OP_BUDGET: u64 = 900;
+/// Buffer listing pages a run reads to know which tasks have an entry (200,000 entries).
+/// Beyond that the run cannot prove an entry missing, and buffers no orphan.
+const MAX_BUFFER_PAGES: u64 = 200;
+/// Task listing pages (1,000 tasks each) a run walks: a history of 100,000 tasks is covered
+/// every 10 minutes for 10 list operations a minute.
+const MAX_WALK_PAGES: u64 = 10;
+/// The most a task's handling costs: read, save, remove (paced retries aside).
+const WORST_CASE_PER_TASK: u64 = 3;
+/// The most a ring costs (one wait and a second try).
+const RING_COST: u64 = 2;
 
 /// What one sweep did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SweepReport {
     pub success: bool,
+    /// Task summaries looked at.
     pub scanned: usize,
     pub returned_to_ready: usize,
     pub failed: usize,
+    /// Buffer entries of finished tasks removed.
     pub cleaned: usize,
-    /// Pending tasks found in no buffer (their queue message was lost) and buffered again.
+    /// Non-terminal tasks found in no buffer and buffered again.
     pub rebuffered: usize,
     /// Servers whose doorbell was rung again for entries left unclaimed.
     pub rung: usize,
+    /// KV operations the run spent.
+    #[serde(default)]
+    pub ops: u64,
+    /// Whether this run reached the end of the task listing (the next starts from the newest).
+    #[serde(default)]
+    pub cycle_complete: bool,
+}
+
+/// Where the next run continues: the listing cursor of the page it was in, and how many keys
+/// of that page it had handled.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SweepState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cursor: Option<String>,
+    #[serde(default)]
+    skip: usize,
+}
+
+/// What the sweep does with one task, decided from its summary and buffer entry alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// Nothing to do (finished with no entry, waiting, or working under a live lease).
+    Nothing,
+    /// Finished, but its entry is still buffered: remove the entry (no record read).
+    Clean,
+    /// Waiting past `REBUFFER_AFTER_SECONDS`: ring its server again (no record read).
+    Ring,
+    /// Never claimed within `MAX_QUEUED_SECONDS`: fail it.
+    FailUnclaimed,
+    /// Its lease ended without a report: return it to pending, or fail it after the last attempt.
+    ExpireLease,
+    /// Not finished and in no buffer: buffer it again.
+    Rebuffer,
+}
+
+/// Limits and clock of a plan.
+#[derive(Debug, Clone, Copy)]
+struct Horizon {
+    now: Timestamp,
+    rebuffer_after_ms: u64,
+    max_queued_ms: u64,
+}
+
+/// The plan for a task. `entry` is `None` when it has no entry, and `missing_known` says
+/// whether the buffer listing was complete enough to prove that.
+fn plan(summary: &TaskSummary, entry: Option<&BufferedTask>, missing_known: bool, at: Horizon) -> Plan {
+    let age = at.now.millis_since(summary.created_at);
+    match summary.status {
+        status if status.is_terminal() => {
+            if entry.is_some() {
+                Plan::Clean
+            } else {
+                Plan::Nothing
+            }
+        }
+        TaskStatus::Pending if age > at.max_queued_ms => Plan::FailUnclaimed,
+        TaskStatus::Processing if summary.lease_expires_at.is_none_or(|until| until <= at.now) => Plan::ExpireLease,
+        _ if age < at.rebuffer_after_ms => Plan::Nothing, // may still be in the queue
+        _ => match entry {
+            None if missing_known => Plan::Rebuffer,
+            None => Plan::Nothing,
+            Some(entry)
+                if summary.status == TaskStatus::Pending
+                    && at.now.millis_since(entry.buffered_at) > at.rebuffer_after_ms =>
+            {
+                Plan::Ring
+            }
+            Some(_) => Plan::Nothing,
+        },
+    }
+}
+
+/// Operations left to spend in this run.
+#[derive(Debug)]
+struct Budget(u64);
+
+impl Budget {
+    fn spend(&mut self, ops: u64) {
+        self.0 = self.0.saturating_sub(ops);
+    }
 }
 
 impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
-    /// Returns expired claims to ready (or fails them after the last attempt), drops buffer
-    /// entries of finished tasks, and fails tasks no daemon picked up in `max_queued_secs`.
-    /// Runs from the cron trigger and from `POST /admin/sweep`.
+    /// One sweep run. Runs from the cron trigger and from `POST /admin/sweep`.
     pub async fn sweep(&self) -> Result<SweepReport, AppError> {
         let mut report = SweepReport { success: true, ..SweepReport::default() };
-        let mut stale_servers = BTreeSet::new();
-        let mut cursor = None;
-        for _ in 0..MAX_SCAN_PAGES {
-            let (entries, page) = self.buffer.list(keys::READY_PREFIX, 1000, cursor.as_deref()).await?;
-            for entry in entries {
-                report.scanned += 1;
-                self.sweep_one(&entry, &mut report, &mut stale_servers).await?;
-            }
-            if page.list_complete {
+        let mut budget = Budget(SWEEP_OP_BUDGET);
+        let state: SweepState = self.buffer_json(keys::SWEEP_STATE).await?.unwrap_or_default();
+        budget.spend(1);
+        let (entries, listing_complete) = self.buffered_entries(&mut budget).await?;
+        let horizon = Horizon {
+            now: self.clock.now(),
+            rebuffer_after_ms: self.config.rebuffer_after_secs * 1000,
+            max_queued_ms: self.config.max_queued_secs * 1000,
+        };
+        let mut ring: BTreeSet<String> = BTreeSet::new();
+        let mut next = state.clone();
+        let mut pages = 0;
+        'pages: loop {
+            if pages == MAX_WALK_PAGES {
                 break;
             }
-            cursor = page.cursor;
-        }
-        self.rebuffer_lost(&mut report).await?;
-        // Unclaimed entries that have waited a while: ring again, in case the ring that went
-        // with them was lost (a worker killed between the two writes) or has not reached the
-        // daemon's location yet. One write per such server per sweep.
-        for server in stale_servers {
-            self.ring(&server).await?;
-            report.rung += 1;
-        }
-        Ok(report)
-    }
-
-    /// Buffers pending tasks whose queue message never arrived. Cloudflare Queues deliver at
-    /// least once, but a message can still be lost to an operator purging the queue or, on the
-    /// local stack, to a `wrangler dev` restart. Reads the newest task summaries (metadata
-    /// only) back to `reconcile_secs`, and for each pending task older than
-    /// `rebuffer_after_secs` with no buffer entry, writes one.
-    async fn rebuffer_lost(&self, report: &mut SweepReport) -> Result<(), AppError> {
-        let now = self.clock.now();
-        let mut cursor = None;
-        for _ in 0..MAX_SCAN_PAGES {
-            let page = self.tasks.list(1000, cursor.as_deref()).await?;
-            for key in &page.keys {
+            pages += 1;
+            // The listing page, the cursor's write at the end, and the rings must fit.
+            if budget.0 < 2 + 1 + RING_COST * (ring.len() as u64 + 1) + WORST_CASE_PER_TASK {
+                break;
+            }
+            let page = self.tasks.list(1000, next.cursor.as_deref()).await?;
+            budget.spend(1);
+            for key in page.keys.iter().skip(next.skip) {
+                if budget.0 < 1 + RING_COST * (ring.len() as u64 + 1) + WORST_CASE_PER_TASK {
+                    break 'pages;
+                }
+                next.skip += 1;
                 let Some(summary) = key.metadata.clone().and_then(|m| serde_json::from_value::<TaskSummary>(m).ok())
                 else {
                     continue;
                 };
-                let age_ms = now.millis_since(summary.created_at);
-                if age_ms > self.config.reconcile_secs * 1000 {
-                    return Ok(()); // Newest first: everything after is older still.
-                }
-                if summary.status != TaskStatus::Pending || age_ms < self.config.rebuffer_after_secs * 1000 {
-                    continue;
-                }
-                if self.buffer.get(&summary.target_server, summary.id).await?.is_some() {
-                    continue;
-                }
-                let Some(task) = self.tasks.load(summary.id).await? else { continue };
-                if task.status != TaskStatus::Pending || task.claim.is_some() {
-                    continue;
-                }
-                let message = QueueMessage::of(&task);
-                self.buffer_one(&message, now).await?;
-                self.ring(&task.target_server).await?;
-                report.rebuffered += 1;
+                report.scanned += 1;
+                let entry = entries.get(&summary.id);
+                let step = plan(&summary, entry, listing_complete, horizon);
+                self.carry_out(step, &summary, &mut report, &mut ring, &mut budget).await?;
             }
             if page.list_complete {
+                next = SweepState::default();
+                report.cycle_complete = true;
                 break;
             }
+            next = SweepState { cursor: page.cursor, skip: 0 };
+        }
+        for server in ring {
+            if budget.0 < RING_COST + 1 {
+                break;
+            }
+            self.ring(&server).await?;
+            budget.spend(RING_COST);
+            report.rung += 1;
+        }
+        if next != state {
+            paced(&self.clock, || self.put_buffer_json(keys::SWEEP_STATE, &next)).await?;
+            budget.spend(1);
+        }
+        report.ops = SWEEP_OP_BUDGET - budget.0;
+        Ok(report)
+    }
+
+    /// Every buffered entry by task id, as far as [`MAX_BUFFER_PAGES`] reach, and whether
+    /// that was all of them.
+    async fn buffered_entries(&self, budget: &mut Budget) -> Result<(BTreeMap<Uuid, BufferedTask>, bool), AppError> {
+        let mut entries = BTreeMap::new();
+        let mut cursor = None;
+        for _ in 0..MAX_BUFFER_PAGES.min(budget.0 / 3) {
+            let (page_entries, page) = self.buffer.list(keys::READY_PREFIX, 1000, cursor.as_deref()).await?;
+            budget.spend(1);
+            entries.extend(page_entries.into_iter().map(|e| (e.task_id, e)));
+            if page.list_complete {
+                return Ok((entries, true));
+            }
             cursor = page.cursor;
+        }
+        Ok((entries, false))
+    }
+
+    async fn carry_out(
+        &self,
+        step: Plan,
+        summary: &TaskSummary,
+        report: &mut SweepReport,
+        ring: &mut BTreeSet<String>,
+        budget: &mut Budget,
+    ) -> Result<(), AppError> {
+        let now = self.clock.now();
+        match step {
+            Plan::Nothing => {}
+            Plan::Clean => {
+                self.unbuffer(&summary.target_server, summary.id).await?;
+                budget.spend(1);
+                report.cleaned += 1;
+            }
+            Plan::Ring => {
+                ring.insert(summary.target_server.clone());
+            }
+            Plan::FailUnclaimed | Plan::ExpireLease | Plan::Rebuffer => {
+                // The summary decided; the record (read now) is what gets changed.
+                let Some(mut task) = self.tasks.load(summary.id).await? else { return Ok(()) };
+                budget.spend(1);
+                match (step, task.status) {
+                    (Plan::FailUnclaimed, TaskStatus::Pending) => {
+                        let reason = format!(
+                            "no daemon serving {:?} claimed the task within {} s; is a local consumer running for that server?",
+                            task.target_server, self.config.max_queued_secs
+                        );
+                        task.error = Some(reason.clone());
+                        task.record(now, "sweeper", TimelineEvent::NeverClaimed, Some(TaskStatus::Failed), reason);
+                        self.save(&task).await?;
+                        self.unbuffer(&task.target_server, task.id).await?;
+                        budget.spend(2);
+                        report.failed += 1;
+                    }
+                    (Plan::ExpireLease, TaskStatus::Processing)
+                        if task.claim.as_ref().is_none_or(|c| c.lease_expires_at <= now) =>
+                    {
+                        self.expire_lease(&mut task, now);
+                        if task.attempts >= self.config.max_attempts {
+                            self.give_up(&mut task, now).await?;
+                            budget.spend(2);
+                            report.failed += 1;
+                        } else {
+                            self.save(&task).await?;
+                            budget.spend(1);
+                            // The entry may be gone too (removed while processing): put it back.
+                            self.buffer_one(&QueueMessage::of(&task), now).await?;
+                            budget.spend(1);
+                            ring.insert(task.target_server.clone());
+                            report.returned_to_ready += 1;
+                        }
+                    }
+                    (Plan::Rebuffer, TaskStatus::Pending | TaskStatus::Processing) => {
+                        // No record write: a claim or a report may be writing it right now. A
+                        // processing task's entry lets a daemon find it again after its lease.
+                        self.buffer_one(&QueueMessage::of(&task), now).await?;
+                        budget.spend(1);
+                        if task.status == TaskStatus::Pending {
+                            ring.insert(task.target_server.clone());
+                        }
+                        report.rebuffered += 1;
+                    }
+                    _ => {} // The record moved on since its summary was written.
+                }
+            }
         }
         Ok(())
     }
 
-    async fn sweep_one(
-        &self,
-        entry: &BufferedTask,
-        report: &mut SweepReport,
-        stale_servers: &mut BTreeSet<String>,
-    ) -> Result<(), AppError> {
-        let now = self.clock.now();
-        let queued_too_long = now.millis_since(entry.created_at) > self.config.max_queued_secs * 1000;
-        let Some(mut task) = self.tasks.load(entry.task_id).await? else {
-            if queued_too_long {
-                self.unbuffer(&entry.target_server, entry.task_id).await?;
-                report.cleaned += 1;
-            }
-            return Ok(());
-        };
-        match task.status {
-            status if status.is_terminal() => {
-                self.unbuffer(&entry.target_server, entry.task_id).await?;
-                report.cleaned += 1;
-            }
-            TaskStatus::Processing if task.claim.as_ref().is_none_or(|c| c.lease_expires_at <= now) => {
-                self.expire_lease(&mut task, now);
-                if task.attempts >= self.config.max_attempts {
-                    self.give_up(&mut task, now).await?;
-                    report.failed += 1;
-                } else {
-                    self.save(&task).await?;
-                    self.ring(&task.target_server).await?;
-                    report.returned_to_ready += 1;
-                }
-            }
-            TaskStatus::Pending if queued_too_long => {
-                let reason = format!(
-                    "no daemon serving {:?} claimed the task within {} s; is a local consumer running for that server?",
-                    task.target_server, self.config.max_queued_secs
-                );
-                task.error = Some(reason.clone());
-                task.record(now, "sweeper", TimelineEvent::NeverClaimed, Some(TaskStatus::Failed), reason);
-                self.save(&task).await?;
-                self.unbuffer(&task.target_server, task.id).await?;
-                report.failed += 1;
-            }
-            TaskStatus::Pending if now.millis_since(entry.buffered_at) > self.config.rebuffer_after_secs * 1000 => {
-                stale_servers.insert(task.target_server.clone());
-            }
-            _ => {}
+    async fn buffer_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, AppError> {
+        match self.buffer.kv.get(key).await? {
+            None => Ok(None),
+            // An unreadable state restarts the walk rather than stopping every sweep.
+            Some(text) => Ok(serde_json::from_str(&text).ok()),
         }
-        Ok(())
+    }
+
+    async fn put_buffer_json<T: Serialize>(&self, key: &str, value: &T) -> Result<(), AppError> {
+        let text = serde_json::to_string(value).map_err(|e| AppError::Unavailable(e.to_string()))?;
+        Ok(self.buffer.kv.put(key, &text, None).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_task_types::OperationKind;
+
+    use super::*;
+
+    const AT: Horizon = Horizon { now: Timestamp(1_000_000), rebuffer_after_ms: 60_000, max_queued_ms: 600_000 };
+
+    fn summary(status: TaskStatus, created_ms_ago: u64, lease_until: Option<u64>) -> TaskSummary {
+        TaskSummary {
+            id: Uuid::nil(),
+            kind: OperationKind::StopVm,
+            vm_name: "vm-1".into(),
+            status,
+            target_server: "production".into(),
+            created_at: Timestamp(AT.now.0 - created_ms_ago),
+            updated_at: Timestamp(AT.now.0 - created_ms_ago),
+            lease_expires_at: lease_until.map(Timestamp),
+        }
+    }
+
+    fn entry(buffered_ms_ago: u64) -> BufferedTask {
+        BufferedTask {
+            task_id: Uuid::nil(),
+            kind: OperationKind::StopVm,
+            vm_name: "vm-1".into(),
+            target_server: "production".into(),
+            previous_task_id: None,
+            created_at: Timestamp(0),
+            buffered_at: Timestamp(AT.now.0 - buffered_ms_ago),
+        }
+    }
+
+    #[test]
+    fn waiting_and_working_tasks_need_nothing_and_no_record_read() {
+        assert_eq!(plan(&summary(TaskStatus::Pending, 1_000, None), Some(&entry(900)), true, AT), Plan::Nothing);
+        let working = summary(TaskStatus::Processing, 100_000, Some(AT.now.0 + 1));
+        assert_eq!(plan(&working, Some(&entry(90_000)), true, AT), Plan::Nothing);
+        assert_eq!(plan(&summary(TaskStatus::Completed, 100_000, None), None, true, AT), Plan::Nothing);
+    }
+
+    #[test]
+    fn stale_entries_ring_and_finished_ones_are_cleaned() {
+        assert_eq!(plan(&summary(TaskStatus::Pending, 100_000, None), Some(&entry(61_000)), true, AT), Plan::Ring);
+        assert_eq!(plan(&summary(TaskStatus::Cancelled, 100_000, None), Some(&entry(1)), true, AT), Plan::Clean);
+    }
+
+    #[test]
+    fn deadlines_fail_or_return_the_task() {
+        assert_eq!(plan(&summary(TaskStatus::Pending, 600_001, None), Some(&entry(1)), true, AT), Plan::FailUnclaimed);
+        let expired = summary(TaskStatus::Processing, 100_000, Some(AT.now.0));
+        assert_eq!(plan(&expired, Some(&entry(1)), true, AT), Plan::ExpireLease);
+    }
+
+    #[test]
+    fn a_task_in_no_buffer_is_buffered_again_only_when_the_listing_proves_it_missing() {
+        assert_eq!(plan(&summary(TaskStatus::Pending, 61_000, None), None, true, AT), Plan::Rebuffer);
+        let working = summary(TaskStatus::Processing, 500_000, Some(AT.now.0 + 1));
+        assert_eq!(plan(&working, None, true, AT), Plan::Rebuffer);
+        assert_eq!(plan(&summary(TaskStatus::Pending, 61_000, None), None, false, AT), Plan::Nothing);
+        assert_eq!(plan(&summary(TaskStatus::Pending, 59_000, None), None, true, AT), Plan::Nothing, "in the queue");
     }
 }
