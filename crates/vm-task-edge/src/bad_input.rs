@@ -285,6 +285,21 @@ pub fn cases(fixture: &Fixture) -> Vec<Case> {
             json!({"type": "launch_vm", "payload": {"vmName": "vm-1", "vmConfig": {"kernel": ""}, "targetServer": "p"}}),
         )
         .expect(400, "invalid_field", Some("payload.vmConfig.kernel"), &["must not be empty"]),
+        Case::submit(
+            "relative rootfs path",
+            json!({"type": "launch_vm", "payload": {"vmName": "vm-1", "vmConfig": {"rootfs": "images/rootfs.img"}, "targetServer": "p"}}),
+        )
+        .expect(400, "invalid_field", Some("payload.vmConfig.rootfs"), &["must be an absolute path"]),
+        Case::submit(
+            "kernel path climbing out with ..",
+            json!({"type": "launch_vm", "payload": {"vmName": "vm-1", "vmConfig": {"kernel": "/var/lib/images/../../../etc/shadow"}, "targetServer": "p"}}),
+        )
+        .expect(400, "invalid_field", Some("payload.vmConfig.kernel"), &["must not contain a '..' segment"]),
+        Case::submit(
+            "initramfs path with a NUL",
+            json!({"type": "launch_vm", "payload": {"vmName": "vm-1", "vmConfig": {"initramfs": "/images/init\u{0}rd"}, "targetServer": "p"}}),
+        )
+        .expect(400, "invalid_field", Some("payload.vmConfig.initramfs"), &["must not contain NUL bytes"]),
         Case::submit("no targetServer for an unknown VM", json!({"type": "stop_vm", "payload": {"vmName": "ghost"}}))
             .expect(422, "no_target_server", Some("payload.targetServer"), &["payload.targetServer is required", "\"ghost\""]),
         // Sizes.

@@ -237,11 +237,13 @@ impl Operation {
                     ("payload.vmConfig.kernel", &c.kernel),
                     ("payload.vmConfig.rootfs", &c.rootfs),
                     ("payload.vmConfig.initramfs", &c.initramfs),
-                    ("payload.vmConfig.entryPoint", &c.entry_point),
                 ] {
                     if let Some(v) = value {
-                        validate::check_host_path(field, v)?;
+                        validate::check_image_path(field, v)?;
                     }
+                }
+                if let Some(v) = &c.entry_point {
+                    validate::check_host_path("payload.vmConfig.entryPoint", v)?;
                 }
                 if let Some(id) = &c.snapshot_id {
                     validate::check_snapshot_id("payload.vmConfig.snapshotId", id)?;

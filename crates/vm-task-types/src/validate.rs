@@ -116,6 +116,20 @@ pub fn check_host_path(field: &str, value: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// Image paths in `vmConfig` (`kernel`, `rootfs`, `initramfs`): a host path, and one that
+/// cannot point anywhere by itself: absolute, with no `..` segment. The daemon still allows
+/// only its configured image directories; this refuses early what is never right.
+pub fn check_image_path(field: &str, value: &str) -> Result<(), FieldError> {
+    check_host_path(field, value)?;
+    if !value.starts_with('/') {
+        return Err(FieldError::new(field, format!("must be an absolute path, got {value:?}")));
+    }
+    if value.split('/').any(|segment| segment == "..") {
+        return Err(FieldError::new(field, "must not contain a '..' segment"));
+    }
+    Ok(())
+}
+
 /// Task ids are UUIDs in their canonical hyphenated form.
 pub fn parse_task_id(field: &str, value: &str) -> Result<uuid::Uuid, FieldError> {
     uuid::Uuid::try_parse(value)
@@ -166,6 +180,17 @@ mod tests {
             .message
             .contains("at most 16384 bytes"));
         check_command("c", &"x".repeat(Limits::COMMAND_MAX_BYTES)).unwrap();
+    }
+
+    #[test]
+    fn image_paths_must_be_absolute_without_parent_segments() {
+        check_image_path("kernel", "/var/lib/arrakis/images/vmlinux").unwrap();
+        check_image_path("kernel", "/images/a..b/vmlinux").unwrap();
+        let message = |v: &str| check_image_path("payload.vmConfig.kernel", v).unwrap_err().message;
+        assert!(message("images/vmlinux").contains("absolute"));
+        assert!(message("/images/../../etc/shadow").contains("'..'"));
+        assert!(message("/images/..").contains("'..'"));
+        assert!(message("/images/vm\0linux").contains("NUL"));
     }
 
     #[test]
