@@ -71,16 +71,10 @@ impl KvConfig {
         }
     }
 
-    /// One location, no caching, no limits: what `wrangler dev` gives.
-    pub fn local() -> Self {
-        Self {
-            cache_ttl_ms: 0,
-            propagation_ms: (0, 0),
-            list_lag_ms: (0, 0),
-            min_write_gap_ms: 0,
-            ops_per_invocation: u32::MAX,
-            clock_skew_ms: 0,
-        }
+    /// Strongly consistent (no cache, no propagation delay, no list lag, one clock) but with
+    /// production's limits.
+    pub fn consistent() -> Self {
+        Self { cache_ttl_ms: 0, propagation_ms: (0, 0), list_lag_ms: (0, 0), clock_skew_ms: 0, ..Self::production() }
     }
 }
 
@@ -174,10 +168,17 @@ impl KvModel {
             .collect()
     }
 
-    /// The key ending in `suffix`, if any was ever written (finds a task's key by its id
-    /// without knowing the edge's key layout).
-    pub fn find_key(&self, suffix: &str) -> Option<String> {
-        self.inner.borrow().versions.keys().find(|k| k.ends_with(suffix)).cloned()
+    /// The key with this prefix and suffix, if any was ever written (finds a task's record by
+    /// its id without computing the edge's key layout).
+    pub fn find_key(&self, prefix: &str, suffix: &str) -> Option<String> {
+        let inner = self.inner.borrow();
+        inner
+            .versions
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k)
+            .find(|k| k.ends_with(suffix))
+            .cloned()
     }
 
     /// Every write that reached the central store, in commit order.

@@ -23,6 +23,8 @@
 //!   claim ids fixed per process and task, lifecycle operations look at the VM first, a
 //!   command is not re-sent after a lost attempt).
 //!
+//! `SIM_DEBUG=1` adds each daemon listing to the trace.
+//!
 //! Faults from the seed: lost requests and responses, daemon crashes and restarts, partitions
 //! between a daemon and the edge, daemons moving between locations, queue send failures and
 //! failed consumer invocations, plus everything the KV and queue models do on their own.
@@ -95,13 +97,33 @@ impl Outcome {
 
 /// Runs one seed.
 pub fn run(seed: u64) -> Outcome {
-    run_with(seed, DaemonRules::default())
+    run_with(seed, &Settings::production())
 }
 
-/// Runs one seed with the daemon driver following `rules`.
-pub fn run_with(seed: u64, rules: DaemonRules) -> Outcome {
-    let mut sim = Sim::new(seed);
-    sim.rules = rules;
+/// What the world is like: KV's consistency and limits, and the daemon driver's rules.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub kv: KvConfig,
+    pub rules: DaemonRules,
+}
+
+impl Settings {
+    /// Production as Cloudflare documents it.
+    pub fn production() -> Self {
+        Self { kv: KvConfig::production(), rules: DaemonRules::default() }
+    }
+
+    /// KV strongly consistent (every location reads the store, no cache, no lag), with
+    /// production's per-key and per-invocation limits, queue behaviour and faults: what the
+    /// native tests assume.
+    pub fn consistent() -> Self {
+        Self { kv: KvConfig::consistent(), rules: DaemonRules::default() }
+    }
+}
+
+/// Runs one seed in the world `settings` describe.
+pub fn run_with(seed: u64, settings: &Settings) -> Outcome {
+    let mut sim = Sim::new(seed, settings);
     sim.run();
     sim.check();
     sim.outcome
@@ -298,11 +320,11 @@ struct Sim {
 }
 
 impl Sim {
-    fn new(seed: u64) -> Self {
+    fn new(seed: u64, settings: &Settings) -> Self {
         let mut rng = Rng::new(seed);
         let locations = LOCATIONS.len();
-        let tasks_kv = KvModel::new("TASK_STORAGE", locations, KvConfig::production(), rng.next_u64());
-        let buffer_kv = KvModel::new("TASK_BUFFER", locations, KvConfig::production(), rng.next_u64());
+        let tasks_kv = KvModel::new("TASK_STORAGE", locations, settings.kv.clone(), rng.next_u64());
+        let buffer_kv = KvModel::new("TASK_BUFFER", locations, settings.kv.clone(), rng.next_u64());
         let queue = QueueModel::new(QueueConfig::production(), rng.next_u64());
         let dlq = QueueModel::new(
             QueueConfig { max_batch: 10, max_retries: 10, duplicate_rate: 0.0, ..QueueConfig::production() },
@@ -322,7 +344,7 @@ impl Sim {
         let consumer_config =
             ConsumerConfig { consumer_tokens: Tokens::parse(CONSUMER_TOKEN), ..ConsumerConfig::default() };
         let mut sim = Self {
-            rules: DaemonRules::default(),
+            rules: settings.rules,
             now: EPOCH_MS,
             seq: 0,
             events: BinaryHeap::new(),
@@ -339,7 +361,7 @@ impl Sim {
             api_config,
             consumer_config,
             counters: OpCounters::new(),
-            kv_ops_limit: KvConfig::production().ops_per_invocation,
+            kv_ops_limit: settings.kv.ops_per_invocation,
             ops: Vec::new(),
             clients: Vec::new(),
             daemons: Vec::new(),
@@ -493,8 +515,12 @@ impl Sim {
     }
 
     fn central_task(&self, id: Uuid) -> Option<Task> {
-        let key =
-            self.task_keys.borrow_mut().entry(id).or_insert_with(|| self.tasks_kv.find_key(&id.to_string())).clone()?;
+        let key = self
+            .task_keys
+            .borrow_mut()
+            .entry(id)
+            .or_insert_with(|| self.tasks_kv.find_key("task:", &id.to_string()))
+            .clone()?;
         self.tasks_kv.central(&key).and_then(|v| serde_json::from_str(&v).ok())
     }
 
@@ -700,7 +726,9 @@ impl Sim {
         if self.clients[vm].next >= self.clients[vm].ops.len() {
             self.clients[vm].done_at = Some(self.now);
         } else {
-            let think = self.rng.range(0, 3_000);
+            // At least a round trip: a client's next POST never shares the millisecond of
+            // the last (ids of one millisecond sort randomly, so the edge could not order them).
+            let think = self.rng.range(20, 3_000);
             self.schedule(think, Event::ClientPost { vm });
         }
     }
@@ -834,6 +862,10 @@ impl Sim {
             Net::Answered(_) => return self.poll_later(d, 1_000),
             _ => return self.poll_later(d, 5_000),
         };
+        if std::env::var_os("SIM_DEBUG").is_some() {
+            let ids: Vec<String> = ready.tasks.iter().map(|t| short(t.task_id)).collect();
+            self.trace(format!("{server}: listed [{}]", ids.join(" ")));
+        }
         // Oldest listed task per VM, not known finished, not recently refused.
         let now = self.now;
         let daemon = &self.daemons[d];
@@ -869,18 +901,23 @@ impl Sim {
     /// Asks the API whether `prev` is terminal (a lost request counts as "not yet").
     fn predecessor_terminal(&mut self, d: usize, prev: Uuid) -> bool {
         let request = Request::new("GET", &format!("/vm/tasks/{prev}/status")).bearer(CONSUMER_TOKEN);
-        let terminal = match self.daemon_call(d, true, request) {
+        match self.daemon_call(d, true, request) {
             Net::Answered(r) if r.status == 200 => {
-                r.json_body::<TaskStatusResponse>().is_ok_and(|s| s.status.is_terminal())
+                let terminal = r.json_body::<TaskStatusResponse>().is_ok_and(|s| s.status.is_terminal());
+                if terminal {
+                    self.daemons[d].known_terminal.insert(prev);
+                }
+                terminal
             }
-            // A predecessor nobody can find never blocks its successor (the daemon's rule).
-            Net::Answered(r) => r.status == 404,
+            // A predecessor the API cannot find does not block its successor: the daemon's
+            // rule (`previous_finished`), which a negative cache entry at its location meets.
+            Net::Answered(r) if r.status == 404 => {
+                let server = self.daemons[d].server.clone();
+                self.trace(format!("{server}: predecessor {} not found (404): treated as finished", short(prev)));
+                true
+            }
             _ => false,
-        };
-        if terminal {
-            self.daemons[d].known_terminal.insert(prev);
         }
-        terminal
     }
 
     fn daemon_claim(&mut self, d: usize, entry: BufferedTaskKey, tries: u32) {
@@ -902,7 +939,13 @@ impl Sim {
         let location = LOCATIONS[self.daemons[d].location];
         match self.daemon_call(d, false, request) {
             Net::Answered(r) if r.status == 200 => {
-                let Ok(claim) = r.json_body::<ClaimResponse>() else { return self.poll_later(d, 1_000) };
+                let claim = match r.json_body::<ClaimResponse>() {
+                    Ok(claim) => claim,
+                    Err(e) => {
+                        self.trace(format!("{server}@{location}: claim of {} → 200 unreadable: {e}", short(task)));
+                        return self.poll_later(d, 1_000);
+                    }
+                };
                 self.trace(format!(
                     "{server}@{location}: claimed task {} ({} {}, attempt {})",
                     short(task),
@@ -923,7 +966,9 @@ impl Sim {
                 self.trace(format!("{server}@{location}: claim of {} → {} {}", short(task), r.status, status_of(&r)));
                 let until = self.now + 10_000;
                 self.daemons[d].skip_until.insert(task, until);
-                if r.status == 409 && r.json_body::<Value>().is_ok_and(|b| terminal_in_body(&b)) {
+                // The daemon takes a 404 or a terminal 409 as "finished" and never retries the
+                // task (`ClaimOutcome::Finished`); a held 409 is retried after the lease.
+                if r.status == 404 || r.json_body::<Value>().is_ok_and(|b| terminal_in_body(&b)) {
                     self.daemons[d].known_terminal.insert(task);
                 }
                 self.poll_later(d, 200);

@@ -5,9 +5,11 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use edge_model::sim::{self, Outcome};
+use edge_model::sim::{self, Outcome, Settings};
 
-const USAGE: &str = "usage: simulate --seed N | --seeds N [--from S]";
+const USAGE: &str = "usage: simulate [--consistent] --seed N | --seeds N [--from S]
+  --consistent         KV strongly consistent (one cache-free store) with production's limits
+  --no-command-resend  the daemon driver does not re-send a command claimed again after a lost attempt";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -15,8 +17,13 @@ fn main() -> ExitCode {
         let i = args.iter().position(|a| a == name)?;
         args.get(i + 1)?.parse().ok()
     };
+    let mut settings =
+        if args.iter().any(|a| a == "--consistent") { Settings::consistent() } else { Settings::production() };
+    if args.iter().any(|a| a == "--no-command-resend") {
+        settings.rules.resend_commands_on_reclaim = false;
+    }
     if let Some(seed) = value("--seed") {
-        let outcome = sim::run(seed);
+        let outcome = sim::run_with(seed, &settings);
         print!("{}", outcome.report());
         return if outcome.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
     }
@@ -28,7 +35,7 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let mut summary = Summary::default();
     for seed in from..from + count {
-        summary.add(sim::run(seed));
+        summary.add(sim::run_with(seed, &settings));
     }
     summary.print(count, started.elapsed().as_secs_f64());
     if summary.violating_seeds.is_empty() {
