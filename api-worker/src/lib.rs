@@ -13,7 +13,9 @@ use vm_task_edge::{
     Clock,
 };
 use worker::{event, Context, Env};
-use worker_glue::{setting, to_core_request, to_worker_response, WorkerClock, WorkerIds, WorkerKv, WorkerQueue};
+use worker_glue::{
+    read_body, request_head, setting, to_worker_response, WorkerClock, WorkerIds, WorkerKv, WorkerQueue,
+};
 
 const TASK_STORAGE: &str = "TASK_STORAGE";
 const TASK_BUFFER: &str = "TASK_BUFFER";
@@ -47,7 +49,7 @@ fn config(env: &Env) -> ApiConfig {
 
 #[event(fetch)]
 async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<worker::Response> {
-    let request = to_core_request(req).await?;
+    let mut request = request_head(&req)?;
     let config = config(&env);
     let service = ApiService {
         tasks: TaskStore::new(CountingKv::new(WorkerKv(env.kv(TASK_STORAGE)?), &COUNTERS)),
@@ -58,6 +60,11 @@ async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<
         config: &config,
         counters: &COUNTERS,
     };
+    // Route, token and Content-Length first: a refused body is never read.
+    if let Some(refusal) = service.refuse_unread(&request) {
+        return to_worker_response(refusal);
+    }
+    read_body(req, &mut request).await;
     let (method, path) = (request.method.clone(), request.path.clone());
     let response = service.handle(request).await;
     if response.status >= 500 {

@@ -19,7 +19,7 @@ use vm_task_types::Timestamp;
 use worker::{
     event, Context, Env, MessageBatch, MessageExt, QueueRetryOptionsBuilder, ScheduleContext, ScheduledEvent,
 };
-use worker_glue::{number, setting, to_core_request, to_worker_response, WorkerClock, WorkerIds, WorkerKv};
+use worker_glue::{number, read_body, request_head, setting, to_worker_response, WorkerClock, WorkerIds, WorkerKv};
 
 const TASK_STORAGE: &str = "TASK_STORAGE";
 const TASK_BUFFER: &str = "TASK_BUFFER";
@@ -63,10 +63,16 @@ fn service<'a>(env: &Env, config: &'a ConsumerConfig) -> worker::Result<Service<
 
 #[event(fetch)]
 async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<worker::Response> {
-    let request = to_core_request(req).await?;
+    let mut request = request_head(&req)?;
     let config = config(&env);
+    let service = service(&env, &config)?;
+    // Route, token and Content-Length first: a refused body is never read.
+    if let Some(refusal) = service.refuse_unread(&request) {
+        return to_worker_response(refusal);
+    }
+    read_body(req, &mut request).await;
     let (method, path) = (request.method.clone(), request.path.clone());
-    let response = service(&env, &config)?.handle(request).await;
+    let response = service.handle(request).await;
     if response.status >= 500 {
         worker::console_error!("{method} {path} -> {}: {}", response.status, String::from_utf8_lossy(&response.body));
     }

@@ -70,6 +70,23 @@ struct IdempotencyRecord {
 }
 
 impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B, Q, C, I> {
+    /// What can be decided from the request's head alone (route, token, `Content-Length`):
+    /// the refusal to send without reading the body, or `None` to read it and [`handle`]
+    /// the whole request. The workers call this first, so an anonymous or oversized body is
+    /// answered 401 or 413 unread.
+    ///
+    /// [`handle`]: Self::handle
+    pub fn refuse_unread(&self, head: &Request) -> Option<Response> {
+        if head.method == "OPTIONS" {
+            return None;
+        }
+        let verdict = ApiRoute::parse(&head.method, &head.path).and_then(|route| {
+            auth::authorize(route.auth(), head, &self.config.client_tokens, &self.config.consumer_tokens)?;
+            head.check_declared_length()
+        });
+        verdict.err().map(|e| self.with_cors(head, Response::from(e)))
+    }
+
     /// Routes and answers one request. Never panics on input; every error is a JSON body.
     pub async fn handle(&self, request: Request) -> Response {
         if request.method == "OPTIONS" {

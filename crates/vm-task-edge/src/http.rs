@@ -48,6 +48,18 @@ impl Request {
         self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
+    /// Refuses a body that `Content-Length` says is over the limit, before anyone reads it.
+    pub(crate) fn check_declared_length(&self) -> Result<(), AppError> {
+        let declared = self.get_header("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+        match declared {
+            Some(length) if length > Limits::BODY_MAX_BYTES as u64 => Err(AppError::PayloadTooLarge(format!(
+                "request body is {length} bytes (Content-Length); the limit is {} bytes",
+                Limits::BODY_MAX_BYTES
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Parses the JSON body as `T`, with 4xx errors for every way it can be wrong.
     pub(crate) fn json<T: DeserializeOwned>(&self) -> Result<T, AppError> {
         let value = self.json_value()?;

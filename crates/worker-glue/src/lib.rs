@@ -101,16 +101,14 @@ pub fn number(env: &Env, name: &str, default: u64) -> u64 {
     setting(env, name).trim().parse().unwrap_or(default)
 }
 
-pub async fn to_core_request(mut req: worker::Request) -> worker::Result<http::Request> {
+/// The request's method, path, query and headers, without its body: enough for the edge to
+/// refuse it unread (`refuse_unread`).
+pub fn request_head(req: &worker::Request) -> worker::Result<http::Request> {
     let url = req.url()?;
     let mut headers = Vec::new();
     for (name, value) in req.headers().entries() {
         headers.push((name.to_ascii_lowercase(), value));
     }
-    let body = match req.inner().method().as_str() {
-        "GET" | "HEAD" | "OPTIONS" => Vec::new(),
-        _ => req.bytes().await.unwrap_or_default(),
-    };
     Ok(http::Request {
         // The raw method: workers-rs maps methods it does not know (PURGE, QUERY...) to GET,
         // which would serve them as reads instead of a 405.
@@ -119,8 +117,15 @@ pub async fn to_core_request(mut req: worker::Request) -> worker::Result<http::R
         // `application/x-www-form-urlencoded` decoding, `+` as a space, from the URL parser.
         query: url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect(),
         headers,
-        body,
+        body: Vec::new(),
     })
+}
+
+/// Reads the body into `head`, once the edge has not refused the request unread.
+pub async fn read_body(mut req: worker::Request, head: &mut http::Request) {
+    if !matches!(head.method.as_str(), "GET" | "HEAD" | "OPTIONS") {
+        head.body = req.bytes().await.unwrap_or_default();
+    }
 }
 
 pub fn to_worker_response(response: http::Response) -> worker::Result<worker::Response> {

@@ -95,6 +95,15 @@ pub struct ConsumerService<'a, S, B, C, I> {
 const WORKER: &str = "consumer-worker";
 
 impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
+    /// As [`crate::api::ApiService::refuse_unread`]: the refusal decided from the head alone.
+    pub fn refuse_unread(&self, head: &Request) -> Option<Response> {
+        let verdict = ConsumerRoute::parse(&head.method, &head.path).and_then(|route| {
+            auth::authorize(route.auth(), head, &Tokens::default(), &self.config.consumer_tokens)?;
+            head.check_declared_length()
+        });
+        verdict.err().map(Response::from)
+    }
+
     pub async fn handle(&self, request: Request) -> Response {
         let outcome = async {
             let route = ConsumerRoute::parse(&request.method, &request.path)?;
