@@ -73,10 +73,11 @@ fn main() -> Result<()> {
                 "-p",
                 "stack",
                 "--test",
-                "soak",
+                "e2e",
                 "--",
                 "--ignored",
                 "--nocapture",
+                "soak::",
             ]))
         }
         Some("simulate") => run(Command::new("cargo")
@@ -273,19 +274,21 @@ fn test(root: &Path) -> Result<()> {
 
 /// End-to-end tests: they start their own stacks from the release binaries and wasm builds.
 fn e2e() -> Result<()> {
-    // The soak has its own command (`cargo xtask soak`): it takes minutes.
+    // The soak and the fuzzing have their own commands (`cargo xtask soak`, `cargo xtask fuzz`).
     run(Command::new("cargo").args([
         "test",
         "--release",
         "-p",
         "stack",
+        "--test",
+        "e2e",
         "--",
         "--ignored",
         "--test-threads=2",
         "--skip",
-        "soak_",
+        "soak::",
         "--skip",
-        "schemathesis",
+        "fuzz::",
     ]))
 }
 
@@ -308,7 +311,7 @@ fn run_stack(command: &[&str], extra: &[String]) -> Result<()> {
         .args(extra))
 }
 
-/// Schemathesis against both workers on an edge-only stack (`crates/stack/tests/fuzz.rs`),
+/// Schemathesis against both workers on an edge-only stack (`crates/stack/tests/e2e/fuzz.rs`),
 /// from a venv in `target/fuzz-venv` made from `requirements-fuzz.txt`.
 fn fuzz(root: &Path, args: &[String]) -> Result<()> {
     const USAGE: &str = "usage: cargo xtask fuzz [--max-examples N] [--seed N] [-- SCHEMATHESIS ARGS...]";
@@ -343,7 +346,7 @@ fn fuzz(root: &Path, args: &[String]) -> Result<()> {
         build_worker(root, worker)?;
     }
     let mut cmd = Command::new("cargo");
-    cmd.args(["test", "--release", "-p", "stack", "--test", "fuzz", "--", "--ignored", "--nocapture"])
+    cmd.args(["test", "--release", "-p", "stack", "--test", "e2e", "--", "--ignored", "--nocapture", "fuzz::"])
         .env("SCHEMATHESIS", venv.join("bin/schemathesis"));
     for (name, value) in settings {
         cmd.env(name, value);

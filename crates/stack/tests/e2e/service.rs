@@ -1,15 +1,13 @@
 //! End-to-end tests of the daemon as a service: graceful shutdown, released claims, metrics,
 //! health, structured logs. Run with `cargo xtask e2e`.
 
-mod common;
-
-use common::*;
-
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use stack::StackOptions;
 use vm_task_types::TaskStatus;
+
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -2,15 +2,13 @@
 //! `wrangler dev`, workers unreachable from the daemon. Every task must end terminal, with
 //! nothing lost. Run with `cargo xtask e2e`.
 
-mod common;
-
-use common::*;
-
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use stack::StackOptions;
 use vm_task_types::TaskStatus;
+
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(120);
 

@@ -1,6 +1,5 @@
-//! Helpers shared by the end-to-end tests: starting a stack and reading the simulator.
-
-#![allow(dead_code)] // Each test file uses a different subset.
+//! Helpers shared by the end-to-end test modules: starting a stack, reading the simulator,
+//! waiting for a status, submitting per-VM chains of tasks.
 
 use std::time::{Duration, Instant};
 

@@ -1,8 +1,8 @@
 //! End-to-end tests of the two workers under `wrangler dev`, without the daemon: each test
 //! plays the daemon itself through the consumer API, so a failure points at the workers.
 //!
-//! Run with `cargo xtask e2e` (or `cargo test --release -p stack -- --ignored`); the worker
-//! bundles must be built first.
+//! Run with `cargo xtask e2e` (or `cargo test --release -p stack --test e2e -- --ignored
+//! edge::`); the worker bundles must be built first.
 
 use std::time::{Duration, Instant};
 

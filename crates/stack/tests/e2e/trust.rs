@@ -4,15 +4,13 @@
 //!
 //! Run with `cargo xtask e2e`.
 
-mod common;
-
-use common::*;
-
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use stack::{Method, StackOptions, StatusCode};
 use vm_task_types::{TaskStatus, VmState};
+
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 

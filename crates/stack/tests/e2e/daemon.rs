@@ -3,10 +3,6 @@
 //!
 //! Run with `cargo xtask e2e`; the worker bundles and release binaries must be built first.
 
-mod common;
-
-use common::*;
-
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
@@ -16,6 +12,8 @@ use serde_json::{json, Value};
 use stack::{ApiClient, StackOptions};
 
 use vm_task_types::{wire::TaskStatusResponse, TaskStatus, VmState};
+
+use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
