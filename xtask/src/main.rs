@@ -24,7 +24,7 @@ cargo xtask <command>
 
   setup              install pinned tools: wasm32 target, wasm-bindgen-cli, worker-build, npm packages
   build-worker NAME  build one worker to wasm (api-worker | consumer-worker); skipped when up to date
-  build              setup, then build both workers and the native binaries
+  build              setup, then build both workers and the native binaries (daemon, simulator, vmctl)
   dev                run the whole local stack (workers, Arrakis simulator, daemon) until Ctrl-C
   test               the full test suite: lint, native tests, end-to-end tests on the local stack,
                      and `wrangler deploy --dry-run` of both workers
@@ -222,7 +222,19 @@ fn build(root: &Path) -> Result<()> {
     for worker in WORKERS {
         build_worker(root, worker)?;
     }
-    run(Command::new("cargo").args(["build", "--release", "-p", "arrakis-sim", "-p", "local-consumer", "-p", "stack"]))
+    run(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "arrakis-sim",
+        "-p",
+        "local-consumer",
+        "-p",
+        "stack",
+    ]))?;
+    // Apart: vmctl's reqwest has TLS, and building it with the others would rebuild their
+    // reqwest with TLS too, then again without it for `cargo test -p stack`.
+    run(Command::new("cargo").args(["build", "--release", "-p", "vmctl"]))
 }
 
 fn lint() -> Result<()> {

@@ -1,0 +1,315 @@
+//! The command line: every subcommand, flag and environment variable `vmctl` understands.
+//!
+//! Only commands whose endpoints exist are here. `cp` (files in and out of a VM), `ls` (`GET
+//! /vms`), `hosts` and a long command's `--timeout` join [`Command`] when the API serves them;
+//! each is one more variant, one more function in `commands`, and one more table in `render`.
+
+use clap::{builder::PossibleValuesParser, builder::TypedValueParser, Args, Parser, Subcommand};
+use vm_task_types::{OperationKind, TaskStatus};
+
+/// Where the local stack (`cargo xtask dev`) serves the API.
+pub const DEFAULT_API_URL: &str = "http://127.0.0.1:8787";
+
+const EXIT_CODES: &str = "\
+Settings come from flags, then the environment, then a .env file in this directory or a parent.
+
+Exit codes: 0 done; 1 the task failed or was cancelled; 2 bad usage or a request the API
+rejected (400, 413, 415, 422); 3 the API could not be reached or failed (5xx); 4 the token was
+refused (401); 5 not found (404); 6 conflict (409). `exec` exits with the command's own code.";
+
+#[derive(Debug, Parser)]
+#[command(name = "vmctl", version, about = "Drive VMs through the VM task API", after_long_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Base URL of the API worker.
+    #[arg(long, env = "API_URL", default_value = DEFAULT_API_URL, global = true)]
+    pub api_url: String,
+    /// Client bearer token (one of the API worker's `API_TOKENS`).
+    #[arg(long, env = "API_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Launch a VM (boots fresh, or restores a snapshot with --snapshot).
+    Launch(LaunchArgs),
+    /// Stop a VM.
+    Stop(VmArgs),
+    /// Pause a running VM.
+    Pause(VmArgs),
+    /// Resume a paused VM.
+    Resume(VmArgs),
+    /// Delete a VM.
+    Delete(VmArgs),
+    /// Snapshot a VM.
+    Snapshot(SnapshotArgs),
+    /// Run a command in a VM; prints its output and exits with its exit code.
+    Exec(ExecArgs),
+    /// List tasks, newest first.
+    Tasks(TasksArgs),
+    /// Show a task with its timeline.
+    Task(TaskIdArg),
+    /// Follow a task's timeline live until it finishes.
+    Watch(TaskIdArg),
+    /// Cancel a task.
+    Cancel(TaskIdArg),
+    /// Show what the VM registry knows about a VM.
+    Vm(VmNameArg),
+    /// Print a shell completion script (e.g. `vmctl completions bash > ~/.local/share/bash-completion/completions/vmctl`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+impl Command {
+    /// The operation a mutating command submits; `None` for commands that only read.
+    pub fn operation_kind(&self) -> Option<OperationKind> {
+        Some(match self {
+            Self::Launch(_) => OperationKind::LaunchVm,
+            Self::Stop(_) => OperationKind::StopVm,
+            Self::Pause(_) => OperationKind::PauseVm,
+            Self::Resume(_) => OperationKind::ResumeVm,
+            Self::Delete(_) => OperationKind::DeleteVm,
+            Self::Snapshot(_) => OperationKind::SnapshotVm,
+            Self::Exec(_) => OperationKind::RunCommand,
+            _ => return None,
+        })
+    }
+}
+
+/// Flags every mutating command shares.
+#[derive(Debug, Clone, Args)]
+pub struct SubmitArgs {
+    /// Server whose daemon runs the task (default: where the VM registry has the VM, else the
+    /// API's DEFAULT_TARGET_SERVER).
+    #[arg(long, short = 's')]
+    pub server: Option<String>,
+    /// Print the task id at once instead of waiting for the task to finish.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    /// The VM's name.
+    pub name: String,
+    #[command(flatten)]
+    pub submit: SubmitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    /// The VM's name: 1-63 of [A-Za-z0-9._-], not starting with '.' or '-'.
+    pub name: String,
+    #[command(flatten)]
+    pub submit: SubmitArgs,
+    /// Memory for the VM, e.g. 2G (kept in vmConfig.memory).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Kernel image path on the host (default: the daemon's DEFAULT_KERNEL).
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// Root filesystem path on the host (default: the daemon's DEFAULT_ROOTFS).
+    #[arg(long)]
+    pub rootfs: Option<String>,
+    /// Initramfs path on the host (default: the daemon's DEFAULT_INITRAMFS).
+    #[arg(long)]
+    pub initramfs: Option<String>,
+    /// Entry point to run at boot.
+    #[arg(long)]
+    pub entry_point: Option<String>,
+    /// Restore this snapshot instead of booting fresh.
+    #[arg(long, value_name = "ID")]
+    pub snapshot: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// The VM's name.
+    pub name: String,
+    /// Snapshot id (default: one generated by the API; Arrakis ids are single-use).
+    #[arg(long)]
+    pub id: Option<String>,
+    #[command(flatten)]
+    pub submit: SubmitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The VM's name.
+    pub name: String,
+    #[command(flatten)]
+    pub submit: SubmitArgs,
+    /// The command, after `--`. Several words are joined with spaces (as ssh does), so quote
+    /// shell syntax: `vmctl exec vm -- 'cd /tmp && ls'`.
+    #[arg(last = true, required = true, num_args = 1.., value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+impl ExecArgs {
+    /// The command line sent to the guest.
+    pub fn command_line(&self) -> String {
+        self.command.join(" ")
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(after_long_help = "\
+Filters are sent to the API as the query parameters status, type, vmName and targetServer, and
+applied again here to every page fetched: until the API filters on its side, vmctl reads
+pages of --limit tasks until it has --limit matches (or 20 pages), and shows the matches of
+the pages it read. --cursor continues after the last page read.")]
+pub struct TasksArgs {
+    /// Tasks per page (1-1000).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub limit: u16,
+    /// Continue from the cursor a previous listing printed.
+    #[arg(long)]
+    pub cursor: Option<String>,
+    /// Only tasks in this status.
+    #[arg(long, value_parser = status_parser())]
+    pub status: Option<TaskStatus>,
+    /// Only tasks of this operation type.
+    #[arg(long = "type", value_parser = kind_parser())]
+    pub kind: Option<OperationKind>,
+    /// Only tasks on this VM.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Only tasks aimed at this server.
+    #[arg(long)]
+    pub server: Option<String>,
+}
+
+impl TasksArgs {
+    pub fn has_filters(&self) -> bool {
+        self.status.is_some() || self.kind.is_some() || self.vm.is_some() || self.server.is_some()
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TaskIdArg {
+    /// The task id (a UUID, as `launch --no-wait` or `tasks` print it).
+    pub id: uuid::Uuid,
+}
+
+#[derive(Debug, Args)]
+pub struct VmNameArg {
+    /// The VM's name.
+    pub name: String,
+}
+
+fn status_parser() -> impl TypedValueParser<Value = TaskStatus> {
+    PossibleValuesParser::new(TaskStatus::ALL.map(TaskStatus::as_str))
+        .map(|s| TaskStatus::parse(&s).expect("clap admits only listed values"))
+}
+
+fn kind_parser() -> impl TypedValueParser<Value = OperationKind> {
+    PossibleValuesParser::new(OperationKind::ALL.map(OperationKind::as_str))
+        .map(|s| OperationKind::parse(&s).expect("clap admits only listed values"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("vmctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn launch_takes_its_config_flags_and_global_flags_anywhere() {
+        let cli = parse(&[
+            "launch",
+            "vm-1",
+            "--server",
+            "production",
+            "--memory",
+            "2G",
+            "--kernel",
+            "/k",
+            "--snapshot",
+            "snap-1",
+            "--json",
+            "--no-wait",
+            "--token",
+            "t",
+        ])
+        .unwrap();
+        assert!(cli.global.json);
+        assert_eq!(cli.global.token.as_deref(), Some("t"));
+        let Command::Launch(args) = cli.command else { panic!() };
+        assert_eq!(args.name, "vm-1");
+        assert_eq!(args.submit.server.as_deref(), Some("production"));
+        assert!(args.submit.no_wait);
+        assert_eq!(args.memory.as_deref(), Some("2G"));
+        assert_eq!(args.kernel.as_deref(), Some("/k"));
+        assert_eq!(args.snapshot.as_deref(), Some("snap-1"));
+    }
+
+    #[test]
+    fn exec_takes_the_command_after_a_double_dash_with_its_own_flags() {
+        let cli = parse(&["exec", "vm-1", "--", "ls", "-la", "--json"]).unwrap();
+        assert!(!cli.global.json, "flags after -- belong to the command");
+        let Command::Exec(args) = cli.command else { panic!() };
+        assert_eq!(args.command_line(), "ls -la --json");
+        let err = parse(&["exec", "vm-1"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn tasks_filters_accept_only_known_statuses_and_types() {
+        let cli =
+            parse(&["tasks", "--status", "failed", "--type", "run_command", "--vm", "v", "--limit", "5"]).unwrap();
+        let Command::Tasks(args) = cli.command else { panic!() };
+        assert_eq!(args.status, Some(TaskStatus::Failed));
+        assert_eq!(args.kind, Some(OperationKind::RunCommand));
+        assert_eq!(args.limit, 5);
+        assert!(args.has_filters());
+        let err = parse(&["tasks", "--status", "done"]).unwrap_err().to_string();
+        assert!(err.contains("pending") && err.contains("cancelled"), "{err}");
+        assert!(parse(&["tasks", "--limit", "0"]).is_err());
+        assert!(parse(&["tasks", "--limit", "1001"]).is_err());
+    }
+
+    #[test]
+    fn task_ids_must_be_uuids() {
+        let err = parse(&["task", "not-a-uuid"]).unwrap_err().to_string();
+        assert!(err.contains("invalid value 'not-a-uuid'"), "{err}");
+        assert!(parse(&["watch", "0190b5a4-3b7c-7def-8abc-0123456789ab"]).is_ok());
+    }
+
+    #[test]
+    fn mutating_commands_name_their_operation() {
+        let kinds: Vec<_> = [
+            &["launch", "v"][..],
+            &["delete", "v"],
+            &["stop", "v"],
+            &["pause", "v"],
+            &["resume", "v"],
+            &["snapshot", "v", "--id", "s"],
+            &["exec", "v", "--", "true"],
+        ]
+        .iter()
+        .map(|args| parse(args).unwrap().command.operation_kind().unwrap())
+        .collect();
+        assert_eq!(kinds, OperationKind::ALL.to_vec());
+        assert_eq!(parse(&["vm", "v"]).unwrap().command.operation_kind(), None);
+    }
+}
