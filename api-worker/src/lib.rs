@@ -27,30 +27,30 @@ const OPENAPI: &str = include_str!("../../openapi.json");
 static COUNTERS: OpCounters = OpCounters::new();
 static STARTED_AT: AtomicU64 = AtomicU64::new(0);
 
-fn config(env: &Env) -> ApiConfig {
+/// The worker's settings, or the problem with one of them.
+fn config(env: &Env) -> Result<ApiConfig, String> {
     let _ = STARTED_AT.compare_exchange(0, WorkerClock.now().as_millis(), Relaxed, Relaxed);
-    let client_tokens = setting(env, "API_TOKENS");
-    let consumer_tokens = setting(env, "CONSUMER_TOKENS");
-    let cursor_secret = match setting(env, "CURSOR_SECRET") {
-        s if s.is_empty() => format!("cursor:{client_tokens}"),
-        s => s,
-    };
-    ApiConfig {
-        client_tokens: Tokens::parse(&client_tokens),
-        consumer_tokens: Tokens::parse(&consumer_tokens),
+    Ok(ApiConfig {
+        client_tokens: Tokens::parse(&setting(env, "API_TOKENS")),
+        consumer_tokens: Tokens::parse_bound(&setting(env, "CONSUMER_TOKENS"))?,
         cors: Cors::parse(&setting(env, "ALLOWED_ORIGINS")),
         default_target_server: Some(setting(env, "DEFAULT_TARGET_SERVER")).filter(|s| !s.trim().is_empty()),
-        cursor_secret: cursor_secret.into_bytes(),
-        wait_poll_ms: worker_glue::number(env, "WAIT_POLL_MS", 250),
+        // Empty: the edge generates a key and keeps it in KV (never derived from the tokens,
+        // so rotating them keeps cursors valid).
+        cursor_secret: setting(env, "CURSOR_SECRET").into_bytes(),
+        wait_poll_ms: ApiConfig::wait_poll_ms(&setting(env, "WAIT_POLL_MS"))?,
         openapi: Some(OPENAPI),
         started_at: vm_task_types::Timestamp(STARTED_AT.load(Relaxed)),
-    }
+    })
 }
 
 #[event(fetch)]
 async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<worker::Response> {
     let mut request = request_head(&req)?;
-    let config = config(&env);
+    let config = match config(&env) {
+        Ok(config) => config,
+        Err(problem) => return to_worker_response(vm_task_edge::http::Response::misconfigured(&problem)),
+    };
     let service = ApiService {
         tasks: TaskStore::new(CountingKv::new(WorkerKv(env.kv(TASK_STORAGE)?), &COUNTERS)),
         buffer: BufferStore::new(CountingKv::new(WorkerKv(env.kv(TASK_BUFFER)?), &COUNTERS)),

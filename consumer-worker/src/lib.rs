@@ -27,12 +27,19 @@ const TASK_BUFFER: &str = "TASK_BUFFER";
 static COUNTERS: OpCounters = OpCounters::new();
 static STARTED_AT: AtomicU64 = AtomicU64::new(0);
 
-fn config(env: &Env) -> ConsumerConfig {
+/// The worker's settings, and the problem with `CONSUMER_TOKENS` if it has one: HTTP requests
+/// are then refused naming it (no token is accepted), while queue batches and the sweep,
+/// which need no token, go on.
+fn config(env: &Env) -> (ConsumerConfig, Option<String>) {
     let now = WorkerClock.now().as_millis();
     let _ = STARTED_AT.compare_exchange(0, now, Relaxed, Relaxed);
     let defaults = ConsumerConfig::default();
-    ConsumerConfig {
-        consumer_tokens: Tokens::parse(&setting(env, "CONSUMER_TOKENS")),
+    let (consumer_tokens, problem) = match Tokens::parse_bound(&setting(env, "CONSUMER_TOKENS")) {
+        Ok(tokens) => (tokens, None),
+        Err(problem) => (Tokens::default(), Some(problem)),
+    };
+    let config = ConsumerConfig {
+        consumer_tokens,
         max_attempts: number(env, "MAX_ATTEMPTS", defaults.max_attempts as u64) as u32,
         lease_default_secs: number(env, "LEASE_SECONDS", defaults.lease_default_secs),
         lease_min_secs: defaults.lease_min_secs,
@@ -44,7 +51,8 @@ fn config(env: &Env) -> ConsumerConfig {
         retry_delay_secs: number(env, "QUEUE_RETRY_DELAY_SECONDS", defaults.retry_delay_secs as u64) as u32,
         fault_fail_buffering_vm: Some(setting(env, "FAULT_FAIL_BUFFERING_VM")).filter(|v| !v.is_empty()),
         rebuffer_after_secs: number(env, "REBUFFER_AFTER_SECONDS", defaults.rebuffer_after_secs),
-    }
+    };
+    (config, problem)
 }
 
 type Service<'a> =
@@ -64,7 +72,10 @@ fn service<'a>(env: &Env, config: &'a ConsumerConfig) -> worker::Result<Service<
 #[event(fetch)]
 async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<worker::Response> {
     let mut request = request_head(&req)?;
-    let config = config(&env);
+    let (config, problem) = config(&env);
+    if let Some(problem) = problem {
+        return to_worker_response(vm_task_edge::http::Response::misconfigured(&problem));
+    }
     let service = service(&env, &config)?;
     // Route, token and Content-Length first: a refused body is never read.
     if let Some(refusal) = service.refuse_unread(&request) {
@@ -81,7 +92,7 @@ async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<
 
 #[event(queue)]
 async fn queue(batch: MessageBatch<Value>, env: Env, _ctx: Context) -> worker::Result<()> {
-    let config = config(&env);
+    let (config, _) = config(&env);
     let service = service(&env, &config)?;
     let messages = batch.messages()?;
     let bodies: Vec<Value> = messages.iter().map(|m| m.body().clone()).collect();
@@ -110,7 +121,7 @@ async fn queue(batch: MessageBatch<Value>, env: Env, _ctx: Context) -> worker::R
 
 #[event(scheduled)]
 async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
-    let config = config(&env);
+    let (config, _) = config(&env);
     match service(&env, &config) {
         Ok(service) => match service.sweep().await {
             Ok(report) if report.returned_to_ready + report.failed + report.cleaned + report.rebuffered > 0 => {

@@ -13,7 +13,7 @@ use vm_task_types::{
 };
 
 use crate::{
-    auth::{self, Cors, Tokens},
+    auth::{self, Caller, Cors, Tokens},
     counting::OpCounters,
     http::{Request, Response},
     intents::{claim_outcome, CancelIntent, ClaimOutcome},
@@ -34,14 +34,30 @@ pub struct ApiConfig {
     pub cors: Cors,
     /// `DEFAULT_TARGET_SERVER`: where tasks go when neither the request nor the registry says.
     pub default_target_server: Option<String>,
-    /// Key that signs list cursors (`CURSOR_SECRET`, else derived from the tokens).
+    /// Key that signs list cursors (`CURSOR_SECRET`). Empty: a key generated once and kept in
+    /// KV, so that rotating client tokens never invalidates cursors.
     pub cursor_secret: Vec<u8>,
-    /// How often `?wait=` re-reads the task.
+    /// How often `?wait=` re-reads the task (`WAIT_POLL_MS`, see [`ApiConfig::wait_poll_ms`]).
     pub wait_poll_ms: u64,
     /// Served at `/openapi.json`.
     pub openapi: Option<&'static str>,
     /// When this isolate started, for `/stats`.
     pub started_at: Timestamp,
+}
+
+impl ApiConfig {
+    /// `WAIT_POLL_MS`: unset is 250; otherwise an integer from 50 to 5,000 (a smaller one
+    /// spends KV reads for nothing, a larger one makes `?wait=` answers late).
+    pub fn wait_poll_ms(raw: &str) -> Result<u64, String> {
+        let raw = raw.trim();
+        if raw.is_empty() {
+            return Ok(250);
+        }
+        raw.parse::<u64>()
+            .ok()
+            .filter(|ms| (50..=5_000).contains(ms))
+            .ok_or_else(|| format!("WAIT_POLL_MS must be an integer from 50 to 5000, got {raw:?}"))
+    }
 }
 
 /// The API worker's handlers over its ports.
@@ -95,14 +111,14 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         let outcome = async {
             let route = ApiRoute::parse(&request.method, &request.path)?;
             let config = self.config;
-            auth::authorize(route.auth(), &request, &config.client_tokens, &config.consumer_tokens)?;
-            self.dispatch(route, &request).await
+            let caller = auth::authorize(route.auth(), &request, &config.client_tokens, &config.consumer_tokens)?;
+            self.dispatch(route, &caller, &request).await
         };
         let response = outcome.await.unwrap_or_else(Response::from);
         self.with_cors(&request, response)
     }
 
-    async fn dispatch(&self, route: ApiRoute, request: &Request) -> Result<Response, AppError> {
+    async fn dispatch(&self, route: ApiRoute, caller: &Caller, request: &Request) -> Result<Response, AppError> {
         match route {
             ApiRoute::Health => Ok(self.health()),
             ApiRoute::Index => Ok(index()),
@@ -115,14 +131,14 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
                 None => Err(AppError::NotFound("no OpenAPI document is bundled".into())),
             },
             ApiRoute::Stats => Ok(Response::json(200, &self.stats())),
-            ApiRoute::CreateTask => self.create_task(request).await,
+            ApiRoute::CreateTask => self.create_task(request, caller).await,
             ApiRoute::ListTasks => self.list_tasks(request).await,
             ApiRoute::CancelTask { id } => self.cancel_task(&id).await,
             ApiRoute::GetTask { id } => {
                 let task = self.get_waiting(&id, request).await?;
                 Ok(Response::json(200, &TaskDetailResponse { success: true, task }))
             }
-            ApiRoute::ReportStatus { id } => self.update_status(&id, request).await,
+            ApiRoute::ReportStatus { id } => self.update_status(&id, request, caller).await,
             ApiRoute::GetTaskStatus { id } => {
                 // Daemons read a task's predecessor here to keep per-VM order.
                 let task = self.get_waiting(&id, request).await?;
@@ -130,6 +146,23 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             }
             ApiRoute::VmStatus { vm_name } => self.vm_status(&vm_name).await,
         }
+    }
+
+    /// The key that signs list cursors: `CURSOR_SECRET`, else one generated on first use and
+    /// kept in KV (two isolates generating at once: the last write wins, and a cursor signed
+    /// with the other key is refused once, as a stale cursor is).
+    async fn cursor_secret(&self) -> Result<Vec<u8>, AppError> {
+        if !self.config.cursor_secret.is_empty() {
+            return Ok(self.config.cursor_secret.clone());
+        }
+        if let Some(secret) = self.tasks.kv.get(crate::keys::CURSOR_SECRET).await? {
+            return Ok(secret.into_bytes());
+        }
+        let generated =
+            format!("{}{}", auth::sha256_hex(&self.ids.random_bytes()), auth::sha256_hex(&self.ids.random_bytes()));
+        paced(&self.clock, || async { Ok(self.tasks.kv.put(crate::keys::CURSOR_SECRET, &generated, None).await?) })
+            .await?;
+        Ok(generated.into_bytes())
     }
 
     /// Saves a task record, waiting out a fast hand-off's 429 ([`paced`]).
@@ -165,11 +198,11 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         }
     }
 
-    async fn create_task(&self, request: &Request) -> Result<Response, AppError> {
+    async fn create_task(&self, request: &Request, caller: &Caller) -> Result<Response, AppError> {
         let body = request.json_value()?;
         let mut operation = Operation::parse(&body)?;
         let idempotency = match request.get_header("idempotency-key") {
-            Some(key) => Some(self.idempotency_lookup(key, &body).await?),
+            Some(key) => Some(self.idempotency_lookup(key, &body, caller).await?),
             None => None,
         };
         if let Some(Idempotency::Replay(task)) = idempotency {
@@ -259,7 +292,9 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         })
     }
 
-    async fn idempotency_lookup(&self, key: &str, body: &Value) -> Result<Idempotency, AppError> {
+    /// Finds what an Idempotency-Key created. Keys are scoped per client token, so one client
+    /// cannot learn another's task id (or be refused) by reusing its key.
+    async fn idempotency_lookup(&self, key: &str, body: &Value, caller: &Caller) -> Result<Idempotency, AppError> {
         if key.is_empty() || key.len() > Limits::IDEMPOTENCY_KEY_MAX || !key.bytes().all(|b| (0x21..0x7f).contains(&b))
         {
             return Err(AppError::BadRequest {
@@ -271,7 +306,11 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
                 field: Some("Idempotency-Key".into()),
             });
         }
-        let key_hash = auth::sha256_hex(key.as_bytes());
+        let scope = match caller {
+            Caller::Client { scope } => scope.as_str(),
+            Caller::Anonymous | Caller::Consumer { .. } => "",
+        };
+        let key_hash = auth::sha256_hex(format!("{scope}\n{key}").as_bytes());
         let body_hash = auth::sha256_hex(canonical_json(body).as_bytes());
         let existing: Option<IdempotencyRecord> = self.tasks.get_json(&crate::keys::idempotency(&key_hash)).await?;
         match existing {
@@ -302,13 +341,15 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         };
         let kv_cursor = match request.query_param("cursor") {
             None | Some("") => None,
-            Some(signed) => Some(auth::verify_cursor(&self.config.cursor_secret, signed)?),
+            Some(signed) => Some(auth::verify_cursor(&self.cursor_secret().await?, signed)?),
         };
         let page = self.tasks.list(limit, kv_cursor.as_deref()).await?;
         let tasks: Vec<TaskSummary> =
             page.keys.iter().filter_map(|k| k.metadata.clone().and_then(|m| serde_json::from_value(m).ok())).collect();
-        let cursor =
-            page.cursor.filter(|_| !page.list_complete).map(|c| auth::sign_cursor(&self.config.cursor_secret, &c));
+        let cursor = match page.cursor.filter(|_| !page.list_complete) {
+            Some(c) => Some(auth::sign_cursor(&self.cursor_secret().await?, &c)),
+            None => None,
+        };
         Ok(Response::json(
             200,
             &ListTasksResponse { success: true, count: tasks.len(), tasks, list_complete: cursor.is_none(), cursor },
@@ -338,10 +379,11 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         }
     }
 
-    async fn update_status(&self, raw_id: &str, request: &Request) -> Result<Response, AppError> {
+    async fn update_status(&self, raw_id: &str, request: &Request, caller: &Caller) -> Result<Response, AppError> {
         let id = parse_task_id("id", raw_id)?;
         let update: UpdateStatusRequest = request.json()?;
         let mut task = self.tasks.require(id).await?;
+        caller.check_server(&task.target_server)?;
         if !task.is_claimed_by(update.claim_id) {
             return Err(AppError::Conflict {
                 message: format!(

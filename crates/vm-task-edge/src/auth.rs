@@ -7,20 +7,82 @@ use sha2::{Digest, Sha256};
 
 use crate::{http::Request, routes::Auth, AppError};
 
+/// Who sent an admitted request, as far as the handlers need to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Caller {
+    /// A public route: no token was asked for.
+    Anonymous,
+    /// A client; `scope` (a hash of its token) keeps its idempotency keys apart from others'.
+    Client { scope: String },
+    /// A daemon, allowed every server or only the ones its token is bound to.
+    Consumer { servers: Option<Vec<String>> },
+}
+
+impl Caller {
+    /// 403 unless this caller may act for `server` (clients and unbound consumers may).
+    pub(crate) fn check_server(&self, server: &str) -> Result<(), AppError> {
+        match self {
+            Caller::Consumer { servers: Some(allowed) } if !allowed.iter().any(|s| s == server) => {
+                Err(AppError::Forbidden(format!(
+                    "this consumer token is bound to servers {}; it may not act for server {server:?}",
+                    allowed.join(", ")
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// 403 for a consumer token bound to servers: the route spans every server.
+    pub(crate) fn check_unbound(&self, what: &str) -> Result<(), AppError> {
+        match self {
+            Caller::Consumer { servers: Some(_) } => {
+                Err(AppError::Forbidden(format!("{what} needs a consumer token that is not bound to servers")))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Checks that the request carries the token `auth` asks for; the one place routes are
 /// authenticated, before any handler runs.
-pub(crate) fn authorize(auth: Auth, request: &Request, clients: &Tokens, consumers: &Tokens) -> Result<(), AppError> {
+pub(crate) fn authorize(
+    auth: Auth,
+    request: &Request,
+    clients: &Tokens,
+    consumers: &Tokens,
+) -> Result<Caller, AppError> {
+    let client = |request: &Request| -> Result<Caller, AppError> {
+        let token = clients.check(request, "client")?;
+        Ok(Caller::Client { scope: sha256_hex(token.token.as_bytes()) })
+    };
+    let consumer = |request: &Request| -> Result<Caller, AppError> {
+        let token = consumers.check(request, "consumer")?;
+        Ok(Caller::Consumer { servers: token.servers.clone() })
+    };
     match auth {
-        Auth::Public => Ok(()),
-        Auth::Client => clients.check(request, "client"),
-        Auth::Consumer => consumers.check(request, "consumer"),
-        Auth::ConsumerOrClient => consumers.check(request, "consumer").or_else(|_| clients.check(request, "client")),
+        Auth::Public => Ok(Caller::Anonymous),
+        Auth::Client => client(request),
+        Auth::Consumer => consumer(request),
+        Auth::ConsumerOrClient => consumer(request).or_else(|_| client(request)),
+    }
+}
+
+/// One accepted bearer token, optionally bound to server names.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Token {
+    token: String,
+    servers: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token(servers: {:?})", self.servers)
     }
 }
 
 /// A set of accepted bearer tokens. Debug output never shows them.
 #[derive(Clone, Default)]
-pub struct Tokens(Vec<String>);
+pub struct Tokens(Vec<Token>);
 
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -31,7 +93,32 @@ impl std::fmt::Debug for Tokens {
 impl Tokens {
     /// Parses `"tok1,tok2"`; blanks are dropped.
     pub fn parse(list: &str) -> Self {
-        Self(list.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect())
+        let tokens = list.split(',').map(str::trim).filter(|t| !t.is_empty());
+        Self(tokens.map(|t| Token { token: t.to_owned(), servers: None }).collect())
+    }
+
+    /// Parses consumer tokens, each optionally bound to servers: `"tok1:serverA|serverB,tok2"`
+    /// (`tok1` may list, claim and report only for `serverA` and `serverB`; `tok2` for any).
+    pub fn parse_bound(list: &str) -> Result<Self, String> {
+        let mut tokens = Vec::new();
+        for entry in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let token = match entry.split_once(':') {
+                None => Token { token: entry.to_owned(), servers: None },
+                Some((token, servers)) => {
+                    let servers: Vec<String> = servers.split('|').map(|s| s.trim().to_owned()).collect();
+                    for server in &servers {
+                        vm_task_types::validate::check_server_name("server", server)
+                            .map_err(|e| format!("CONSUMER_TOKENS: a token's server list: {e}"))?;
+                    }
+                    if token.trim().is_empty() {
+                        return Err("CONSUMER_TOKENS: an entry binds servers to an empty token".into());
+                    }
+                    Token { token: token.trim().to_owned(), servers: Some(servers) }
+                }
+            };
+            tokens.push(token);
+        }
+        Ok(Self(tokens))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -39,8 +126,8 @@ impl Tokens {
     }
 
     /// Checks the request's `Authorization: Bearer` header against every token, in constant
-    /// time per token, and without stopping at the first match.
-    pub(crate) fn check(&self, request: &Request, what: &str) -> Result<(), AppError> {
+    /// time per token, and without stopping at the first match. Returns the matched token.
+    pub(crate) fn check(&self, request: &Request, what: &str) -> Result<&Token, AppError> {
         if self.0.is_empty() {
             return Err(AppError::Unavailable(format!(
                 "no {what} tokens are configured on this worker; set them with `wrangler secret put`"
@@ -54,15 +141,13 @@ impl Tokens {
             .or_else(|| header.strip_prefix("bearer "))
             .map(str::trim)
             .ok_or_else(|| AppError::Unauthorized("Authorization header must use the Bearer scheme".into()))?;
-        let mut matched = false;
+        let mut matched = None;
         for token in &self.0 {
-            matched |= constant_time_eq(token.as_bytes(), presented.as_bytes());
+            if constant_time_eq(token.token.as_bytes(), presented.as_bytes()) && matched.is_none() {
+                matched = Some(token);
+            }
         }
-        if matched {
-            Ok(())
-        } else {
-            Err(AppError::Unauthorized(format!("invalid {what} token")))
-        }
+        matched.ok_or_else(|| AppError::Unauthorized(format!("invalid {what} token")))
     }
 }
 
@@ -149,7 +234,7 @@ mod tests {
     #[test]
     fn tokens_accept_any_configured_one_and_refuse_the_rest() {
         let tokens = Tokens::parse(" old-token , new-token ,");
-        let ok = |t: &str| tokens.check(&Request::new("GET", "/").bearer(t), "client");
+        let ok = |t: &str| tokens.check(&Request::new("GET", "/").bearer(t), "client").map(|_| ());
         ok("old-token").unwrap();
         ok("new-token").unwrap();
         assert_eq!(ok("new-token-x").unwrap_err().status(), 401);
@@ -159,6 +244,21 @@ mod tests {
         let basic = tokens.check(&Request::new("GET", "/").header("authorization", "Basic abc"), "client");
         assert!(basic.unwrap_err().to_string().contains("Bearer"));
         assert!(!format!("{tokens:?}").contains("token"), "Debug must not show tokens");
+    }
+
+    #[test]
+    fn consumer_tokens_can_be_bound_to_servers() {
+        let tokens = Tokens::parse_bound("tok1:server-a|server-b, tok2").unwrap();
+        let caller =
+            |t: &str| authorize(Auth::Consumer, &Request::new("GET", "/").bearer(t), &Tokens::default(), &tokens);
+        let bound = caller("tok1").unwrap();
+        bound.check_server("server-b").unwrap();
+        assert_eq!(bound.check_server("server-c").unwrap_err().status(), 403);
+        assert_eq!(bound.check_unbound("the sweep").unwrap_err().status(), 403);
+        let free = caller("tok2").unwrap();
+        free.check_server("server-c").unwrap();
+        assert_eq!(caller("tok1:server-a|server-b").unwrap_err().status(), 401, "the binding is not the token");
+        assert!(Tokens::parse_bound("tok:bad/name").unwrap_err().contains("CONSUMER_TOKENS"));
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub enum AppError {
     /// 401: missing or wrong token.
     #[error("{0}")]
     Unauthorized(String),
+    /// 403: the token is valid but may not do this (a consumer token bound to other servers).
+    #[error("{0}")]
+    Forbidden(String),
     /// 404.
     #[error("{0}")]
     NotFound(String),
@@ -59,6 +62,7 @@ impl AppError {
         match self {
             Self::BadRequest { .. } => 400,
             Self::Unauthorized(_) => 401,
+            Self::Forbidden(_) => 403,
             Self::NotFound(_) => 404,
             Self::MethodNotAllowed { .. } => 405,
             Self::Conflict { .. } => 409,
@@ -73,6 +77,7 @@ impl AppError {
         match self {
             Self::BadRequest { code, .. } | Self::Unprocessable { code, .. } => code,
             Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::Conflict { .. } => "conflict",

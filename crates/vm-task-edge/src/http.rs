@@ -129,6 +129,11 @@ impl Response {
         self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
+    /// The 503 a worker answers to every request while a setting is invalid, naming it.
+    pub fn misconfigured(problem: &str) -> Self {
+        Self::error(&AppError::Unavailable(format!("the worker is misconfigured: {problem}")))
+    }
+
     /// The body parsed as JSON; for tests and adapters.
     pub fn json_body<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
         serde_json::from_slice(&self.body)

@@ -5,7 +5,9 @@
 //!   `inv` is `0xFFFFFFFFFFFF − createdAtMs` in 12 hex digits, so a plain listing is newest
 //!   first; it is derived from the v7 task id itself, so a lookup by id needs no index.
 //! - `vm:{vmName}`: the VM registry entry ([`crate::registry::VmRecord`]).
-//! - `idem:{sha256(Idempotency-Key)}`: which task a key created, and a hash of its body.
+//! - `idem:{sha256(scope \n Idempotency-Key)}`: which task a key created, and a hash of its
+//!   body; `scope` is a hash of the client's token, so keys are per client.
+//! - `secret:cursor`: the key signing list cursors when `CURSOR_SECRET` is not set.
 //! - `cancel:{taskId}`, `claim:{taskId}`: a client's cancel intent and the last claim's intent
 //!   ([`crate::intents`]); each side writes its own, then reads the other's.
 //!
@@ -28,6 +30,7 @@ const MAX_MS: u64 = 0xFFFF_FFFF_FFFF;
 
 pub(crate) const TASK_PREFIX: &str = "task:";
 pub(crate) const READY_PREFIX: &str = "ready:";
+pub(crate) const CURSOR_SECRET: &str = "secret:cursor";
 pub(crate) const SWEEP_STATE: &str = "sweep:state";
 
 /// The record key of a task, or `None` for a UUID that is not a v7 task id.

@@ -79,6 +79,9 @@ impl ApiRoute {
             ["openapi.json"] => vec![("GET", OpenApi)],
             ["stats"] => vec![("GET", Stats)],
             ["vm", "tasks"] => vec![("POST", CreateTask), ("GET", ListTasks)],
+            // A VM may be named `tasks`: its status is `/vm/tasks/status`, which no task id
+            // (a UUID) can be confused with.
+            ["vm", "tasks", "status"] => vec![("GET", VmStatus { vm_name: "tasks".to_owned() })],
             ["vm", "tasks", id] => {
                 vec![("GET", GetTask { id: (*id).to_owned() }), ("DELETE", CancelTask { id: (*id).to_owned() })]
             }
@@ -232,6 +235,12 @@ mod tests {
         assert_eq!(ApiRoute::parse("GET", "/").unwrap(), ApiRoute::Index);
         assert_eq!(ApiRoute::parse("GET", "/vm/tasks/").unwrap(), ApiRoute::ListTasks);
         assert_eq!(ApiRoute::parse("HEAD", "/health").unwrap(), ApiRoute::Health);
+    }
+
+    #[test]
+    fn a_vm_named_tasks_has_a_status_route() {
+        assert_eq!(ApiRoute::parse("GET", "/vm/tasks/status").unwrap(), ApiRoute::VmStatus { vm_name: "tasks".into() });
+        assert_eq!(ApiRoute::parse("GET", "/vm/tasks/abc").unwrap(), ApiRoute::GetTask { id: "abc".into() });
     }
 
     #[test]

@@ -27,6 +27,9 @@ impl Limits {
     pub const WAIT_MAX_SECS: u64 = 60;
     /// Largest page of `GET /vm/tasks`.
     pub const LIST_LIMIT_MAX: usize = 1000;
+    /// Most servers one `/tasks/ready` poll may name: a daemon serves at most this many
+    /// (`SERVER_NAMES`), and validates it at startup as the edge does here.
+    pub const SERVERS_PER_POLL_MAX: usize = 32;
     /// Page size of `GET /vm/tasks` when `limit` is absent.
     pub const LIST_LIMIT_DEFAULT: usize = 50;
 }

@@ -15,6 +15,7 @@ use super::{
     ConsumerService, WORKER,
 };
 use crate::{
+    auth::Caller,
     http::{Request, Response},
     intents::{CancelIntent, ClaimIntent},
     store::paced,
@@ -22,12 +23,13 @@ use crate::{
 };
 
 impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
-    pub(super) async fn claim(&self, raw_id: &str, request: &Request) -> Result<Response, AppError> {
+    pub(super) async fn claim(&self, raw_id: &str, request: &Request, caller: &Caller) -> Result<Response, AppError> {
         let id = parse_task_id("id", raw_id)?;
         let body: ClaimRequest = request.json()?;
         check_consumer_id(&body.consumer_id)?;
         let lease = self.lease_secs(body.lease_seconds);
         let mut task = self.tasks.require(id).await?;
+        caller.check_server(&task.target_server)?;
         let now = self.clock.now();
         match decide(&task, body.claim_id, now, self.config.max_attempts) {
             ClaimDecision::Refuse(status) => {
@@ -134,10 +136,16 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         ))
     }
 
-    pub(super) async fn heartbeat(&self, raw_id: &str, request: &Request) -> Result<Response, AppError> {
+    pub(super) async fn heartbeat(
+        &self,
+        raw_id: &str,
+        request: &Request,
+        caller: &Caller,
+    ) -> Result<Response, AppError> {
         let id = parse_task_id("id", raw_id)?;
         let body: LeaseRequest = request.json()?;
         let mut task = self.held(id, body.claim_id).await?;
+        caller.check_server(&task.target_server)?;
         let expires = self.clock.now().plus_secs(self.lease_secs(body.lease_seconds));
         if let Some(claim) = task.claim.as_mut() {
             claim.lease_expires_at = expires;
@@ -151,10 +159,11 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         ))
     }
 
-    pub(super) async fn release(&self, raw_id: &str, request: &Request) -> Result<Response, AppError> {
+    pub(super) async fn release(&self, raw_id: &str, request: &Request, caller: &Caller) -> Result<Response, AppError> {
         let id = parse_task_id("id", raw_id)?;
         let body: LeaseRequest = request.json()?;
         let mut task = self.held(id, body.claim_id).await?;
+        caller.check_server(&task.target_server)?;
         let actor = task.claim.as_ref().map(|c| c.consumer_id.clone()).unwrap_or_default();
         task.claim = None;
         // A released claim never started work, so it does not count as an attempt.

@@ -20,7 +20,7 @@ pub use queue::Delivery;
 pub use sweep::SweepReport;
 
 use crate::{
-    auth::{self, Tokens},
+    auth::{self, Caller, Tokens},
     counting::OpCounters,
     http::{Request, Response},
     routes::{ConsumerRoute, CONSUMER_ROUTES},
@@ -37,6 +37,10 @@ pub struct ConsumerConfig {
     pub max_attempts: u32,
     /// `LEASE_SECONDS`: the lease when a claim asks for none. Covers Arrakis's 120 s start.
     pub lease_default_secs: u64,
+    /// The shortest lease granted, whatever a claim asks. A claim elsewhere and the sweep read
+    /// the record through caches up to 60 s stale, so a lease renewed in time can look expired
+    /// there for up to 60 s plus one heartbeat interval (a third of the lease, as the daemon
+    /// renews): 60 + L/3 < L needs L > 90 s. 120 s leaves a margin.
     pub lease_min_secs: u64,
     pub lease_max_secs: u64,
     /// `BELL_CHECK_MS`: how often a waiting `/tasks/ready` re-reads the doorbells.
@@ -67,7 +71,7 @@ impl Default for ConsumerConfig {
             consumer_tokens: Tokens::default(),
             max_attempts: 3,
             lease_default_secs: 180,
-            lease_min_secs: 2,
+            lease_min_secs: 120,
             lease_max_secs: 3600,
             bell_check_ms: 1000,
             max_wait_secs: 30,
@@ -107,13 +111,13 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
     pub async fn handle(&self, request: Request) -> Response {
         let outcome = async {
             let route = ConsumerRoute::parse(&request.method, &request.path)?;
-            auth::authorize(route.auth(), &request, &Tokens::default(), &self.config.consumer_tokens)?;
-            self.dispatch(route, &request).await
+            let caller = auth::authorize(route.auth(), &request, &Tokens::default(), &self.config.consumer_tokens)?;
+            self.dispatch(route, &caller, &request).await
         };
         outcome.await.unwrap_or_else(Response::from)
     }
 
-    async fn dispatch(&self, route: ConsumerRoute, request: &Request) -> Result<Response, AppError> {
+    async fn dispatch(&self, route: ConsumerRoute, caller: &Caller, request: &Request) -> Result<Response, AppError> {
         match route {
             ConsumerRoute::Health => Ok(Response::json(
                 200,
@@ -125,14 +129,23 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
                 },
             )),
             ConsumerRoute::Index => Ok(index()),
-            ConsumerRoute::Stats => self.stats().await,
-            ConsumerRoute::Ready => self.ready(request).await,
-            ConsumerRoute::All => self.all(request).await,
-            ConsumerRoute::DeleteEntry { id } => self.delete(&id, request).await,
-            ConsumerRoute::Claim { id } => self.claim(&id, request).await,
-            ConsumerRoute::Heartbeat { id } => self.heartbeat(&id, request).await,
-            ConsumerRoute::Release { id } => self.release(&id, request).await,
-            ConsumerRoute::Sweep => Ok(Response::json(200, &self.sweep().await?)),
+            ConsumerRoute::Stats => {
+                caller.check_unbound("/stats")?;
+                self.stats().await
+            }
+            ConsumerRoute::Ready => self.ready(request, caller).await,
+            ConsumerRoute::All => {
+                caller.check_unbound("/tasks/all")?;
+                self.all(request).await
+            }
+            ConsumerRoute::DeleteEntry { id } => self.delete(&id, request, caller).await,
+            ConsumerRoute::Claim { id } => self.claim(&id, request, caller).await,
+            ConsumerRoute::Heartbeat { id } => self.heartbeat(&id, request, caller).await,
+            ConsumerRoute::Release { id } => self.release(&id, request, caller).await,
+            ConsumerRoute::Sweep => {
+                caller.check_unbound("the sweep")?;
+                Ok(Response::json(200, &self.sweep().await?))
+            }
         }
     }
 

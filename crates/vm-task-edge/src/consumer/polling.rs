@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use vm_task_types::{
     validate::{self, parse_task_id},
     wire::{AllBufferedResponse, BufferedTask, ReadyTasksResponse, StatsResponse},
-    FieldError,
+    FieldError, Limits,
 };
 
 use super::{parse_bounded, ConsumerService};
 use crate::{
+    auth::Caller,
     http::{Request, Response},
     keys, AppError, Clock, Ids, KvStore,
 };
@@ -23,8 +24,15 @@ const POLL_OP_BUDGET: u64 = 900;
 const MAX_SCAN_PAGES: usize = 20;
 
 impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
-    pub(super) async fn ready(&self, request: &Request) -> Result<Response, AppError> {
-        let servers = parse_servers(request.query_param("server"))?;
+    pub(super) async fn ready(&self, request: &Request, caller: &Caller) -> Result<Response, AppError> {
+        let mut servers = parse_servers(request.query_param("server"))?;
+        for server in &servers {
+            caller.check_server(server)?;
+        }
+        if let (true, Caller::Consumer { servers: Some(bound) }) = (servers.is_empty(), caller) {
+            // A bound token listing "every server" lists its own.
+            servers = bound.clone();
+        }
         let limit = parse_bounded(request, "limit", 100, 1, 1000)? as usize;
         let wait_ms = parse_bounded(request, "wait", 0, 0, self.config.max_wait_secs)? * 1000;
         let since = request.query_param("since").filter(|s| !s.is_empty());
@@ -108,7 +116,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
 
     /// Removes a finished task's entry. A task that is not finished keeps its entry: without
     /// it, no daemon would find the task again (the sweep would have to buffer it anew).
-    pub(super) async fn delete(&self, raw_id: &str, request: &Request) -> Result<Response, AppError> {
+    pub(super) async fn delete(&self, raw_id: &str, request: &Request, caller: &Caller) -> Result<Response, AppError> {
         let id = parse_task_id("id", raw_id)?;
         let requested = match request.query_param("server") {
             Some(server) => {
@@ -128,6 +136,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             // An entry left by a task that no longer exists: removable when its server is named.
             None => requested.ok_or_else(|| AppError::NotFound(format!("task {id} not found")))?,
         };
+        caller.check_server(&server)?;
         self.unbuffer(&server, id).await?;
         Ok(Response::json(
             200,
@@ -168,8 +177,11 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
 fn parse_servers(raw: Option<&str>) -> Result<Vec<String>, AppError> {
     let Some(raw) = raw.filter(|r| !r.is_empty()) else { return Ok(Vec::new()) };
     let servers: Vec<String> = raw.split(',').map(|s| s.trim().to_owned()).collect();
-    if servers.len() > 32 {
-        return Err(AppError::invalid_field(FieldError::new("server", "at most 32 servers per request")));
+    if servers.len() > Limits::SERVERS_PER_POLL_MAX {
+        return Err(AppError::invalid_field(FieldError::new(
+            "server",
+            format!("at most {} servers per request", Limits::SERVERS_PER_POLL_MAX),
+        )));
     }
     for s in &servers {
         validate::check_server_name("server", s)?;
