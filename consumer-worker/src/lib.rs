@@ -42,7 +42,7 @@ fn config(env: &Env) -> (ConsumerConfig, Option<String>) {
         consumer_tokens,
         max_attempts: number(env, "MAX_ATTEMPTS", defaults.max_attempts as u64) as u32,
         lease_default_secs: number(env, "LEASE_SECONDS", defaults.lease_default_secs),
-        lease_min_secs: defaults.lease_min_secs,
+        lease_min_secs: number(env, "MIN_LEASE_SECONDS", defaults.lease_min_secs),
         lease_max_secs: number(env, "MAX_LEASE_SECONDS", defaults.lease_max_secs),
         bell_check_ms: number(env, "BELL_CHECK_MS", defaults.bell_check_ms),
         max_wait_secs: number(env, "MAX_WAIT_SECONDS", defaults.max_wait_secs),

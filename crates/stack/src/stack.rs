@@ -96,6 +96,9 @@ impl Stack {
         let mut vars = vec![
             ("API_TOKENS".to_owned(), client_token.clone()),
             ("CONSUMER_TOKENS".to_owned(), consumer_token.clone()),
+            // One location, no propagation delay: the e2e tests use 2 s leases to see expiry
+            // quickly (production's floor is 120 s).
+            ("MIN_LEASE_SECONDS".to_owned(), "2".to_owned()),
         ];
         vars.extend(opts.worker_vars.iter().cloned());
         let configs = wrangler::write_configs(&root, &dir, &vars)?;
