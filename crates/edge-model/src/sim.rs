@@ -73,6 +73,9 @@ pub struct Outcome {
     pub violations: Vec<String>,
     /// POST answered → first claim answered, per accepted task that was claimed.
     pub claim_latency_ms: Vec<u64>,
+    /// The same for each VM's first task (its launch), which waits for no predecessor: the
+    /// dispatch path alone (queue, buffer, listing, claim).
+    pub first_claim_latency_ms: Vec<u64>,
     /// POST answered → a client at another location reads `completed`.
     pub visible_latency_ms: Vec<u64>,
     pub accepted: usize,
@@ -947,17 +950,21 @@ impl Sim {
                     }
                 };
                 self.trace(format!(
-                    "{server}@{location}: claimed task {} ({} {}, attempt {})",
+                    "{server}@{location}: claimed task {} ({} {}, attempt {}, after {})",
                     short(task),
                     claim.task.vm_name(),
                     claim.task.kind().as_str(),
-                    claim.task.attempts
+                    claim.task.attempts,
+                    claim.task.previous_task_id.map(short).unwrap_or_else(|| "nothing".into())
                 ));
                 if let Some(a) = self.accepted.get_mut(&task) {
                     if a.claimed_at.is_none() {
                         a.claimed_at = Some(self.now);
                         let latency = self.now - a.accepted_at;
                         self.outcome.claim_latency_ms.push(latency);
+                        if self.ops[a.op].step == 0 {
+                            self.outcome.first_claim_latency_ms.push(latency);
+                        }
                     }
                 }
                 self.execute(d, &claim.task, claim.claim_id);

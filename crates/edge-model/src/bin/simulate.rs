@@ -49,6 +49,7 @@ fn main() -> ExitCode {
 struct Summary {
     violating_seeds: Vec<(u64, Vec<String>)>,
     claim: Vec<u64>,
+    first_claim: Vec<u64>,
     visible: Vec<u64>,
     accepted: usize,
     by_kind: std::collections::BTreeMap<String, usize>,
@@ -57,6 +58,7 @@ struct Summary {
 impl Summary {
     fn add(&mut self, outcome: Outcome) {
         self.claim.extend(&outcome.claim_latency_ms);
+        self.first_claim.extend(&outcome.first_claim_latency_ms);
         self.visible.extend(&outcome.visible_latency_ms);
         self.accepted += outcome.accepted;
         for v in &outcome.violations {
@@ -82,8 +84,11 @@ impl Summary {
         for (kind, n) in &self.by_kind {
             println!("  {n:>6} × {kind}");
         }
-        for (name, xs) in [("POST → claimed", &mut self.claim), ("POST → completed, seen elsewhere", &mut self.visible)]
-        {
+        for (name, xs) in [
+            ("POST → claimed, a VM's first task", &mut self.first_claim),
+            ("POST → claimed, every task", &mut self.claim),
+            ("POST → completed, seen elsewhere", &mut self.visible),
+        ] {
             xs.sort_unstable();
             println!(
                 "{name}: p50 {:.1} s, p99 {:.1} s (n = {})",
