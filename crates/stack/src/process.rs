@@ -57,6 +57,11 @@ impl Proc {
         self.name
     }
 
+    /// The leader's pid (also the group id).
+    pub(crate) fn pid(&self) -> u32 {
+        self.pgid.as_raw().unsigned_abs()
+    }
+
     pub(crate) fn log(&self) -> &Path {
         &self.log
     }

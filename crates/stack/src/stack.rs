@@ -356,31 +356,10 @@ impl Stack {
         proc.stop(Signal::SIGTERM, false, DAEMON_GRACE).await
     }
 
-    /// The daemon's process id, for reading `/proc/<pid>/status` (memory) in benchmarks: the
-    /// `local-consumer` process that runs in this stack's directory and leads its own process
-    /// group, as [`Stack::start_daemon`] starts it. `None` when no such process is found.
+    /// The daemon's process id (it is started directly, so its child's pid), for reading
+    /// `/proc/<pid>/status` (memory) in benchmarks; `None` when no daemon runs.
     pub fn daemon_pid(&self) -> Option<u32> {
-        self.daemon.as_ref()?;
-        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-            let proc_dir = entry.path();
-            if std::fs::read_link(proc_dir.join("cwd")).ok().as_deref() != Some(self.dir.as_path()) {
-                continue;
-            }
-            let exe = std::fs::read_link(proc_dir.join("exe")).ok();
-            let is_daemon = exe
-                .as_deref()
-                .and_then(Path::file_name)
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("local-consumer"));
-            // `/proc/<pid>/stat`: "pid (comm) state ppid pgrp ..."; comm may hold spaces.
-            let stat = std::fs::read_to_string(proc_dir.join("stat")).unwrap_or_default();
-            let pgrp = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse::<u32>().ok());
-            if is_daemon && pgrp == Some(pid) {
-                return Some(pid);
-            }
-        }
-        None
+        self.daemon.as_ref().map(Proc::pid)
     }
 
     /// Whether the daemon is running.
