@@ -2,7 +2,8 @@
 //!
 //! Kept to `std` and `anyhow` so that `cargo xtask build-worker`, which `wrangler` runs as
 //! each worker's build command, compiles in seconds. Commands that drive running services
-//! (`dev`, `e2e`, `bench`) delegate to the `stack` crate's binary.
+//! delegate: `dev` to the `stack` crate's binary, `e2e`, `soak` and `fuzz` to its `e2e` test
+//! binary, `bench` to the `bench` crate's binary.
 
 use std::{
     env,
@@ -58,11 +59,18 @@ fn main() -> Result<()> {
         }
         Some("dev") => {
             build(&root)?;
-            run_stack(&["dev"], &args[1..])
+            run(Command::new("cargo")
+                .args(["run", "--release", "-q", "-p", "stack", "--bin", "stack", "--", "dev"])
+                .args(&args[1..]))
         }
         Some("bench") => {
             build(&root)?;
-            run_stack(&["bench"], &args[1..])
+            // The report prints the command as typed, which only this process knows.
+            let typed = std::iter::once("cargo xtask bench").chain(args[1..].iter().map(String::as_str));
+            let typed = typed.collect::<Vec<_>>().join(" ");
+            run(Command::new("cargo")
+                .args(["run", "--release", "-q", "-p", "bench", "--", "--command", &typed])
+                .args(&args[1..]))
         }
         Some("diagrams") => diagrams(&root),
         Some("soak") => {
@@ -314,13 +322,6 @@ fn diagrams(root: &Path) -> Result<()> {
         run(Command::new("dot").arg("-Tsvg").arg(&source).arg("-o").arg(source.with_extension("svg")))?;
     }
     Ok(())
-}
-
-fn run_stack(command: &[&str], extra: &[String]) -> Result<()> {
-    run(Command::new("cargo")
-        .args(["run", "--release", "-q", "-p", "stack", "--bin", "stack", "--"])
-        .args(command)
-        .args(extra))
 }
 
 /// Schemathesis against both workers on an edge-only stack (`crates/stack/tests/e2e/fuzz.rs`),

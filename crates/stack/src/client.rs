@@ -319,7 +319,7 @@ impl ApiClient {
 /// The HTTP client every part of the stack uses: loopback only, so no proxy (an inherited
 /// `HTTP_PROXY` would otherwise swallow requests to 127.0.0.1), no Nagle delay, short
 /// timeouts so a wedged process fails a test instead of hanging it.
-pub(crate) fn http_client(timeout: Duration) -> reqwest::Client {
+pub fn http_client(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
         .tcp_nodelay(true)

@@ -1,4 +1,5 @@
-//! The whole system on one machine, for end-to-end tests and `cargo xtask dev`.
+//! The whole system on one machine: the runner behind `cargo xtask dev` and the harness of the
+//! end-to-end tests (`tests/e2e`) and the benchmarks (`crates/bench`).
 //!
 //! A [`Stack`] runs one `wrangler dev` session holding the dev gateway and both workers (so
 //! they share KV and the queue, as deployed workers do), the Arrakis simulator, and the
@@ -22,7 +23,6 @@
 //! The workers must be built (`cargo xtask build-worker api-worker` and `consumer-worker`)
 //! and, for stacks with a simulator or daemon, the native binaries too (`cargo xtask build`).
 
-pub mod bench;
 pub mod client;
 pub mod options;
 mod process;

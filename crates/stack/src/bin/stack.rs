@@ -1,9 +1,8 @@
 //! `stack dev`: the whole local system on well-known ports until Ctrl-C.
-//! `stack bench`: benchmarks on local stacks; prints a report (see `stack::bench`).
 //!
 //! `cargo xtask dev` builds everything and runs `stack dev`. State (KV contents, logs, tokens)
-//! lives in `<repo>/.dev-state/` so tasks and tokens survive restarts. `cargo xtask bench`
-//! builds everything and runs `stack bench` with its arguments.
+//! lives in `<repo>/.dev-state/` so tasks and tokens survive restarts. The benchmarks are their
+//! own program, `crates/bench` (`cargo xtask bench`).
 
 use std::{
     net::SocketAddr,
@@ -14,10 +13,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use stack::{
-    bench::{self, BenchOptions, Section},
-    random_token, repo_root, write_private, Stack, StackOptions,
-};
+use stack::{random_token, repo_root, write_private, Stack, StackOptions};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Debug, Parser)]
@@ -35,54 +31,6 @@ enum Command {
     /// Start everything on fixed ports, print URLs, tokens and example requests, and run until
     /// Ctrl-C or SIGTERM.
     Dev(DevArgs),
-    /// Benchmark the local stack (Arrakis simulator, no injected latency) and print a report:
-    /// lone-task latency, throughput per daemon MAX_CONCURRENCY, API latency under load, cost
-    /// per task and per idle daemon, footprint, idle pickup. Not part of `cargo xtask test`.
-    /// Takes several minutes with the defaults; e.g. `--only lone,footprint --lone 10` is quick.
-    Bench(BenchArgs),
-}
-
-#[derive(Debug, clap::Args)]
-struct BenchArgs {
-    /// Sections to run, comma-separated (default: all).
-    #[arg(long, value_enum, value_delimiter = ',')]
-    only: Vec<Section>,
-    /// Lone tasks, submitted one at a time.
-    #[arg(long, default_value_t = bench::DEFAULT_LONE)]
-    lone: usize,
-    /// Pause a random 0..N ms before each lone task (default 0: submit as soon as the previous
-    /// one is reported), to decouple submissions from the phase of the doorbell checks.
-    #[arg(long, default_value_t = 0)]
-    lone_gap_ms: u64,
-    /// Tasks in each throughput run.
-    #[arg(long, default_value_t = bench::DEFAULT_TASKS)]
-    tasks: usize,
-    /// VMs the throughput tasks are spread over (each: one launch_vm, then run_command).
-    #[arg(long, default_value_t = bench::DEFAULT_VMS)]
-    vms: usize,
-    /// Concurrent submitters in the throughput runs.
-    #[arg(long, default_value_t = bench::DEFAULT_SUBMITTERS)]
-    submitters: usize,
-    /// The daemon's MAX_CONCURRENCY for each throughput run (a fresh stack each).
-    #[arg(long, value_delimiter = ',', default_values_t = bench::DEFAULT_CONCURRENCY)]
-    concurrency: Vec<usize>,
-    /// POST /vm/tasks requests in the API latency run.
-    #[arg(long, default_value_t = bench::DEFAULT_API_REQUESTS)]
-    api_requests: usize,
-    /// Concurrent clients in the API latency run.
-    #[arg(long, default_value_t = bench::DEFAULT_API_CLIENTS)]
-    api_clients: usize,
-    /// Minimum length of the idle-cost window, in seconds (it ends at a long poll's end).
-    #[arg(long, default_value_t = bench::DEFAULT_IDLE_SECS)]
-    idle_secs: u64,
-    /// How long the daemon is idle before the pickup task, in seconds.
-    #[arg(long, default_value_t = bench::DEFAULT_PICKUP_IDLE_SECS)]
-    pickup_idle_secs: u64,
-    /// Worker var override for the latency, throughput and API stacks, `NAME=VALUE`
-    /// (repeatable), e.g. `--var BELL_CHECK_MS=100`. The idle measurement always runs on the
-    /// shipped vars.
-    #[arg(long = "var", value_parser = parse_var)]
-    vars: Vec<(String, String)>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -133,24 +81,6 @@ async fn main() -> ExitCode {
         .init();
     let result = match Cli::parse().command {
         Command::Dev(args) => dev(args).await,
-        Command::Bench(args) => {
-            bench::run(BenchOptions {
-                sections: args.only,
-                lone: args.lone,
-                lone_gap_ms: args.lone_gap_ms,
-                tasks: args.tasks,
-                vms: args.vms,
-                submitters: args.submitters,
-                concurrency: args.concurrency,
-                api_requests: args.api_requests,
-                api_clients: args.api_clients,
-                idle_secs: args.idle_secs,
-                pickup_idle_secs: args.pickup_idle_secs,
-                worker_vars: args.vars,
-                command: bench::invocation(),
-            })
-            .await
-        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
