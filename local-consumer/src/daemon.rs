@@ -1,16 +1,22 @@
 //! The main loop: long-poll the consumer worker, start runnable tasks, drain on shutdown.
 //!
-//! One loop owns the [`Scheduler`]; each started task runs in its own tokio task (claim,
-//! heartbeat, execute, report) and tells the loop when it is done over a channel.
+//! [`run`] wires the real workers, Arrakis, metrics and systemd together and hands them to a
+//! [`Daemon`]. The daemon is one loop over one [`Event`] type (rust-analyzer's `main_loop`):
+//! [`Daemon::next_event`] waits for whichever comes first (a poll's answer, a job's end, a
+//! deferred task falling due, shutdown), and [`Daemon::handle`] applies it to the state, all of
+//! which lives in the `Daemon`. Each started task runs as a job in a [`JoinSet`] (claim,
+//! heartbeat, execute, report); the set's size is the number running, and a finished job is
+//! joined as its event, so nothing accumulates. The daemon runs over the [`Edge`] and
+//! [`Execute`] traits and tokio's clock only, so tests drive it in-process with
+//! `tokio::time::pause` over a fake edge.
 
-use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use arrakis_client::ArrakisClient;
 use tokio::{
-    sync::{mpsc, Semaphore},
-    task::JoinSet,
-    time::Instant,
+    task::{JoinError, JoinSet},
+    time::{Instant, Interval},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -22,11 +28,12 @@ use vm_task_types::{
 
 use crate::{
     config::Config,
-    edge::{ClaimOutcome, EdgeClient, EdgeError},
-    executor::{backoff, now, Attempts, BootDefaults, Executor, Outcome, RetryPolicy},
+    edge::{ClaimOutcome, Edge, EdgeClient, EdgeError},
+    executor::{Attempts, BootDefaults, Execute, Executor, Outcome},
     lock,
     metrics::{self, Metrics},
     notify::Notifier,
+    retry::{Jitter, RetryPolicy},
     scheduler::Scheduler,
 };
 
@@ -36,30 +43,16 @@ const HOT_AFTER_ACTIVITY: Duration = Duration::from_secs(5);
 /// A truncated listing is repeated once fewer than this many listed tasks wait.
 const BACKLOG_RELIST_BELOW: usize = 100;
 
-/// What a task's job tells the loop when it ends.
-#[derive(Debug)]
-enum JobEnd {
-    /// Done here or found terminal: never start again.
-    Finished(Uuid),
-    /// Not startable yet; try again at this time if still listed.
-    Deferred(BufferedTask, Instant),
-}
-
-struct Shared {
-    config: Config,
-    edge: EdgeClient,
-    executor: Executor,
-    metrics: Metrics,
-    shutdown: CancellationToken,
-}
-
-type PollFuture = Pin<Box<dyn Future<Output = (Option<String>, Result<ReadyTasksResponse, EdgeError>)> + Send>>;
+/// Retries of a failed report: quick at first, for up to one lease in all.
+const REPORT_RETRY: RetryPolicy =
+    RetryPolicy { retries: u32::MAX, base: Duration::from_millis(200), cap: Duration::from_secs(5) };
 
 /// Runs the daemon until `shutdown` is cancelled, then drains in-flight tasks (up to the
 /// drain timeout) and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let _locks = lock::lock_servers(&config.lock_dir, &config.server_names)?;
     let metrics = Metrics::new();
+    let jitter = Jitter::from_entropy();
     let edge = EdgeClient::new(&config)?;
     let arrakis = ArrakisClient::new(&config.arrakis_url)
         .with_context(|| format!("ARRAKIS_URL: {:?} is not usable", config.arrakis_url))?
@@ -81,7 +74,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         }
         None => None,
     };
-    let notifier = Notifier::from_env();
+    let notifier = Arc::new(Notifier::from_env());
     let executor = Executor {
         arrakis: arrakis.clone(),
         defaults: BootDefaults {
@@ -94,14 +87,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             base: config.arrakis_retry_base,
             cap: Duration::from_secs(10),
         },
+        jitter: jitter.clone(),
         metrics: metrics.clone(),
     };
-    let shared = Arc::new(Shared { config, edge, executor, metrics, shutdown: shutdown.clone() });
 
-    if wait_until_reachable(&shared, &arrakis, &notifier).await {
-        tracing::info!(servers = ?shared.config.server_names, consumer_id = %shared.config.consumer_id, "local-consumer ready");
-        notifier.ready(&format!("serving {}", shared.config.server_names.join(",")));
-        main_loop(&shared, &notifier).await;
+    if wait_until_reachable(&config, &edge, &arrakis, &notifier, &jitter, &shutdown).await {
+        tracing::info!(servers = ?config.server_names, consumer_id = %config.consumer_id, "local-consumer ready");
+        notifier.ready(&format!("serving {}", config.server_names.join(",")));
+        let parts = Parts { config, edge, executor, metrics, jitter, notifier: notifier.clone() };
+        Daemon::new(parts, shutdown).run().await;
     }
     notifier.stopping();
     serving.cancel();
@@ -113,11 +107,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 }
 
 /// Waits, with backoff, until both workers and Arrakis answer. False if shut down first.
-async fn wait_until_reachable(shared: &Shared, arrakis: &ArrakisClient, notifier: &Notifier) -> bool {
-    let mut delay = shared.config.poll_backoff_min;
-    let mut logged = false;
+async fn wait_until_reachable(
+    config: &Config,
+    edge: &EdgeClient,
+    arrakis: &ArrakisClient,
+    notifier: &Notifier,
+    jitter: &Jitter,
+    shutdown: &CancellationToken,
+) -> bool {
+    let backoff = RetryPolicy { retries: u32::MAX, base: config.poll_backoff_min, cap: config.poll_backoff_max };
+    let mut attempt = 0;
     loop {
-        let (edge, arrakis_health) = tokio::join!(shared.edge.health(), arrakis.health());
+        attempt += 1;
+        let (edge, arrakis_health) = tokio::join!(edge.health(), arrakis.health());
         match (edge, arrakis_health) {
             (Ok(()), Ok(_)) => return true,
             (edge, arrakis_health) => {
@@ -126,159 +128,337 @@ async fn wait_until_reachable(shared: &Shared, arrakis: &ArrakisClient, notifier
                     edge.err().unwrap_or_else(|| "ok".into()),
                     arrakis_health.err().map(|e| e.to_string()).unwrap_or_else(|| "ok".into())
                 );
-                if !logged {
+                if attempt == 1 {
                     tracing::warn!("{problem}");
-                    logged = true;
                 }
                 notifier.status(&problem);
                 notifier.watchdog();
             }
         }
         tokio::select! {
-            _ = shared.shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(backoff.delay(attempt, jitter)) => {}
         }
-        delay = (delay * 2).min(shared.config.poll_backoff_max);
     }
 }
 
-async fn main_loop(shared: &Arc<Shared>, notifier: &Notifier) {
-    let config = &shared.config;
-    let mut scheduler = Scheduler::new();
-    let permits = Arc::new(Semaphore::new(config.max_concurrency));
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<JobEnd>();
-    let mut jobs = JoinSet::new();
-    let mut poll: Option<PollFuture> = None;
-    let mut bell: Option<String> = None;
-    let mut need_full_list = true;
-    let mut last_full_list = Instant::now();
-    let mut failures = 0u32;
-    let mut unreachable_since: Option<Instant> = None;
-    let mut last_activity = Instant::now();
-    let mut watchdog = notifier.watchdog_every.map(tokio::time::interval);
+/// What a [`Daemon`] is built from.
+#[derive(Debug)]
+pub struct Parts<E, X> {
+    pub config: Config,
+    pub edge: E,
+    pub executor: X,
+    pub metrics: Metrics,
+    pub jitter: Jitter,
+    pub notifier: Arc<Notifier>,
+}
 
-    loop {
-        // Start whatever may start, while there are free slots.
-        while permits.available_permits() > 0 {
-            let Some(task) = scheduler.next(Instant::now()) else { break };
-            let Ok(permit) = permits.clone().try_acquire_owned() else { unreachable!("a permit was available") };
-            let (shared, done) = (shared.clone(), done_tx.clone());
+/// What every job shares with the loop.
+struct Shared<E, X> {
+    config: Config,
+    edge: E,
+    executor: X,
+    metrics: Metrics,
+    jitter: Jitter,
+    shutdown: CancellationToken,
+}
+
+/// One thing the loop reacts to.
+#[derive(Debug)]
+pub enum Event {
+    /// Shutdown was requested: stop claiming and drain.
+    Shutdown,
+    /// A poll answered; `since` is the doorbell it waited on (`None` for a full listing).
+    Polled { since: Option<String>, result: Result<ReadyTasksResponse, EdgeError> },
+    /// A job ended (or panicked).
+    JobEnded { job: tokio::task::Id, result: Result<JobEnd, JoinError> },
+    /// A deferred task may be due.
+    Wakeup,
+    /// Time to tell systemd's watchdog we are alive.
+    Watchdog,
+}
+
+/// What a task's job tells the loop when it ends.
+#[derive(Debug)]
+pub enum JobEnd {
+    /// Done here or found terminal: never start again.
+    Finished(Uuid),
+    /// Not startable yet; try again at this time if still listed.
+    Deferred(BufferedTask, Instant),
+}
+
+/// Whether the loop goes on after an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+type PollFuture = Pin<Box<dyn Future<Output = (Option<String>, Result<ReadyTasksResponse, EdgeError>)> + Send>>;
+
+/// The polling side of the state: what to ask for next and how the last asks went.
+#[derive(Debug)]
+struct Polling {
+    /// The doorbell value of the last listing, to wait on.
+    bell: Option<String>,
+    /// The last listing stopped at its page limit (or none was made yet).
+    need_full_list: bool,
+    last_full_list: Instant,
+    /// Polls failed in a row; the next waits longer.
+    failures: u32,
+    unreachable_since: Option<Instant>,
+    /// Last time a task was listed or finished, for hot polls.
+    last_activity: Instant,
+}
+
+/// The daemon's loop and all of its state.
+pub struct Daemon<E, X> {
+    shared: Arc<Shared<E, X>>,
+    notifier: Arc<Notifier>,
+    scheduler: Scheduler,
+    /// Running jobs; joined as they end, so its length is the number running.
+    jobs: JoinSet<JobEnd>,
+    /// Each running job's task, to put it back if the job panics.
+    job_tasks: HashMap<tokio::task::Id, BufferedTask>,
+    poll: Option<PollFuture>,
+    polling: Polling,
+    watchdog: Option<Interval>,
+}
+
+impl<E, X> std::fmt::Debug for Daemon<E, X> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("scheduler", &self.scheduler)
+            .field("jobs", &self.jobs.len())
+            .field("polling", &self.polling)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E: Edge, X: Execute> Daemon<E, X> {
+    pub fn new(parts: Parts<E, X>, shutdown: CancellationToken) -> Self {
+        let Parts { config, edge, executor, metrics, jitter, notifier } = parts;
+        let watchdog = notifier.watchdog_every.map(tokio::time::interval);
+        let now = Instant::now();
+        Self {
+            shared: Arc::new(Shared { config, edge, executor, metrics, jitter, shutdown }),
+            notifier,
+            scheduler: Scheduler::new(),
+            jobs: JoinSet::new(),
+            job_tasks: HashMap::new(),
+            poll: None,
+            polling: Polling {
+                bell: None,
+                need_full_list: true,
+                last_full_list: now,
+                failures: 0,
+                unreachable_since: None,
+                last_activity: now,
+            },
+            watchdog,
+        }
+    }
+
+    /// Runs until shutdown, then drains.
+    pub async fn run(mut self) {
+        while self.step().await == Flow::Continue {}
+        self.drain().await;
+    }
+
+    /// One turn of the loop: start what may start, make sure a poll is out, wait for the next
+    /// event and apply it.
+    pub async fn step(&mut self) -> Flow {
+        self.start_runnable();
+        self.start_poll();
+        let event = self.next_event().await;
+        self.handle(event)
+    }
+
+    /// Jobs running now (the join set's size: finished jobs are not kept).
+    pub fn running(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Listed tasks waiting to start.
+    pub fn waiting(&self) -> usize {
+        self.scheduler.waiting()
+    }
+
+    /// Starts whatever may start, while there are free slots.
+    fn start_runnable(&mut self) {
+        while self.jobs.len() < self.shared.config.max_concurrency {
+            let Some(task) = self.scheduler.next(Instant::now()) else { break };
             // A predecessor this daemon saw finish needs no check with the API.
-            let previous_done = task.previous_task_id.is_some_and(|p| scheduler.has_finished(p));
+            let previous_done = task.previous_task_id.is_some_and(|p| self.scheduler.has_finished(p));
             // Every log line about the task, the executor's included, carries these fields.
             let span = tracing::info_span!("task", id = %task.task_id, vm = %task.vm_name, op = %task.kind);
-            jobs.spawn(
-                async move {
-                    let end = job(&shared, task, previous_done).await;
-                    drop(permit);
-                    let _ = done.send(end);
-                }
-                .instrument(span),
-            );
+            let shared = self.shared.clone();
+            let job = self.jobs.spawn(job(shared, task.clone(), previous_done).instrument(span));
+            self.job_tasks.insert(job.id(), task);
         }
+    }
 
+    /// Sends the next poll unless one is out or a backlog is still being worked off.
+    fn start_poll(&mut self) {
         // After a truncated listing, list again only once most of it has been worked off, so
         // a backlog over the page size does not turn into back-to-back listings.
-        let backlog = need_full_list && scheduler.waiting() >= BACKLOG_RELIST_BELOW;
-        if poll.is_none() && !backlog {
-            let full = need_full_list || last_full_list.elapsed() >= config.relist_every;
-            let since = if full { None } else { bell.clone() };
-            let delay = if failures == 0 { Duration::ZERO } else { backoff_delay(config, failures) };
-            let (edge, servers, wait) = (shared.edge.clone(), config.server_names.clone(), config.poll_wait);
-            let hot = last_activity.elapsed() < HOT_AFTER_ACTIVITY;
-            poll = Some(Box::pin(async move {
-                tokio::time::sleep(delay).await;
-                let result = edge.ready(&servers, since.as_deref(), wait, hot).await;
-                (since, result)
-            }));
+        let backlog = self.polling.need_full_list && self.scheduler.waiting() >= BACKLOG_RELIST_BELOW;
+        if self.poll.is_some() || backlog {
+            return;
         }
+        let config = &self.shared.config;
+        let polling = &self.polling;
+        let full = polling.need_full_list || polling.last_full_list.elapsed() >= config.relist_every;
+        let since = if full { None } else { polling.bell.clone() };
+        let delay = match polling.failures {
+            0 => Duration::ZERO,
+            failures => RetryPolicy { retries: u32::MAX, base: config.poll_backoff_min, cap: config.poll_backoff_max }
+                .delay(failures, &self.shared.jitter),
+        };
+        let hot = polling.last_activity.elapsed() < HOT_AFTER_ACTIVITY;
+        let shared = self.shared.clone();
+        self.poll = Some(Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            let config = &shared.config;
+            let result = shared.edge.ready(&config.server_names, since.as_deref(), config.poll_wait, hot).await;
+            (since, result)
+        }));
+    }
 
+    /// Waits for the next thing to react to.
+    pub async fn next_event(&mut self) -> Event {
         // A deferred task due now can start only when a slot is free; a full house waits for a
         // job to end instead of spinning.
-        let wakeup = scheduler
+        let wakeup = self
+            .scheduler
             .next_wakeup()
-            .filter(|_| permits.available_permits() > 0)
+            .filter(|_| self.jobs.len() < self.shared.config.max_concurrency)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
-            _ = shared.shutdown.cancelled() => break,
-            (since, result) = async { poll.as_mut().expect("checked").await }, if poll.is_some() => {
-                poll = None;
-                match result {
-                    Ok(response) => {
-                        if let Some(since) = unreachable_since.take() {
-                            tracing::info!(after_s = since.elapsed().as_secs(), "workers reachable again");
-                        }
-                        failures = 0;
-                        let listed = since.as_deref() != Some(response.bell.as_str());
-                        shared.metrics.poll(if !listed { "idle" } else if response.tasks.is_empty() { "empty" } else { "tasks" });
-                        if since.is_none() {
-                            last_full_list = Instant::now();
-                        }
-                        if listed {
-                            if !response.tasks.is_empty() {
-                                last_activity = Instant::now();
-                            }
-                            need_full_list = !response.list_complete;
-                            if response.list_complete { scheduler.offer(response.tasks) } else { scheduler.add(response.tasks) }
-                        }
-                        bell = Some(response.bell);
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        shared.metrics.poll("error");
-                        shared.metrics.edge_error("ready");
-                        if unreachable_since.is_none() {
-                            unreachable_since = Some(Instant::now());
-                            tracing::warn!(error = %e, "cannot poll the consumer worker; backing off until it answers");
-                        }
-                    }
+            _ = self.shared.shutdown.cancelled() => Event::Shutdown,
+            (since, result) = async { self.poll.as_mut().expect("checked").await }, if self.poll.is_some() => {
+                self.poll = None;
+                Event::Polled { since, result }
+            }
+            Some(joined) = self.jobs.join_next_with_id() => match joined {
+                Ok((job, end)) => Event::JobEnded { job, result: Ok(end) },
+                Err(e) => Event::JobEnded { job: e.id(), result: Err(e) },
+            },
+            _ = tokio::time::sleep_until(wakeup) => Event::Wakeup,
+            _ = async { self.watchdog.as_mut().expect("checked").tick().await }, if self.watchdog.is_some() => Event::Watchdog,
+        }
+    }
+
+    /// Applies one event to the state.
+    pub fn handle(&mut self, event: Event) -> Flow {
+        match event {
+            Event::Shutdown => return Flow::Stop,
+            Event::Polled { since, result: Ok(response) } => self.listed(since, response),
+            Event::Polled { result: Err(e), .. } => self.poll_failed(e),
+            Event::JobEnded { job, result } => self.job_ended(job, result),
+            Event::Wakeup => {}
+            Event::Watchdog => self.notifier.watchdog(),
+        }
+        Flow::Continue
+    }
+
+    fn listed(&mut self, since: Option<String>, response: ReadyTasksResponse) {
+        let polling = &mut self.polling;
+        if let Some(since) = polling.unreachable_since.take() {
+            tracing::info!(after_s = since.elapsed().as_secs(), "workers reachable again");
+        }
+        polling.failures = 0;
+        let listed = since.as_deref() != Some(response.bell.as_str());
+        self.shared.metrics.poll(if !listed {
+            "idle"
+        } else if response.tasks.is_empty() {
+            "empty"
+        } else {
+            "tasks"
+        });
+        if since.is_none() {
+            polling.last_full_list = Instant::now();
+        }
+        if listed {
+            if !response.tasks.is_empty() {
+                polling.last_activity = Instant::now();
+            }
+            polling.need_full_list = !response.list_complete;
+            if response.list_complete {
+                self.scheduler.offer(response.tasks)
+            } else {
+                self.scheduler.add(response.tasks)
+            }
+        }
+        polling.bell = Some(response.bell);
+    }
+
+    fn poll_failed(&mut self, e: EdgeError) {
+        self.polling.failures += 1;
+        self.shared.metrics.poll("error");
+        self.shared.metrics.edge_error("ready");
+        if self.polling.unreachable_since.is_none() {
+            self.polling.unreachable_since = Some(Instant::now());
+            tracing::warn!(error = %e, "cannot poll the consumer worker; backing off until it answers");
+        }
+    }
+
+    fn job_ended(&mut self, job: tokio::task::Id, result: Result<JobEnd, JoinError>) {
+        let task = self.job_tasks.remove(&job);
+        match result {
+            Ok(JobEnd::Finished(id)) => {
+                self.scheduler.finish(id);
+                self.polling.last_activity = Instant::now();
+            }
+            Ok(JobEnd::Deferred(task, at)) => self.scheduler.defer(task, at),
+            Err(e) => {
+                // A bug, not an outcome: free the VM and try again later; the lease, if the
+                // task was claimed, expires first.
+                tracing::error!(error = %e, "a task's job panicked");
+                if let Some(task) = task {
+                    let at = Instant::now() + self.shared.config.lease;
+                    self.scheduler.defer(task, at);
                 }
             }
-            Some(end) = done_rx.recv() => match end {
-                JobEnd::Finished(id) => {
-                    scheduler.finish(id);
-                    last_activity = Instant::now();
-                }
-                JobEnd::Deferred(task, at) => scheduler.defer(task, at),
-            },
-            _ = tokio::time::sleep_until(wakeup) => {}
-            _ = async { watchdog.as_mut().expect("checked").tick().await }, if watchdog.is_some() => notifier.watchdog(),
         }
     }
 
-    // Drain: no new claims; in-flight tasks finish to a safe point, up to the drain timeout.
-    notifier.stopping();
-    let in_flight = jobs.len();
-    if in_flight > 0 {
-        tracing::info!(in_flight, timeout_s = config.drain_timeout.as_secs(), "draining in-flight tasks");
-    }
-    let drained = tokio::time::timeout(config.drain_timeout, async {
-        while jobs.join_next().await.is_some() {
-            notifier.watchdog();
+    /// No new claims; in-flight tasks finish to a safe point, up to the drain timeout.
+    pub async fn drain(&mut self) {
+        self.notifier.stopping();
+        let timeout = self.shared.config.drain_timeout;
+        let in_flight = self.jobs.len();
+        if in_flight > 0 {
+            tracing::info!(in_flight, timeout_s = timeout.as_secs(), "draining in-flight tasks");
         }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            abandoned = jobs.len(),
-            "drain timeout reached; abandoned tasks will be retried when their leases expire"
-        );
-        jobs.abort_all();
+        let drained = tokio::time::timeout(timeout, async {
+            while let Some(joined) = self.jobs.join_next_with_id().await {
+                let (job, result) = match joined {
+                    Ok((job, end)) => (job, Ok(end)),
+                    Err(e) => (e.id(), Err(e)),
+                };
+                self.job_ended(job, result);
+                self.notifier.watchdog();
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                abandoned = self.jobs.len(),
+                "drain timeout reached; abandoned tasks will be retried when their leases expire"
+            );
+            self.jobs.abort_all();
+        }
     }
-}
-
-fn backoff_delay(config: &Config, failures: u32) -> Duration {
-    let policy = RetryPolicy { retries: 0, base: config.poll_backoff_min, cap: config.poll_backoff_max };
-    backoff(policy, failures)
 }
 
 /// One task: check its predecessor, claim it, run it with a heartbeat, report the outcome.
-async fn job(shared: &Shared, task: BufferedTask, previous_done: bool) -> JobEnd {
+async fn job<E: Edge, X: Execute>(shared: Arc<Shared<E, X>>, task: BufferedTask, previous_done: bool) -> JobEnd {
     let config = &shared.config;
     let id = task.task_id;
 
     if let Some(previous) = task.previous_task_id.filter(|_| !previous_done) {
-        match previous_finished(shared, previous).await {
+        match previous_finished(&shared, previous).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::debug!(%previous, "waiting for the VM's previous task");
@@ -300,10 +480,12 @@ async fn job(shared: &Shared, task: BufferedTask, previous_done: bool) -> JobEnd
             tracing::info!(%status, "task is already terminal; skipping");
             return JobEnd::Finished(id);
         }
-        Ok(ClaimOutcome::Held(until)) => {
-            let wait = Duration::from_millis(until.millis_since(now()) + 250);
-            tracing::info!(until = %until, "task is held by another claim; retrying when its lease ends");
-            return JobEnd::Deferred(task, Instant::now() + wait);
+        Ok(ClaimOutcome::Held(remaining)) => {
+            tracing::info!(
+                remaining_ms = remaining.as_millis() as u64,
+                "task is held by another claim; retrying when its lease ends"
+            );
+            return JobEnd::Deferred(task, Instant::now() + remaining + Duration::from_millis(250));
         }
         Err(e) => {
             shared.metrics.edge_error("claim");
@@ -317,7 +499,7 @@ async fn job(shared: &Shared, task: BufferedTask, previous_done: bool) -> JobEnd
     if shared.shutdown.is_cancelled() {
         // Claimed but not started: give it back rather than hold it through the shutdown.
         match shared.edge.release(id, claim.claim_id, "daemon shutting down before starting the task").await {
-            Ok(_) => tracing::info!("released unstarted claim"),
+            Ok(()) => tracing::info!("released unstarted claim"),
             Err(e) => tracing::warn!(error = %e, "could not release claim; its lease will expire"),
         }
         return JobEnd::Deferred(task, Instant::now());
@@ -325,15 +507,9 @@ async fn job(shared: &Shared, task: BufferedTask, previous_done: bool) -> JobEnd
 
     tracing::info!(attempt = claim.task.attempts, "claimed; executing");
     shared.metrics.in_flight_add(1);
-    let started = std::time::Instant::now();
-    let heartbeat_stop = CancellationToken::new();
-    let heartbeat = tokio::spawn(
-        heartbeat(shared.edge.clone(), id, claim.claim_id, config.lease, heartbeat_stop.clone()).in_current_span(),
-    );
+    let started = Instant::now();
     let mut attempts = Attempts::default();
-    let outcome = shared.executor.execute(&claim.task, &mut attempts).await;
-    heartbeat_stop.cancel();
-    let _ = heartbeat.await;
+    let outcome = while_holding(&shared, id, claim.claim_id, shared.executor.execute(&claim.task, &mut attempts)).await;
 
     let (status, update) = match outcome {
         Outcome::Completed(result) => (
@@ -362,7 +538,7 @@ async fn job(shared: &Shared, task: BufferedTask, previous_done: bool) -> JobEnd
     if let Some(error) = &update.error {
         tracing::warn!(%error, "task failed");
     }
-    report(shared, id, &update).await;
+    report(&shared, id, &update).await;
     shared.metrics.in_flight_add(-1);
     shared.metrics.finished(operation, status == TaskStatus::Completed, started.elapsed());
     tracing::info!(%status, took_ms = started.elapsed().as_millis() as u64, "reported");
@@ -370,23 +546,35 @@ async fn job(shared: &Shared, task: BufferedTask, previous_done: bool) -> JobEnd
 }
 
 /// Whether the VM's previous task is out of the way: terminal, unknown, or on another server.
-async fn previous_finished(shared: &Shared, previous: Uuid) -> Result<bool, EdgeError> {
+async fn previous_finished<E: Edge, X>(shared: &Shared<E, X>, previous: Uuid) -> Result<bool, EdgeError> {
     match shared.edge.task_status(previous).await? {
         None => Ok(true),
         Some(status) => Ok(status.status.is_terminal() || !shared.config.server_names.contains(&status.target_server)),
     }
 }
 
-/// Renews the lease every third of its length until stopped.
-async fn heartbeat(edge: EdgeClient, id: Uuid, claim_id: Uuid, lease: Duration, stop: CancellationToken) {
+/// Runs `work` while renewing the claim's lease every third of its length.
+async fn while_holding<E: Edge, X, T>(
+    shared: &Shared<E, X>,
+    id: Uuid,
+    claim_id: Uuid,
+    work: impl Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    tokio::select! {
+        biased;
+        out = &mut work => out,
+        () = keep_lease(&shared.edge, id, claim_id, shared.config.lease) => work.await,
+    }
+}
+
+/// Renews the lease every third of its length; returns only when the lease is lost.
+async fn keep_lease(edge: &impl Edge, id: Uuid, claim_id: Uuid, lease: Duration) {
     let every = lease / 3;
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
+        tokio::time::sleep(every).await;
         match edge.heartbeat(id, claim_id, lease).await {
-            Ok(_) => tracing::debug!("lease renewed"),
+            Ok(()) => tracing::debug!("lease renewed"),
             Err(EdgeError::Refused { status, body }) => {
                 tracing::warn!(status, error = %body.error, "lease lost; the task may be retried elsewhere");
                 return;
@@ -397,13 +585,13 @@ async fn heartbeat(edge: EdgeClient, id: Uuid, claim_id: Uuid, lease: Duration, 
 }
 
 /// Reports the outcome, retrying transient failures for up to one lease.
-async fn report(shared: &Shared, id: Uuid, update: &UpdateStatusRequest) {
+async fn report<E: Edge, X>(shared: &Shared<E, X>, id: Uuid, update: &UpdateStatusRequest) {
     let deadline = Instant::now() + shared.config.lease;
     let mut attempt = 0;
     loop {
         attempt += 1;
         match shared.edge.report(id, update).await {
-            Ok(_) => return,
+            Ok(()) => return,
             Err(EdgeError::Refused { status, body }) => {
                 tracing::error!(status, error = %body.error, "report refused; the task's claim was lost");
                 return;
@@ -414,12 +602,8 @@ async fn report(shared: &Shared, id: Uuid, update: &UpdateStatusRequest) {
                     tracing::error!(error = %e, "giving up reporting; the lease will expire and the task will be retried");
                     return;
                 }
-                let delay = backoff(
-                    RetryPolicy { retries: 0, base: Duration::from_millis(200), cap: Duration::from_secs(5) },
-                    attempt,
-                );
                 tracing::warn!(error = %e, "report failed; retrying");
-                tokio::time::sleep(delay).await;
+                tokio::time::sleep(REPORT_RETRY.delay(attempt, &shared.jitter)).await;
             }
         }
     }

@@ -1,9 +1,13 @@
-//! HTTP client for the two workers: poll, claim, renew, release, report.
+//! The daemon's view of the two workers, [`Edge`], and its HTTP implementation,
+//! [`EdgeClient`]: poll, claim, renew, release, report, look up a task.
 //!
-//! Errors are split the way the daemon must act on them: a transient failure (network, 5xx,
-//! 429) is retried with backoff; a refusal (other 4xx) is final and carries the body.
+//! The daemon's decisions run over the trait, so tests (and a deterministic simulation) drive
+//! them with an in-process fake in simulated time; only [`EdgeClient`] knows URLs, sockets and
+//! the wall clock. Errors are split the way the daemon must act on them: a transient failure
+//! (network, 5xx, 429) is retried with backoff; a refusal (other 4xx) is final and carries the
+//! body.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use arrakis_client::error_chain;
 use reqwest::{Method, StatusCode, Url};
@@ -41,8 +45,48 @@ pub enum ClaimOutcome {
     Claimed(Box<ClaimResponse>),
     /// The task is terminal (cancelled, say): it will not run.
     Finished(TaskStatus),
-    /// Another claim's lease holds it until then.
-    Held(Timestamp),
+    /// Another claim's lease holds it for about this long yet.
+    Held(Duration),
+}
+
+/// The calls the daemon makes to the workers. Futures are `Send`: each task's job runs on the
+/// multi-threaded runtime.
+pub trait Edge: Send + Sync + 'static {
+    /// Buffered tasks of `servers`, oldest first. With `since`, waits up to `wait` at the
+    /// worker for the doorbell to change before listing. `hot`: work was just seen, so ask the
+    /// worker to check the doorbell quickly at first.
+    fn ready(
+        &self,
+        servers: &[String],
+        since: Option<&str>,
+        wait: Duration,
+        hot: bool,
+    ) -> impl Future<Output = Result<ReadyTasksResponse, EdgeError>> + Send;
+
+    /// Claims a listed task for `lease`.
+    fn claim(
+        &self,
+        task: &BufferedTask,
+        lease: Duration,
+    ) -> impl Future<Output = Result<ClaimOutcome, EdgeError>> + Send;
+
+    /// Renews the claim's lease.
+    fn heartbeat(
+        &self,
+        id: Uuid,
+        claim_id: Uuid,
+        lease: Duration,
+    ) -> impl Future<Output = Result<(), EdgeError>> + Send;
+
+    /// Gives a claimed, unstarted task back.
+    fn release(&self, id: Uuid, claim_id: Uuid, reason: &str) -> impl Future<Output = Result<(), EdgeError>> + Send;
+
+    /// Reports a task's outcome. `Ok` means the worker accepted it.
+    fn report(&self, id: Uuid, update: &UpdateStatusRequest) -> impl Future<Output = Result<(), EdgeError>> + Send;
+
+    /// A task's status (`None` when the API does not know it), for checking that a VM's
+    /// previous task has finished.
+    fn task_status(&self, id: Uuid) -> impl Future<Output = Result<Option<TaskStatusResponse>, EdgeError>> + Send;
 }
 
 #[derive(Debug, Clone)]
@@ -75,91 +119,12 @@ impl EdgeClient {
         })
     }
 
-    /// Buffered tasks of `servers`, oldest first. With `since`, waits up to `wait` at the
-    /// worker for the doorbell to change before listing.
-    /// `hot`: work was just seen, so ask the worker to check the doorbell quickly at first.
-    pub async fn ready(
-        &self,
-        servers: &[String],
-        since: Option<&str>,
-        wait: Duration,
-        hot: bool,
-    ) -> Result<ReadyTasksResponse, EdgeError> {
-        let mut url = self.consumer.join("tasks/ready").expect("static path");
-        {
-            let mut q = url.query_pairs_mut();
-            q.append_pair("server", &servers.join(","));
-            // A list call costs the same for 1 key or 1000: take the biggest page.
-            q.append_pair("limit", "1000");
-            if let Some(since) = since {
-                q.append_pair("since", since);
-                q.append_pair("wait", &wait.as_secs().to_string());
-                if hot {
-                    q.append_pair("hot", "1");
-                }
-            }
-        }
-        self.send(Method::GET, url, None::<&()>, wait + Duration::from_secs(10)).await
-    }
-
-    /// Claims a task. The claim id is fixed per (process, task), so retrying after a lost
-    /// response gets the same claim back rather than "held by another claim" until its lease
-    /// ends.
-    /// Claims a listed task; its entry's buffering time goes along for the task's timeline.
-    pub async fn claim(&self, task: &BufferedTask, lease: Duration) -> Result<ClaimOutcome, EdgeError> {
-        let id = task.task_id;
-        let url = self.consumer.join(&format!("tasks/{id}/claim")).expect("uuid path");
-        let body = ClaimRequest {
-            consumer_id: self.consumer_id.clone(),
-            claim_id: Some(self.claim_id_for(id)),
-            lease_seconds: Some(lease.as_secs()),
-            buffered_at: Some(task.buffered_at),
-        };
-        match self.send::<ClaimResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await {
-            Ok(claim) => Ok(ClaimOutcome::Claimed(Box::new(claim))),
-            Err(EdgeError::Refused { status: 409, body }) => match (body.current_status, body.lease_expires_at) {
-                (Some(status), _) if status.is_terminal() => Ok(ClaimOutcome::Finished(status)),
-                (_, Some(until)) => Ok(ClaimOutcome::Held(until)),
-                _ => Err(EdgeError::Refused { status: 409, body }),
-            },
-            Err(EdgeError::Refused { status: 404, .. }) => Ok(ClaimOutcome::Finished(TaskStatus::Failed)),
-            Err(e) => Err(e),
-        }
-    }
-
     fn claim_id_for(&self, task: Uuid) -> Uuid {
         let mut bytes = *self.instance.as_bytes();
         for (b, t) in bytes.iter_mut().zip(task.as_bytes()) {
             *b ^= t;
         }
         uuid::Builder::from_random_bytes(bytes).into_uuid()
-    }
-
-    pub async fn heartbeat(&self, id: Uuid, claim_id: Uuid, lease: Duration) -> Result<LeaseResponse, EdgeError> {
-        let url = self.consumer.join(&format!("tasks/{id}/heartbeat")).expect("uuid path");
-        let body = LeaseRequest { claim_id, lease_seconds: Some(lease.as_secs()), reason: None };
-        self.send(Method::POST, url, Some(&body), Duration::from_secs(15)).await
-    }
-
-    pub async fn release(&self, id: Uuid, claim_id: Uuid, reason: &str) -> Result<LeaseResponse, EdgeError> {
-        let url = self.consumer.join(&format!("tasks/{id}/release")).expect("uuid path");
-        let body = LeaseRequest { claim_id, lease_seconds: None, reason: Some(reason.to_owned()) };
-        self.send(Method::POST, url, Some(&body), Duration::from_secs(15)).await
-    }
-
-    pub async fn report(&self, id: Uuid, update: &UpdateStatusRequest) -> Result<serde_json::Value, EdgeError> {
-        let url = self.api.join(&format!("vm/tasks/{id}/status")).expect("uuid path");
-        self.send(Method::PUT, url, Some(update), Duration::from_secs(15)).await
-    }
-
-    /// A task's status, for checking that a VM's previous task has finished.
-    pub async fn task_status(&self, id: Uuid) -> Result<Option<TaskStatusResponse>, EdgeError> {
-        let url = self.api.join(&format!("vm/tasks/{id}/status")).expect("uuid path");
-        match self.send(Method::GET, url, None::<&()>, Duration::from_secs(15)).await {
-            Ok(status) => Ok(Some(status)),
-            Err(EdgeError::Refused { status: 404, .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
     }
 
     /// `GET /health` of both workers.
@@ -214,6 +179,130 @@ impl EdgeClient {
         });
         Err(EdgeError::Refused { status: status.as_u16(), body })
     }
+}
+
+/// A shared edge is an edge, so tests can keep a handle on the one the daemon uses.
+impl<T: Edge> Edge for std::sync::Arc<T> {
+    fn ready(
+        &self,
+        servers: &[String],
+        since: Option<&str>,
+        wait: Duration,
+        hot: bool,
+    ) -> impl Future<Output = Result<ReadyTasksResponse, EdgeError>> + Send {
+        T::ready(self, servers, since, wait, hot)
+    }
+
+    fn claim(
+        &self,
+        task: &BufferedTask,
+        lease: Duration,
+    ) -> impl Future<Output = Result<ClaimOutcome, EdgeError>> + Send {
+        T::claim(self, task, lease)
+    }
+
+    fn heartbeat(
+        &self,
+        id: Uuid,
+        claim_id: Uuid,
+        lease: Duration,
+    ) -> impl Future<Output = Result<(), EdgeError>> + Send {
+        T::heartbeat(self, id, claim_id, lease)
+    }
+
+    fn release(&self, id: Uuid, claim_id: Uuid, reason: &str) -> impl Future<Output = Result<(), EdgeError>> + Send {
+        T::release(self, id, claim_id, reason)
+    }
+
+    fn report(&self, id: Uuid, update: &UpdateStatusRequest) -> impl Future<Output = Result<(), EdgeError>> + Send {
+        T::report(self, id, update)
+    }
+
+    fn task_status(&self, id: Uuid) -> impl Future<Output = Result<Option<TaskStatusResponse>, EdgeError>> + Send {
+        T::task_status(self, id)
+    }
+}
+
+impl Edge for EdgeClient {
+    async fn ready(
+        &self,
+        servers: &[String],
+        since: Option<&str>,
+        wait: Duration,
+        hot: bool,
+    ) -> Result<ReadyTasksResponse, EdgeError> {
+        let mut url = self.consumer.join("tasks/ready").expect("static path");
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("server", &servers.join(","));
+            // A list call costs the same for 1 key or 1000: take the biggest page.
+            q.append_pair("limit", "1000");
+            if let Some(since) = since {
+                q.append_pair("since", since);
+                q.append_pair("wait", &wait.as_secs().to_string());
+                if hot {
+                    q.append_pair("hot", "1");
+                }
+            }
+        }
+        self.send(Method::GET, url, None::<&()>, wait + Duration::from_secs(10)).await
+    }
+
+    /// The claim id is fixed per (process, task), so retrying after a lost response gets the
+    /// same claim back rather than "held by another claim" until its lease ends. The entry's
+    /// buffering time goes along for the task's timeline.
+    async fn claim(&self, task: &BufferedTask, lease: Duration) -> Result<ClaimOutcome, EdgeError> {
+        let id = task.task_id;
+        let url = self.consumer.join(&format!("tasks/{id}/claim")).expect("uuid path");
+        let body = ClaimRequest {
+            consumer_id: self.consumer_id.clone(),
+            claim_id: Some(self.claim_id_for(id)),
+            lease_seconds: Some(lease.as_secs()),
+            buffered_at: Some(task.buffered_at),
+        };
+        match self.send::<ClaimResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await {
+            Ok(claim) => Ok(ClaimOutcome::Claimed(Box::new(claim))),
+            Err(EdgeError::Refused { status: 409, body }) => match (body.current_status, body.lease_expires_at) {
+                (Some(status), _) if status.is_terminal() => Ok(ClaimOutcome::Finished(status)),
+                (_, Some(until)) => Ok(ClaimOutcome::Held(Duration::from_millis(until.millis_since(wall_clock())))),
+                _ => Err(EdgeError::Refused { status: 409, body }),
+            },
+            Err(EdgeError::Refused { status: 404, .. }) => Ok(ClaimOutcome::Finished(TaskStatus::Failed)),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn heartbeat(&self, id: Uuid, claim_id: Uuid, lease: Duration) -> Result<(), EdgeError> {
+        let url = self.consumer.join(&format!("tasks/{id}/heartbeat")).expect("uuid path");
+        let body = LeaseRequest { claim_id, lease_seconds: Some(lease.as_secs()), reason: None };
+        self.send::<LeaseResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await.map(drop)
+    }
+
+    async fn release(&self, id: Uuid, claim_id: Uuid, reason: &str) -> Result<(), EdgeError> {
+        let url = self.consumer.join(&format!("tasks/{id}/release")).expect("uuid path");
+        let body = LeaseRequest { claim_id, lease_seconds: None, reason: Some(reason.to_owned()) };
+        self.send::<LeaseResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await.map(drop)
+    }
+
+    async fn report(&self, id: Uuid, update: &UpdateStatusRequest) -> Result<(), EdgeError> {
+        let url = self.api.join(&format!("vm/tasks/{id}/status")).expect("uuid path");
+        self.send::<serde_json::Value>(Method::PUT, url, Some(update), Duration::from_secs(15)).await.map(drop)
+    }
+
+    async fn task_status(&self, id: Uuid) -> Result<Option<TaskStatusResponse>, EdgeError> {
+        let url = self.api.join(&format!("vm/tasks/{id}/status")).expect("uuid path");
+        match self.send(Method::GET, url, None::<&()>, Duration::from_secs(15)).await {
+            Ok(status) => Ok(Some(status)),
+            Err(EdgeError::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Now by the host's clock, to turn a lease's end into a wait.
+fn wall_clock() -> Timestamp {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Timestamp(since_epoch.as_millis() as u64)
 }
 
 fn with_trailing_slash(url: &Url) -> Url {

@@ -2,18 +2,26 @@
 //!
 //! Every operation is an `ensure_*`: it first looks at the VM, so repeating an operation whose
 //! effect is already there (a redelivered task, a retry after a daemon crash) succeeds with a
-//! note instead of failing. Transient failures are retried with jittered exponential backoff;
-//! each retry is recorded for the task's timeline. A command is never re-sent once it may have
-//! reached the guest.
+//! note instead of failing. Transient failures are retried with jittered exponential backoff
+//! ([`crate::retry`]); each retry is recorded for the task's timeline. A command is never
+//! re-sent once it may have reached the guest. What an error means comes from
+//! `arrakis-client`'s typed errors, never from their wording here.
 
-use std::time::Duration;
+use std::future::Future;
 
 use arrakis_client::{ArrakisClient, ArrakisError, StartVmRequest, VmInfo, VmStatus};
 use vm_task_types::{
     wire::RetryNote, LaunchVm, Operation, PortForward, RunCommand, SnapshotVm, Task, TaskResult, Timestamp, VmState,
 };
 
-use crate::metrics::Metrics;
+pub use crate::retry::RetryPolicy;
+use crate::{metrics::Metrics, retry::Jitter};
+
+/// Runs a claimed task to an [`Outcome`]. The daemon's loop runs over this trait so its
+/// scheduling can be tested (and simulated) with a fake executor.
+pub trait Execute: Send + Sync + 'static {
+    fn execute(&self, task: &Task, attempts: &mut Attempts) -> impl Future<Output = Outcome> + Send;
+}
 
 /// How a task ended on this host.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,19 +39,26 @@ pub struct BootDefaults {
     pub initramfs: String,
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    pub retries: u32,
-    pub base: Duration,
-    pub cap: Duration,
-}
-
 #[derive(Debug, Clone)]
 pub struct Executor {
     pub arrakis: ArrakisClient,
     pub defaults: BootDefaults,
     pub retry: RetryPolicy,
+    pub jitter: Jitter,
     pub metrics: Metrics,
+}
+
+/// A shared executor is an executor, so tests can keep a handle on the one the daemon uses.
+impl<T: Execute> Execute for std::sync::Arc<T> {
+    fn execute(&self, task: &Task, attempts: &mut Attempts) -> impl Future<Output = Outcome> + Send {
+        T::execute(self, task, attempts)
+    }
+}
+
+impl Execute for Executor {
+    fn execute(&self, task: &Task, attempts: &mut Attempts) -> impl Future<Output = Outcome> + Send {
+        Executor::execute(self, task, attempts)
+    }
 }
 
 /// Retry bookkeeping for one task.
@@ -125,7 +140,7 @@ impl Executor {
             if !existed {
                 self.remove_zombie(&request.vm_name, attempts).await;
             }
-            if !error.is_transient() || attempt > self.retry.retries {
+            if !error.is_transient() || !self.retry.allows_retry_after(attempt) {
                 return Err(Failure::Arrakis(error));
             }
             self.note_retry(attempts, attempt, "start", &error).await;
@@ -217,9 +232,7 @@ impl Executor {
                 Ok(TaskResult { snapshot_id: Some(created), vm_state: Some(VmState::Running), ..TaskResult::default() })
             }
             // An earlier attempt of this task may have created it before its answer was lost.
-            Err(Failure::Arrakis(ArrakisError::Api { message, .. }))
-                if attempts.notes.len() > retries_before && message.contains("already exists") =>
-            {
+            Err(Failure::Arrakis(e)) if attempts.notes.len() > retries_before && e.is_already_exists() => {
                 Ok(TaskResult {
                     snapshot_id: Some(id),
                     vm_state: Some(VmState::Running),
@@ -242,7 +255,7 @@ impl Executor {
             )));
         }
         let out = self
-            .retrying_when(attempts, "cmd", command_safe_to_resend, || {
+            .retrying_when(attempts, "cmd", ArrakisError::command_not_delivered, || {
                 self.arrakis.run_command(name, &cmd.command, cmd.blocking)
             })
             .await?;
@@ -298,7 +311,7 @@ impl Executor {
                     if !e.is_not_found() {
                         self.metrics.arrakis_error(&e);
                     }
-                    if !may_retry(&e) || attempt > self.retry.retries {
+                    if !may_retry(&e) || !self.retry.allows_retry_after(attempt) {
                         return Err(Failure::Arrakis(e));
                     }
                     self.note_retry(attempts, attempt, call, &e).await;
@@ -309,7 +322,7 @@ impl Executor {
 
     /// Records the failed call (`call` names the Arrakis operation) and waits before the retry.
     async fn note_retry(&self, attempts: &mut Attempts, attempt: u32, call: &str, error: &ArrakisError) {
-        let delay = backoff(self.retry, attempt);
+        let delay = self.retry.delay(attempt, &self.jitter);
         tracing::warn!(attempt, call, delay_ms = delay.as_millis() as u64, error = %error, "transient Arrakis failure; retrying");
         attempts.notes.push(RetryNote { at: now(), attempt, error: format!("{call}: {error}") });
         tokio::time::sleep(delay).await;
@@ -326,27 +339,6 @@ impl From<ArrakisError> for Failure {
     fn from(e: ArrakisError) -> Self {
         Self::Arrakis(e)
     }
-}
-
-/// A command may be sent again only when it cannot have reached the guest: the connection
-/// failed, or Arrakis answered with an error that is neither a timeout nor a guest refusal.
-fn command_safe_to_resend(e: &ArrakisError) -> bool {
-    match e {
-        ArrakisError::Connect { .. } => true,
-        ArrakisError::Api { message, .. } => {
-            e.is_transient() && !message.contains("Timeout") && !message.contains("timeout")
-        }
-        ArrakisError::Protocol { status, .. } => matches!(status, 502 | 503),
-        _ => false,
-    }
-}
-
-/// Full-jitter exponential backoff: uniform in [0, min(cap, base·2^(attempt−1))].
-pub fn backoff(policy: RetryPolicy, attempt: u32) -> Duration {
-    let exp = policy.base.saturating_mul(1u32 << (attempt.saturating_sub(1)).min(16));
-    let ceiling = exp.min(policy.cap);
-    let jitter = uuid::Uuid::new_v4().as_u128() as u64 % (ceiling.as_millis() as u64 + 1);
-    Duration::from_millis(jitter.max(ceiling.as_millis() as u64 / 4))
 }
 
 fn arrakis_message(e: &ArrakisError) -> String {

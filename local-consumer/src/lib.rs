@@ -8,6 +8,7 @@ pub mod executor;
 pub mod lock;
 pub mod metrics;
 pub mod notify;
+pub mod retry;
 pub mod scheduler;
 
 pub use daemon::run;

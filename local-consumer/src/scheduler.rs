@@ -105,9 +105,17 @@ impl Scheduler {
         self.waiting.len()
     }
 
-    /// When a deferred task becomes startable, if any waits on time alone.
+    /// When a deferred task becomes startable, if any waits on time alone. A task that waits
+    /// for its VM (a task of the VM running, or an older one waiting) is not counted: its
+    /// time coming does not make it startable, and waking for it would spin.
     pub fn next_wakeup(&self) -> Option<Instant> {
-        self.waiting.keys().filter_map(|id| self.not_before.get(id)).min().copied()
+        let mut seen_vms = HashSet::new();
+        self.waiting
+            .iter()
+            .filter(|(_, task)| seen_vms.insert(task.vm_name.as_str()) && !self.running_vms.contains(&task.vm_name))
+            .filter_map(|(id, _)| self.not_before.get(id))
+            .min()
+            .copied()
     }
 
     fn release_vm(&mut self, id: Uuid) {
@@ -177,6 +185,26 @@ mod tests {
         assert!(s.next(now).is_none(), "a2 may not overtake the deferred a1");
         assert_eq!(s.next_wakeup(), Some(now + Duration::from_secs(5)));
         assert_eq!(s.next(now + Duration::from_secs(5)).unwrap().task_id, a1.task_id);
+    }
+
+    #[test]
+    fn a_due_task_whose_vm_is_busy_does_not_wake_the_loop() {
+        let now = Instant::now();
+        let mut s = Scheduler::new();
+        let (a1, a2, b1) = (task(1, "a"), task(2, "a"), task(3, "b"));
+        s.offer(vec![a2.clone()]);
+        let second = s.next(now).unwrap();
+        s.defer(second, now + Duration::from_millis(500));
+        // The predecessor shows up and runs; the deferred successor falls due meanwhile.
+        s.offer(vec![a1.clone(), a2.clone()]);
+        assert_eq!(s.next(now).unwrap().task_id, a1.task_id);
+        let later = now + Duration::from_secs(1);
+        assert!(s.next(later).is_none(), "a2 waits for a1");
+        assert_eq!(s.next_wakeup(), None, "a wake-up at a due time that starts nothing would spin the loop");
+        s.offer(vec![a1.clone(), a2.clone(), b1.clone()]);
+        let b = s.next(later).unwrap();
+        s.defer(b, later + Duration::from_secs(3));
+        assert_eq!(s.next_wakeup(), Some(later + Duration::from_secs(3)), "other VMs still count");
     }
 
     #[test]

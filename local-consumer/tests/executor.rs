@@ -8,6 +8,7 @@ use arrakis_sim::{Failure, Op, SimConfig, INJECTED_FAULT};
 use local_consumer::{
     executor::{Attempts, BootDefaults, Executor, Outcome, RetryPolicy},
     metrics::Metrics,
+    retry::Jitter,
 };
 use serde_json::json;
 use vm_task_types::Task;
@@ -21,6 +22,7 @@ fn executor(url: &str) -> Executor {
             initramfs: "initramfs.cpio.gz".into(),
         },
         retry: RetryPolicy { retries: 3, base: Duration::from_millis(1), cap: Duration::from_millis(5) },
+        jitter: Jitter::seeded(1),
         metrics: Metrics::new(),
     }
 }

@@ -70,6 +70,27 @@ impl ArrakisError {
             ArrakisError::NotFound { .. } | ArrakisError::InvalidName { .. } => false,
         }
     }
+
+    /// Whether a failed `run_command` certainly did not reach the guest, so sending it again
+    /// cannot run it twice: the connection failed, a gateway answered, or Arrakis failed
+    /// before forwarding it. A timeout anywhere (ours, or the guest proxy's 30 s, §2.9) or a
+    /// dropped connection means it may be running.
+    pub fn command_not_delivered(&self) -> bool {
+        match self {
+            ArrakisError::Connect { .. } => true,
+            ArrakisError::Api { message, .. } => {
+                self.is_transient() && !message.contains("Timeout") && !message.contains("timeout")
+            }
+            ArrakisError::Protocol { status, .. } => matches!(status, 502 | 503),
+            _ => false,
+        }
+    }
+
+    /// Whether Arrakis refused because the id is taken (a snapshot id, §2.8): after a retry,
+    /// that is usually the earlier attempt's own work.
+    pub fn is_already_exists(&self) -> bool {
+        matches!(self, ArrakisError::Api { kind: ApiErrorKind::Conflict, message, .. } if message.contains("already exists"))
+    }
 }
 
 /// Message fragments for refusals that depend on the VM's state (§2.3, §2.6, §2.8, §3.5).
@@ -253,5 +274,41 @@ mod tests {
         assert!(ArrakisError::Connect { message: String::new() }.is_transient());
         assert!(ArrakisError::Timeout { operation: "cmd", after: Duration::from_secs(1) }.is_transient());
         assert!(!ArrakisError::InvalidName { name: String::new() }.is_transient());
+    }
+
+    #[test]
+    fn commands_are_resent_only_when_they_cannot_have_reached_the_guest() {
+        let not_delivered = [
+            ArrakisError::Connect { message: "connection refused".into() },
+            classify(500, "Internal Server Error: injected fault".into(), Some("vm1")),
+            ArrakisError::Protocol { status: 502, message: String::new() },
+            ArrakisError::Protocol { status: 503, message: String::new() },
+        ];
+        for e in &not_delivered {
+            assert!(e.command_not_delivered(), "{e:?}");
+        }
+        let maybe_delivered = [
+            classify(500, "Failed to execute command: failed to execute request: Post \"http://10.20.1.2:4031/cmd\": context deadline exceeded (Client.Timeout exceeded while awaiting headers)".into(), Some("vm1")),
+            ArrakisError::Timeout { operation: "run_command", after: Duration::from_secs(35) },
+            ArrakisError::Dropped { message: String::new() },
+            ArrakisError::Protocol { status: 504, message: String::new() },
+            classify(500, "Failed to execute command: request failed with status: 400".into(), Some("vm1")),
+        ];
+        for e in &maybe_delivered {
+            assert!(!e.command_not_delivered(), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_taken_snapshot_id_is_already_exists() {
+        assert!(classify(500, "Failed to create snapshot: snapshot with ID s1 already exists".into(), Some("vm1"))
+            .is_already_exists());
+        assert!(!classify(
+            500,
+            "Failed to create snapshot: failed to pause VM: 500 Internal Server Error".into(),
+            Some("vm1")
+        )
+        .is_already_exists());
+        assert!(!classify(500, "Internal Server Error: injected fault".into(), Some("vm1")).is_already_exists());
     }
 }
