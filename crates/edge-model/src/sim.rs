@@ -185,6 +185,7 @@ enum Event {
     Sweep,
     DaemonPoll { d: usize, gen: u32 },
     DaemonClaim { d: usize, gen: u32, entry: Box<BufferedTaskKey>, tries: u32 },
+    DaemonExecute { d: usize, gen: u32, key: u64 },
     DaemonDone { d: usize, gen: u32, task: Uuid, claim: Uuid, ok: bool, note: String },
     DaemonReport { d: usize, gen: u32, task: Uuid, claim: Uuid, ok: bool, note: String, tries: u32 },
     DaemonCrash { d: usize },
@@ -244,7 +245,22 @@ struct Daemon {
     skip_until: BTreeMap<Uuid, u64>,
     claim_ids: BTreeMap<Uuid, Uuid>,
     partitions: Vec<(u64, u64)>,
+    /// The doorbell value of the last listing, sent as `since`.
+    bell: Option<String>,
+    last_full_list: u64,
+    /// The last listing: what the daemon believes is buffered for it.
+    listed: Vec<BufferedTask>,
+    /// When it last found or finished work (its polls are quicker for a while after).
+    last_activity: u64,
 }
+
+/// `RELIST_SECONDS`: a listing without `since` this often, in case a ring was missed.
+const RELIST_MS: u64 = 300_000;
+/// How often an idle daemon's poll sees the doorbell checked (`BELL_CHECK_MS`), and a busy one's.
+const IDLE_POLL_MS: u64 = 1_500;
+const HOT_POLL_MS: u64 = 200;
+/// A daemon polls quickly for this long after it found or finished work (its `hot` polls).
+const HOT_FOR_MS: u64 = 5_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum VmState {
@@ -301,6 +317,10 @@ struct Sim {
     consumer_config: ConsumerConfig,
     counters: OpCounters,
     kv_ops_limit: u32,
+    /// How long after `now` the current event's last invocation answered.
+    lag: u64,
+    /// Claimed tasks waiting for their execution event.
+    executions: BTreeMap<u64, (Task, Uuid)>,
     // Faults.
     loss_rate: f64,
     queue_send_fail_rate: f64,
@@ -365,6 +385,8 @@ impl Sim {
             consumer_config,
             counters: OpCounters::new(),
             kv_ops_limit: settings.kv.ops_per_invocation,
+            lag: 0,
+            executions: BTreeMap::new(),
             ops: Vec::new(),
             clients: Vec::new(),
             daemons: Vec::new(),
@@ -400,6 +422,10 @@ impl Sim {
                 skip_until: BTreeMap::new(),
                 claim_ids: BTreeMap::new(),
                 partitions,
+                bell: None,
+                last_full_list: 0,
+                listed: Vec::new(),
+                last_activity: 0,
             });
             let first_poll = self.rng.range(0, 1_000);
             self.schedule(first_poll, Event::DaemonPoll { d: s, gen: 0 });
@@ -476,24 +502,32 @@ impl Sim {
         }
     }
 
+    /// Schedules `event` `delay_ms` after the current event's last answer: an invocation that
+    /// waited (a handler pacing its writes) answers that much later.
     fn schedule(&mut self, delay_ms: u64, event: Event) {
         self.seq += 1;
-        self.events.push(Reverse((self.now + delay_ms, self.seq, event)));
+        self.events.push(Reverse((self.now + self.lag + delay_ms, self.seq, event)));
+    }
+
+    /// Notes when an invocation finished: what follows it happens after that.
+    fn answered(&mut self, inv: &Invocation) {
+        self.lag = self.lag.max(inv.now().saturating_sub(self.now));
     }
 
     fn schedule_at(&mut self, at: u64, event: Event) {
-        let delay = at.saturating_sub(self.now);
+        let delay = at.saturating_sub(self.now + self.lag);
         self.schedule(delay, event);
     }
 
     fn trace(&mut self, line: String) {
-        let t = self.now - EPOCH_MS;
+        let t = self.now + self.lag - EPOCH_MS;
         self.outcome.trace.push(format!("{:>4}.{:03}s {line}", t / 1000, t % 1000));
     }
 
     fn run(&mut self) {
         while let Some(Reverse((at, _, event))) = self.events.pop() {
             self.now = at;
+            self.lag = 0;
             if self.finished() {
                 break;
             }
@@ -537,6 +571,13 @@ impl Sim {
             Event::Sweep => self.sweep(),
             Event::DaemonPoll { d, gen } if self.alive(d, gen) => self.daemon_poll(d),
             Event::DaemonClaim { d, gen, entry, tries } if self.alive(d, gen) => self.daemon_claim(d, *entry, tries),
+            Event::DaemonExecute { d, gen, key } => {
+                if let Some((task, claim)) = self.executions.remove(&key) {
+                    if self.alive(d, gen) {
+                        self.execute(d, &task, claim);
+                    }
+                }
+            }
             Event::DaemonDone { d, gen, task, claim, ok, note } if self.alive(d, gen) => {
                 self.daemon_report(d, task, claim, ok, note, 0)
             }
@@ -550,6 +591,8 @@ impl Sim {
                 daemon.known_terminal.clear();
                 daemon.skip_until.clear();
                 daemon.claim_ids.clear();
+                daemon.bell = None;
+                daemon.listed.clear();
                 let server = daemon.server.clone();
                 let down = self.rng.range(5_000, 90_000);
                 self.trace(format!("{server}: daemon CRASHES, restarts in {} s", down / 1000));
@@ -599,6 +642,7 @@ impl Sim {
             counters: &self.counters,
         };
         let response = block_on(service.handle(request));
+        self.answered(&inv);
         for message in sent.sent.borrow().iter() {
             let at = self.queue.send(self.now, serde_json::to_value(message).unwrap_or_default());
             self.schedule_at(at, Event::QueueDeliver);
@@ -623,7 +667,9 @@ impl Sim {
 
     fn consumer(&mut self, location: Location, request: Request) -> Response {
         let inv = self.invocation(location);
-        block_on(self.consumer_service(&inv).handle(request))
+        let response = block_on(self.consumer_service(&inv).handle(request));
+        self.answered(&inv);
+        response
     }
 
     /// A daemon's request through the network: lost in either direction, or partitioned.
@@ -682,7 +728,7 @@ impl Sim {
                 self.ops[op_index].accepted = Some(task);
                 self.accepted.entry(task).or_insert(Accepted {
                     op: op_index,
-                    accepted_at: self.now,
+                    accepted_at: self.now + self.lag,
                     cancel_ok: false,
                     claimed_at: None,
                 });
@@ -763,7 +809,7 @@ impl Sim {
         match status {
             Some(s) if s.is_terminal() => {
                 if s == TaskStatus::Completed {
-                    self.outcome.visible_latency_ms.push(self.now - accepted.accepted_at);
+                    self.outcome.visible_latency_ms.push(self.now + self.lag - accepted.accepted_at);
                 }
                 self.trace(format!("watcher@{}: task {} is {s}", LOCATIONS[location], short(task)));
             }
@@ -788,19 +834,21 @@ impl Sim {
         } else {
             let inv = self.invocation(location);
             let service = self.consumer_service(&inv);
-            Some(if dead_letters {
+            let decisions = if dead_letters {
                 block_on(service.dead_letter_batch(&bodies))
             } else {
                 block_on(service.buffer_batch(&bodies))
-            })
+            };
+            self.answered(&inv);
+            Some(decisions)
         };
         let ids: Vec<String> = bodies.iter().filter_map(|b| b["taskId"].as_str()?.parse().ok()).map(short).collect();
         let acks =
             decisions.as_ref().map(|d| d.iter().filter(|x| **x == vm_task_edge::consumer::Delivery::Ack).count());
         let settled = if dead_letters {
-            self.dlq.settle(self.now, batch, decisions.as_deref())
+            self.dlq.settle(self.now + self.lag, batch, decisions.as_deref())
         } else {
-            self.queue.settle(self.now, batch, decisions.as_deref())
+            self.queue.settle(self.now + self.lag, batch, decisions.as_deref())
         };
         self.trace(format!(
             "{}@{}: batch [{}] → {}{}",
@@ -834,6 +882,7 @@ impl Sim {
     fn sweep(&mut self) {
         let inv = self.invocation(self.cron_location);
         let report = block_on(self.consumer_service(&inv).sweep());
+        self.answered(&inv);
         match report {
             Ok(r) if r.returned_to_ready + r.failed + r.cleaned + r.rebuffered + r.rung > 0 => self.trace(format!(
                 "cron@{}: sweep: {} returned, {} failed, {} cleaned, {} rebuffered, {} rung",
@@ -854,10 +903,24 @@ impl Sim {
         self.schedule(ms + jitter, Event::DaemonPoll { d, gen });
     }
 
+    /// The next poll, quick while the daemon is busy, at the doorbell interval when idle.
+    fn poll_again(&mut self, d: usize) {
+        let hot = self.now < self.daemons[d].last_activity + HOT_FOR_MS;
+        self.poll_later(d, if hot { HOT_POLL_MS } else { IDLE_POLL_MS });
+    }
+
+    /// One `GET /tasks/ready` with the last doorbell as `since` (a full listing without it every
+    /// `RELIST_SECONDS`): the daemon's long poll, one doorbell check per call. The listing
+    /// answers only when the doorbell changed, as the daemon's location reads it.
     fn daemon_poll(&mut self, d: usize) {
         let server = self.daemons[d].server.clone();
-        let request = Request::new("GET", &format!("/tasks/ready?server={server}&limit=100")).bearer(CONSUMER_TOKEN);
-        let ready = match self.daemon_call(d, false, request) {
+        let full = self.daemons[d].bell.is_none() || self.now >= self.daemons[d].last_full_list + RELIST_MS;
+        let since = if full { None } else { self.daemons[d].bell.clone() };
+        let mut path = format!("/tasks/ready?server={server}&limit=100");
+        if let Some(bell) = &since {
+            path.push_str(&format!("&since={bell}"));
+        }
+        let ready = match self.daemon_call(d, false, Request::new("GET", &path).bearer(CONSUMER_TOKEN)) {
             Net::Answered(r) if r.status == 200 => match r.json_body::<ReadyTasksResponse>() {
                 Ok(ready) => ready,
                 Err(_) => return self.poll_later(d, 1_000),
@@ -865,15 +928,27 @@ impl Sim {
             Net::Answered(_) => return self.poll_later(d, 1_000),
             _ => return self.poll_later(d, 5_000),
         };
-        if std::env::var_os("SIM_DEBUG").is_some() {
-            let ids: Vec<String> = ready.tasks.iter().map(|t| short(t.task_id)).collect();
-            self.trace(format!("{server}: listed [{}]", ids.join(" ")));
+        if since.as_deref() != Some(ready.bell.as_str()) {
+            if full {
+                self.daemons[d].last_full_list = self.now;
+            }
+            if std::env::var_os("SIM_DEBUG").is_some() {
+                let ids: Vec<String> = ready.tasks.iter().map(|t| short(t.task_id)).collect();
+                self.trace(format!("{server}: listed [{}]", ids.join(" ")));
+            }
+            self.daemons[d].listed = ready.tasks;
         }
+        self.daemons[d].bell = Some(ready.bell);
+        self.pick_and_claim(d);
+    }
+
+    /// Claims the oldest listed task of some VM whose predecessor is done, or polls again.
+    fn pick_and_claim(&mut self, d: usize) {
         // Oldest listed task per VM, not known finished, not recently refused.
         let now = self.now;
         let daemon = &self.daemons[d];
         let mut firsts: BTreeMap<String, BufferedTask> = BTreeMap::new();
-        for t in ready.tasks {
+        for t in daemon.listed.iter().cloned() {
             if daemon.known_terminal.contains(&t.task_id) {
                 continue;
             }
@@ -898,7 +973,7 @@ impl Sim {
             self.schedule(0, Event::DaemonClaim { d, gen, entry: Box::new(key), tries: 0 });
             return;
         }
-        self.poll_later(d, 1_000);
+        self.poll_again(d);
     }
 
     /// Asks the API whether `prev` is terminal (a lost request counts as "not yet").
@@ -957,17 +1032,22 @@ impl Sim {
                     claim.task.attempts,
                     claim.task.previous_task_id.map(short).unwrap_or_else(|| "nothing".into())
                 ));
+                self.daemons[d].last_activity = self.now;
                 if let Some(a) = self.accepted.get_mut(&task) {
                     if a.claimed_at.is_none() {
-                        a.claimed_at = Some(self.now);
-                        let latency = self.now - a.accepted_at;
+                        a.claimed_at = Some(self.now + self.lag);
+                        let latency = self.now + self.lag - a.accepted_at;
                         self.outcome.claim_latency_ms.push(latency);
                         if self.ops[a.op].step == 0 {
                             self.outcome.first_claim_latency_ms.push(latency);
                         }
                     }
                 }
-                self.execute(d, &claim.task, claim.claim_id);
+                let gen = self.daemons[d].gen;
+                self.seq += 1;
+                let key = self.seq;
+                self.executions.insert(key, (claim.task, claim.claim_id));
+                self.schedule(0, Event::DaemonExecute { d, gen, key });
             }
             Net::Answered(r) if r.status == 409 || r.status == 404 => {
                 self.trace(format!("{server}@{location}: claim of {} → {} {}", short(task), r.status, status_of(&r)));
@@ -1062,6 +1142,7 @@ impl Sim {
                     status_of(&r)
                 ));
                 self.daemons[d].known_terminal.insert(task);
+                self.daemons[d].last_activity = self.now;
                 self.poll_later(d, 0);
             }
             other => {
