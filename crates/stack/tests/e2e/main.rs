@@ -22,3 +22,4 @@ mod service;
 mod soak;
 mod support;
 mod trust;
+mod vmctl;
