@@ -1,6 +1,6 @@
 //! `local-consumer`: parses settings, sets up logging, runs the daemon until SIGTERM/SIGINT.
 
-use std::process::ExitCode;
+use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
 use local_consumer::config::{Cli, LogFormat};
@@ -20,9 +20,13 @@ fn main() -> ExitCode {
         }
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal: in a file or the journal they are noise.
+    let ansi = std::io::stdout().is_terminal();
     match config.log_format {
-        LogFormat::Json => tracing_subscriber::fmt().json().with_current_span(true).with_env_filter(filter).init(),
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init(),
+        LogFormat::Json => {
+            tracing_subscriber::fmt().json().with_current_span(true).with_ansi(false).with_env_filter(filter).init()
+        }
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init(),
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
