@@ -6,6 +6,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 use vm_task_types::validate;
 
+use crate::{images::ImagePolicy, report::REPORT_MAX_BYTES};
+
+/// The consumer worker lists at most this many servers per poll.
+pub const MAX_SERVER_NAMES: usize = 32;
+
 /// The VM task daemon for one bare-metal host. Every flag can also be set by the environment
 /// variable named in brackets, or in a `.env` file in the working directory.
 #[derive(Debug, Clone, Parser)]
@@ -47,6 +52,18 @@ pub struct Cli {
     /// Initramfs for launch_vm when the task's vmConfig has none.
     #[arg(long, env = "DEFAULT_INITRAMFS", default_value = "/opt/arrakis/initramfs.cpio.gz")]
     pub default_initramfs: String,
+
+    /// Directories (comma-separated, absolute) a task's vmConfig kernel, rootfs and initramfs
+    /// may come from; anything else is refused before Arrakis sees it. Default: the
+    /// directories of DEFAULT_KERNEL, DEFAULT_ROOTFS and DEFAULT_INITRAMFS.
+    #[arg(long, env = "ALLOWED_IMAGE_DIRS")]
+    pub allowed_image_dirs: Option<String>,
+
+    /// Most bytes of a command's output a report keeps (its head and tail); the report says
+    /// `outputTruncated` and the full `outputBytes`. Reports are also cut to fit the API's
+    /// 64 KiB body limit whatever this says.
+    #[arg(long, env = "MAX_OUTPUT_BYTES", default_value_t = 32 * 1024)]
+    pub max_output_bytes: usize,
 
     /// Tasks on different VMs run at once, up to this many. Tasks on one VM always run one
     /// at a time, in submission order.
@@ -132,6 +149,8 @@ pub struct Config {
     pub default_kernel: String,
     pub default_rootfs: String,
     pub default_initramfs: String,
+    pub images: ImagePolicy,
+    pub max_output_bytes: usize,
     pub max_concurrency: usize,
     pub lease: Duration,
     pub poll_wait: Duration,
@@ -176,6 +195,13 @@ fn positive(variable: &'static str, value: u64) -> Result<u64, ConfigError> {
     Ok(value)
 }
 
+fn within(variable: &'static str, value: u64, range: std::ops::RangeInclusive<u64>) -> Result<u64, ConfigError> {
+    if !range.contains(&value) {
+        return Err(err(variable, format!("must be from {} to {}, got {value}", range.start(), range.end())));
+    }
+    Ok(value)
+}
+
 impl Cli {
     pub fn validate(&self) -> Result<Config, ConfigError> {
         let consumer_worker_url = url("CONSUMER_WORKER_URL", self.consumer_worker_url.as_deref())?;
@@ -193,6 +219,15 @@ impl Cli {
                 server_names.push(name.to_owned());
             }
         }
+        if server_names.len() > MAX_SERVER_NAMES {
+            return Err(err(
+                "SERVER_NAMES",
+                format!(
+                    "at most {MAX_SERVER_NAMES} server names (the consumer worker lists at most {MAX_SERVER_NAMES} per poll), got {}; run another daemon for the rest",
+                    server_names.len()
+                ),
+            ));
+        }
         let consumer_id = match &self.consumer_id {
             Some(id) => id.trim().to_owned(),
             None => host_name(),
@@ -205,6 +240,35 @@ impl Cli {
         ] {
             validate::check_host_path("path", value).map_err(|e| err(variable, e.to_string()))?;
         }
+        let images = match &self.allowed_image_dirs {
+            None => ImagePolicy::new(ImagePolicy::directories_of([
+                self.default_kernel.as_str(),
+                self.default_rootfs.as_str(),
+                self.default_initramfs.as_str(),
+            ])),
+            Some(list) => {
+                let mut dirs = Vec::new();
+                for dir in list.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+                    let path = PathBuf::from(dir);
+                    if !path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir) {
+                        return Err(err(
+                            "ALLOWED_IMAGE_DIRS",
+                            format!("{dir:?} must be an absolute path without `..`"),
+                        ));
+                    }
+                    if path.parent().is_none() {
+                        return Err(err("ALLOWED_IMAGE_DIRS", "`/` would allow every host file, devices included"));
+                    }
+                    dirs.push(path);
+                }
+                if dirs.is_empty() {
+                    return Err(err("ALLOWED_IMAGE_DIRS", "names no directory"));
+                }
+                ImagePolicy::new(dirs)
+            }
+        };
+        let max_output_bytes =
+            within("MAX_OUTPUT_BYTES", self.max_output_bytes as u64, 256..=(REPORT_MAX_BYTES as u64 - 4096))? as usize;
         if !(1..=1024).contains(&self.max_concurrency) {
             return Err(err("MAX_CONCURRENCY", format!("must be from 1 to 1024, got {}", self.max_concurrency)));
         }
@@ -219,6 +283,19 @@ impl Cli {
         }
         if self.poll_backoff_min_ms > self.poll_backoff_max_ms {
             return Err(err("POLL_BACKOFF_MIN_MS", "must not exceed POLL_BACKOFF_MAX_MS"));
+        }
+        within("POLL_BACKOFF_MAX_MS", self.poll_backoff_max_ms, 1..=600_000)?;
+        within("RELIST_SECONDS", self.relist_seconds, 1..=86_400)?;
+        within("ARRAKIS_RETRIES", self.arrakis_retries.into(), 0..=20)?;
+        within("ARRAKIS_RETRY_BASE_MS", self.arrakis_retry_base_ms, 1..=60_000)?;
+        within("DRAIN_TIMEOUT_SECONDS", self.drain_timeout_seconds, 0..=3_600)?;
+        for (variable, value) in [
+            ("ARRAKIS_START_TIMEOUT_SECONDS", self.arrakis_start_timeout_seconds),
+            ("ARRAKIS_CMD_TIMEOUT_SECONDS", self.arrakis_cmd_timeout_seconds),
+            ("ARRAKIS_LONG_TIMEOUT_SECONDS", self.arrakis_long_timeout_seconds),
+            ("ARRAKIS_TIMEOUT_SECONDS", self.arrakis_timeout_seconds),
+        ] {
+            within(variable, value, 1..=3_600)?;
         }
         let metrics_addr = match self.metrics_addr.trim() {
             "off" | "" => None,
@@ -248,6 +325,8 @@ impl Cli {
             default_kernel: self.default_kernel.clone(),
             default_rootfs: self.default_rootfs.clone(),
             default_initramfs: self.default_initramfs.clone(),
+            images,
+            max_output_bytes,
             max_concurrency: self.max_concurrency,
             lease: secs(self.lease_seconds),
             poll_wait: secs(self.poll_wait_seconds),
@@ -301,6 +380,18 @@ mod tests {
         assert_eq!(config.default_initramfs, "/opt/arrakis/initramfs.cpio.gz");
         assert_eq!(config.server_names, ["production"]);
         assert!(!config.consumer_id.is_empty());
+        assert_eq!(config.images.allowed(), [PathBuf::from("/opt/arrakis")]);
+        assert_eq!(config.max_output_bytes, 32 * 1024);
+    }
+
+    #[test]
+    fn issue_11_more_than_32_server_names_fail_at_startup() {
+        let names: Vec<String> = (1..=33).map(|i| format!("s{i}")).collect();
+        let e = cli(&["--server-names", &names.join(",")]).validate().unwrap_err();
+        assert_eq!(e.variable, "SERVER_NAMES");
+        assert!(e.to_string().contains("at most 32"), "{e}");
+        let config = cli(&["--server-names", &names[..32].join(",")]).validate().unwrap();
+        assert_eq!(config.server_names.len(), 32);
     }
 
     #[test]
@@ -314,6 +405,21 @@ mod tests {
             (&["--log-format", "xml"], "LOG_FORMAT"),
         ];
         for (args, variable) in cases {
+            let e = cli(args).validate().unwrap_err();
+            assert_eq!(e.variable, variable, "{e}");
+        }
+        let more: [(&[&str], &str); 9] = [
+            (&["--max-output-bytes", "10"], "MAX_OUTPUT_BYTES"),
+            (&["--max-output-bytes", "100000"], "MAX_OUTPUT_BYTES"),
+            (&["--allowed-image-dirs", "images"], "ALLOWED_IMAGE_DIRS"),
+            (&["--allowed-image-dirs", "/"], "ALLOWED_IMAGE_DIRS"),
+            (&["--allowed-image-dirs", "/opt/../etc"], "ALLOWED_IMAGE_DIRS"),
+            (&["--arrakis-retries", "1000"], "ARRAKIS_RETRIES"),
+            (&["--arrakis-retry-base-ms", "0"], "ARRAKIS_RETRY_BASE_MS"),
+            (&["--poll-backoff-max-ms", "86400000"], "POLL_BACKOFF_MAX_MS"),
+            (&["--arrakis-cmd-timeout-seconds", "999999"], "ARRAKIS_CMD_TIMEOUT_SECONDS"),
+        ];
+        for (args, variable) in more {
             let e = cli(args).validate().unwrap_err();
             assert_eq!(e.variable, variable, "{e}");
         }

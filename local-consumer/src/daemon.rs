@@ -33,6 +33,7 @@ use crate::{
     lock,
     metrics::{self, Metrics},
     notify::Notifier,
+    report::{self, REPORT_MAX_BYTES},
     retry::{Jitter, RetryPolicy},
     scheduler::Scheduler,
 };
@@ -42,6 +43,9 @@ const HOT_AFTER_ACTIVITY: Duration = Duration::from_secs(5);
 
 /// A truncated listing is repeated once fewer than this many listed tasks wait.
 const BACKLOG_RELIST_BELOW: usize = 100;
+
+/// How soon a task whose report was not accepted is claimed again to report it.
+const UNREPORTED_RETRY: Duration = Duration::from_secs(5);
 
 /// Retries of a failed report: quick at first, for up to one lease in all.
 const REPORT_RETRY: RetryPolicy =
@@ -82,6 +86,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             rootfs: config.default_rootfs.clone(),
             initramfs: config.default_initramfs.clone(),
         },
+        images: config.images.clone(),
         retry: RetryPolicy {
             retries: config.arrakis_retries,
             base: config.arrakis_retry_base,
@@ -185,6 +190,9 @@ pub enum JobEnd {
     Finished(Uuid),
     /// Not startable yet; try again at this time if still listed.
     Deferred(BufferedTask, Instant),
+    /// Ran, but no report was accepted (the claim was lost, or the workers stayed
+    /// unreachable): when the task is claimed again, report this instead of running it again.
+    Unreported(BufferedTask, Box<UpdateStatusRequest>, Instant),
 }
 
 /// Whether the loop goes on after an event.
@@ -220,6 +228,8 @@ pub struct Daemon<E, X> {
     jobs: JoinSet<JobEnd>,
     /// Each running job's task, to put it back if the job panics.
     job_tasks: HashMap<tokio::task::Id, BufferedTask>,
+    /// Outcomes of tasks that ran here but whose report was not accepted, by task id.
+    unreported: HashMap<Uuid, UpdateStatusRequest>,
     poll: Option<PollFuture>,
     polling: Polling,
     watchdog: Option<Interval>,
@@ -246,6 +256,7 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
             scheduler: Scheduler::new(),
             jobs: JoinSet::new(),
             job_tasks: HashMap::new(),
+            unreported: HashMap::new(),
             poll: None,
             polling: Polling {
                 bell: None,
@@ -293,7 +304,8 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
             // Every log line about the task, the executor's included, carries these fields.
             let span = tracing::info_span!("task", id = %task.task_id, vm = %task.vm_name, op = %task.kind);
             let shared = self.shared.clone();
-            let job = self.jobs.spawn(job(shared, task.clone(), previous_done).instrument(span));
+            let unreported = self.unreported.get(&task.task_id).cloned();
+            let job = self.jobs.spawn(job(shared, task.clone(), previous_done, unreported).instrument(span));
             self.job_tasks.insert(job.id(), task);
         }
     }
@@ -407,10 +419,15 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
         let task = self.job_tasks.remove(&job);
         match result {
             Ok(JobEnd::Finished(id)) => {
+                self.unreported.remove(&id);
                 self.scheduler.finish(id);
                 self.polling.last_activity = Instant::now();
             }
             Ok(JobEnd::Deferred(task, at)) => self.scheduler.defer(task, at),
+            Ok(JobEnd::Unreported(task, update, at)) => {
+                self.unreported.insert(task.task_id, *update);
+                self.scheduler.defer(task, at);
+            }
             Err(e) => {
                 // A bug, not an outcome: free the VM and try again later; the lease, if the
                 // task was claimed, expires first.
@@ -452,8 +469,14 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
     }
 }
 
-/// One task: check its predecessor, claim it, run it with a heartbeat, report the outcome.
-async fn job<E: Edge, X: Execute>(shared: Arc<Shared<E, X>>, task: BufferedTask, previous_done: bool) -> JobEnd {
+/// One task: check its predecessor, claim it, run it with a heartbeat (unless it already ran
+/// here and only its report is missing), report the outcome.
+async fn job<E: Edge, X: Execute>(
+    shared: Arc<Shared<E, X>>,
+    task: BufferedTask,
+    previous_done: bool,
+    unreported: Option<UpdateStatusRequest>,
+) -> JobEnd {
     let config = &shared.config;
     let id = task.task_id;
 
@@ -505,44 +528,48 @@ async fn job<E: Edge, X: Execute>(shared: Arc<Shared<E, X>>, task: BufferedTask,
         return JobEnd::Deferred(task, Instant::now());
     }
 
+    if let Some(mut update) = unreported {
+        tracing::info!(status = %update.status, "claimed again; reporting the outcome it had here instead of running it again");
+        update.claim_id = claim.claim_id;
+        return match while_holding(&shared, id, claim.claim_id, deliver(&shared, id, update)).await {
+            Ok(status) => {
+                tracing::info!(%status, "reported");
+                JobEnd::Finished(id)
+            }
+            Err(update) => JobEnd::Unreported(task, Box::new(update), Instant::now() + UNREPORTED_RETRY),
+        };
+    }
+
     tracing::info!(attempt = claim.task.attempts, "claimed; executing");
     shared.metrics.in_flight_add(1);
     let started = Instant::now();
     let mut attempts = Attempts::default();
     let outcome = while_holding(&shared, id, claim.claim_id, shared.executor.execute(&claim.task, &mut attempts)).await;
-
-    let (status, update) = match outcome {
-        Outcome::Completed(result) => (
-            TaskStatus::Completed,
-            UpdateStatusRequest {
-                status: TaskStatus::Completed,
-                claim_id: claim.claim_id,
-                result: Some(result),
-                error: None,
-                message: None,
-                retries: attempts.notes,
-            },
-        ),
-        Outcome::Failed(error) => (
-            TaskStatus::Failed,
-            UpdateStatusRequest {
-                status: TaskStatus::Failed,
-                claim_id: claim.claim_id,
-                result: None,
-                error: Some(error),
-                message: None,
-                retries: attempts.notes,
-            },
-        ),
+    let (result, error) = match outcome {
+        Outcome::Completed(result) => (Some(result), None),
+        Outcome::Failed(error) => {
+            tracing::warn!(%error, "task failed");
+            (None, Some(error))
+        }
     };
-    if let Some(error) = &update.error {
-        tracing::warn!(%error, "task failed");
-    }
-    report(&shared, id, &update).await;
+    let update = UpdateStatusRequest {
+        status: if error.is_none() { TaskStatus::Completed } else { TaskStatus::Failed },
+        claim_id: claim.claim_id,
+        result,
+        error,
+        message: None,
+        retries: attempts.notes,
+    };
+    let delivered = while_holding(&shared, id, claim.claim_id, deliver(&shared, id, update)).await;
     shared.metrics.in_flight_add(-1);
-    shared.metrics.finished(operation, status == TaskStatus::Completed, started.elapsed());
-    tracing::info!(%status, took_ms = started.elapsed().as_millis() as u64, "reported");
-    JobEnd::Finished(id)
+    match delivered {
+        Ok(status) => {
+            shared.metrics.finished(operation, status == TaskStatus::Completed, started.elapsed());
+            tracing::info!(%status, took_ms = started.elapsed().as_millis() as u64, "reported");
+            JobEnd::Finished(id)
+        }
+        Err(update) => JobEnd::Unreported(task, Box::new(update), Instant::now() + UNREPORTED_RETRY),
+    }
 }
 
 /// Whether the VM's previous task is out of the way: terminal, unknown, or on another server.
@@ -584,25 +611,63 @@ async fn keep_lease(edge: &impl Edge, id: Uuid, claim_id: Uuid, lease: Duration)
     }
 }
 
-/// Reports the outcome, retrying transient failures for up to one lease.
-async fn report<E: Edge, X>(shared: &Shared<E, X>, id: Uuid, update: &UpdateStatusRequest) {
-    let deadline = Instant::now() + shared.config.lease;
+/// Reports an outcome until the API accepts it, and says the status it accepted.
+///
+/// The report is first fitted to the API's body limit ([`report::fit`]). Transient failures
+/// are retried for up to one lease (the caller keeps heartbeating meanwhile). A report the API
+/// refuses for its content (400, 413, 422) is replaced once by a small `failed` report giving
+/// the reason, so the task ends readable instead of stuck. Any other refusal means the claim
+/// is no longer ours. `Err` gives back what is still to be reported.
+async fn deliver<E: Edge, X>(
+    shared: &Shared<E, X>,
+    id: Uuid,
+    mut update: UpdateStatusRequest,
+) -> Result<TaskStatus, UpdateStatusRequest> {
+    let fitted = report::fit(&mut update, shared.config.max_output_bytes, REPORT_MAX_BYTES);
+    if let Some(output_bytes) = fitted.output_cut_from {
+        tracing::info!(
+            output_bytes,
+            report_bytes = fitted.bytes,
+            "output truncated to its head and tail to fit the report"
+        );
+    }
+    let mut deadline = Instant::now() + shared.config.lease;
     let mut attempt = 0;
+    let mut content_refused = false;
     loop {
         attempt += 1;
-        match shared.edge.report(id, update).await {
-            Ok(()) => return,
+        match shared.edge.report(id, &update).await {
+            Ok(()) => return Ok(update.status),
+            Err(EdgeError::Refused { status: status @ (400 | 413 | 422), body }) if !content_refused => {
+                tracing::error!(status, error = %body.error, bytes = fitted.bytes, "the API refused the report's content; reporting the task failed with the reason instead");
+                content_refused = true;
+                update = UpdateStatusRequest {
+                    status: TaskStatus::Failed,
+                    claim_id: update.claim_id,
+                    result: None,
+                    error: Some(report::head_and_tail(
+                        &format!(
+                            "the task ran, but the API refused its {} report (HTTP {status}: {}); its result is lost",
+                            update.status, body.error
+                        ),
+                        2048,
+                    )),
+                    message: None,
+                    retries: Vec::new(),
+                };
+                (attempt, deadline) = (0, Instant::now() + shared.config.lease);
+            }
             Err(EdgeError::Refused { status, body }) => {
-                tracing::error!(status, error = %body.error, "report refused; the task's claim was lost");
-                return;
+                tracing::error!(status, error = %body.error, "report refused: the claim is no longer ours; will report again if the task is claimed again");
+                return Err(update);
             }
             Err(e) => {
                 shared.metrics.edge_error("report");
                 if Instant::now() >= deadline {
-                    tracing::error!(error = %e, "giving up reporting; the lease will expire and the task will be retried");
-                    return;
+                    tracing::error!(error = %e, "giving up reporting for now; will report again when the task is claimed again");
+                    return Err(update);
                 }
-                tracing::warn!(error = %e, "report failed; retrying");
+                tracing::warn!(error = %e, attempt, "report failed; retrying");
                 tokio::time::sleep(REPORT_RETRY.delay(attempt, &shared.jitter)).await;
             }
         }

@@ -9,7 +9,7 @@
 
 use std::{future::Future, time::Duration};
 
-use arrakis_client::error_chain;
+use arrakis_client::{error_chain, read_capped};
 use reqwest::{Method, StatusCode, Url};
 use serde::{de::DeserializeOwned, Serialize};
 use uuid::Uuid;
@@ -22,6 +22,9 @@ use vm_task_types::{
 };
 
 use crate::config::Config;
+
+/// Largest worker answer read: a full listing of 1,000 entries is about 300 KB.
+const RESPONSE_MAX_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EdgeError {
@@ -156,10 +159,10 @@ impl EdgeClient {
             .await
             .map_err(|e| EdgeError::Transient(format!("{method} {}: {}", url.path(), error_chain(&e))))?;
         let status = response.status();
-        let text = response
-            .text()
+        let body = read_capped(response, RESPONSE_MAX_BYTES)
             .await
-            .map_err(|e| EdgeError::Transient(format!("{method} {}: reading body: {e}", url.path())))?;
+            .map_err(|e| EdgeError::Transient(format!("{method} {}: {}", url.path(), error_chain(&e))))?;
+        let text = String::from_utf8_lossy(&body);
         if status.is_success() {
             return serde_json::from_str(&text).map_err(|e| {
                 EdgeError::Transient(format!("{method} {}: unexpected body ({e}): {}", url.path(), truncate(&text)))

@@ -15,7 +15,7 @@ use vm_task_types::{
 };
 
 pub use crate::retry::RetryPolicy;
-use crate::{metrics::Metrics, retry::Jitter};
+use crate::{images::ImagePolicy, metrics::Metrics, retry::Jitter};
 
 /// Runs a claimed task to an [`Outcome`]. The daemon's loop runs over this trait so its
 /// scheduling can be tested (and simulated) with a fake executor.
@@ -43,6 +43,8 @@ pub struct BootDefaults {
 pub struct Executor {
     pub arrakis: ArrakisClient,
     pub defaults: BootDefaults,
+    /// Where a task's own kernel, rootfs and initramfs may come from.
+    pub images: ImagePolicy,
     pub retry: RetryPolicy,
     pub jitter: Jitter,
     pub metrics: Metrics,
@@ -92,6 +94,13 @@ impl Executor {
     async fn ensure_launched(&self, launch: &LaunchVm, attempts: &mut Attempts) -> Result<TaskResult, Failure> {
         let name = launch.vm_name.as_str();
         let config = &launch.vm_config;
+        // Before Arrakis sees anything: a client's path must not name a host device or secret.
+        for (field, path) in [("kernel", &config.kernel), ("rootfs", &config.rootfs), ("initramfs", &config.initramfs)]
+        {
+            if let Some(path) = path {
+                self.images.check(field, path).map_err(Failure::Refused)?;
+            }
+        }
         let existing = self.lookup(name, attempts).await?;
         if let Some(snapshot_id) = &config.snapshot_id {
             if let Some(vm) = existing {

@@ -5,9 +5,11 @@ pub mod config;
 pub mod daemon;
 pub mod edge;
 pub mod executor;
+pub mod images;
 pub mod lock;
 pub mod metrics;
 pub mod notify;
+pub mod report;
 pub mod retry;
 pub mod scheduler;
 

@@ -178,3 +178,79 @@ async fn the_lease_is_renewed_while_a_task_runs() {
     let heartbeats = edge.calls().iter().filter(|(_, c)| *c == Call::Heartbeat(id)).count();
     assert_eq!(heartbeats, 9, "every 10 s of a 95 s run");
 }
+
+/// The run of `id` and the calls made after it ended.
+fn after_run(edge: &FakeEdge, executor: &FakeExecutor, id: uuid::Uuid) -> Vec<Call> {
+    let ended = executor.runs().iter().find(|r| r.id == id).unwrap().ended.unwrap();
+    edge.calls().into_iter().filter(|(at, _)| *at >= ended).map(|(_, c)| c).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn issue_11_a_75_kb_output_is_reported_with_its_head_tail_and_size() {
+    let edge = FakeEdge::new();
+    let output = format!("HEAD{}TAIL", "a".repeat(75_000));
+    let executor = FakeExecutor::with_output(Duration::from_millis(100), Some(output.clone()));
+    let shutdown = CancellationToken::new();
+    let id = edge.submit("a", "cat f f f f f");
+    let mut d = daemon(config(&[]), &edge, &executor, &shutdown);
+    assert!(step_until(&mut d, Duration::from_secs(60), || edge.all_terminal()).await, "the task ends within a minute");
+
+    assert_eq!(edge.status(id), TaskStatus::Completed);
+    let result = edge.task(id).result.unwrap();
+    let kept = result.output.unwrap();
+    assert!(kept.starts_with("HEADaaa") && kept.ends_with("aaaTAIL"));
+    assert!(kept.len() <= 32 * 1024 + 64, "MAX_OUTPUT_BYTES' default: {}", kept.len());
+    assert_eq!(result.output_truncated, Some(true));
+    assert_eq!(result.output_bytes, Some(output.len() as u64));
+    let reports: Vec<_> =
+        after_run(&edge, &executor, id).into_iter().filter(|c| matches!(c, Call::Report { .. })).collect();
+    assert!(matches!(reports[..], [Call::Report { accepted: true, bytes, .. }] if bytes <= 64 * 1024), "{reports:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn issue_11_a_report_refused_for_its_content_ends_the_task_failed_with_the_reason() {
+    let edge = FakeEdge::new();
+    edge.refuse_output_with(422);
+    let executor = FakeExecutor::new(Duration::from_millis(100));
+    let shutdown = CancellationToken::new();
+    let id = edge.submit("a", "echo refused");
+    let mut d = daemon(config(&[]), &edge, &executor, &shutdown);
+    assert!(step_until(&mut d, Duration::from_secs(60), || edge.all_terminal()).await, "not stuck in processing");
+
+    let task = edge.task(id);
+    assert_eq!(task.status, TaskStatus::Failed);
+    let error = task.error.unwrap();
+    assert!(error.contains("HTTP 422") && error.contains("refused"), "{error}");
+    let statuses: Vec<(TaskStatus, bool)> = after_run(&edge, &executor, id)
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Report { status, accepted, .. } => Some((status, accepted)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(statuses, [(TaskStatus::Completed, false), (TaskStatus::Failed, true)]);
+    assert_eq!(executor.runs().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn issue_11_a_task_is_finished_only_once_a_report_is_accepted_and_its_lease_is_kept_meanwhile() {
+    let edge = FakeEdge::new();
+    // About a minute of failing reports, longer than the 30 s lease.
+    edge.fail_reports(25);
+    let executor = FakeExecutor::new(Duration::from_secs(1));
+    let shutdown = CancellationToken::new();
+    let id = edge.submit("a", "echo once");
+    let mut d = daemon(config(&["--lease-seconds", "30"]), &edge, &executor, &shutdown);
+    assert!(step_until(&mut d, Duration::from_secs(600), || edge.all_terminal()).await, "reported in the end");
+
+    assert_eq!(edge.status(id), TaskStatus::Completed);
+    assert_eq!(executor.runs().len(), 1, "the command ran once: a retried report does not run it again");
+    let after = after_run(&edge, &executor, id);
+    let failed = after.iter().filter(|c| matches!(c, Call::Report { accepted: false, .. })).count();
+    assert_eq!(failed, 25);
+    assert!(
+        after.iter().filter(|c| **c == Call::Heartbeat(id)).count() >= 2,
+        "heartbeats went on while reporting: {after:?}"
+    );
+    assert_eq!(edge.reports(id).len(), 1);
+}

@@ -1,12 +1,13 @@
 //! The executor against the in-process Arrakis simulator: failures the real server has
 //! (zombie boots, transient 500s) and what the task's record says about them.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use arrakis_client::ArrakisClient;
 use arrakis_sim::{Failure, Op, SimConfig, INJECTED_FAULT};
 use local_consumer::{
     executor::{Attempts, BootDefaults, Executor, Outcome, RetryPolicy},
+    images::ImagePolicy,
     metrics::Metrics,
     retry::Jitter,
 };
@@ -21,6 +22,7 @@ fn executor(url: &str) -> Executor {
             rootfs: "rootfs.img".into(),
             initramfs: "initramfs.cpio.gz".into(),
         },
+        images: ImagePolicy::new([PathBuf::from("/opt/arrakis")]),
         retry: RetryPolicy { retries: 3, base: Duration::from_millis(1), cap: Duration::from_millis(5) },
         jitter: Jitter::seeded(1),
         metrics: Metrics::new(),
@@ -28,10 +30,14 @@ fn executor(url: &str) -> Executor {
 }
 
 fn launch(vm: &str) -> Task {
+    launch_with(vm, json!({}))
+}
+
+fn launch_with(vm: &str, vm_config: serde_json::Value) -> Task {
     serde_json::from_value(json!({
         "id": "01937a2e-7000-7000-8000-000000000001",
         "type": "launch_vm",
-        "payload": {"vmName": vm},
+        "payload": {"vmName": vm, "vmConfig": vm_config},
         "status": "processing",
         "targetServer": "production",
         "createdAt": "2026-11-27T00:00:00.000Z",
@@ -70,4 +76,28 @@ async fn a_zombie_left_by_a_failed_boot_is_removed_even_when_the_check_fails_onc
     assert_eq!(calls, ["get", "start"], "{:?}", attempts.notes);
     let faults = handle.sim.log().iter().filter(|e| e.fault_injected).count();
     assert_eq!(faults, attempts.notes.len(), "every fault the task met is recorded");
+}
+
+#[tokio::test]
+async fn issue_11_host_paths_are_refused_before_arrakis_sees_the_launch() {
+    let handle = arrakis_sim::spawn(SimConfig::for_tests()).await;
+    let executor = executor(&handle.url());
+    for (field, path) in [
+        ("rootfs", "/dev/sda"),
+        ("kernel", "/etc/shadow"),
+        ("initramfs", "/opt/arrakis/../../etc/shadow"),
+        ("rootfs", "rootfs.ext4"),
+    ] {
+        let task = launch_with("host-paths", json!({ field: path }));
+        let outcome = executor.execute(&task, &mut Attempts::default()).await;
+        let Outcome::Failed(reason) = outcome else { panic!("{field}={path:?} was accepted: {outcome:?}") };
+        assert!(reason.contains(&format!("vmConfig.{field}")) && reason.contains("/opt/arrakis"), "{reason}");
+    }
+    assert!(handle.sim.log().is_empty(), "Arrakis saw no request: {:?}", handle.sim.log());
+    assert!(handle.sim.state().vms.is_empty());
+
+    // A path under the allowed directory goes through.
+    let task = launch_with("allowed", json!({"rootfs": "/opt/arrakis/custom-rootfs.ext4"}));
+    let outcome = executor.execute(&task, &mut Attempts::default()).await;
+    assert!(matches!(outcome, Outcome::Completed(_)), "{outcome:?}");
 }

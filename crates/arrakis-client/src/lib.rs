@@ -30,6 +30,9 @@ const QUERY_PATH: &AsciiSet = &SEGMENT.remove(b'/');
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much of an unexpected body goes into an error message.
 const SNIPPET: usize = 200;
+/// Largest response body read by default: far above any real answer, low enough that a
+/// runaway command's output cannot exhaust the daemon's memory.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Per-operation timeouts. Arrakis does its work inside the request and a disconnect cancels
 /// it half-way (§0), so these are generous: a boot can take the server's 60 s readiness wait,
@@ -68,6 +71,7 @@ pub struct ArrakisClient {
     /// Without a trailing slash, so paths can be appended.
     base: String,
     timeouts: Timeouts,
+    max_response_bytes: usize,
 }
 
 #[derive(Deserialize)]
@@ -101,7 +105,12 @@ impl ArrakisClient {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ArrakisError::Connect { message: error_chain(&e) })?;
-        Ok(Self { http, base: url.as_str().trim_end_matches('/').to_string(), timeouts: Timeouts::default() })
+        Ok(Self {
+            http,
+            base: url.as_str().trim_end_matches('/').to_string(),
+            timeouts: Timeouts::default(),
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+        })
     }
 
     pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
@@ -112,6 +121,12 @@ impl ArrakisClient {
     /// The normalised base URL, without a trailing slash.
     pub fn base_url(&self) -> &str {
         &self.base
+    }
+
+    /// Answers longer than `bytes` fail with [`ArrakisError::Protocol`] instead of being read.
+    pub fn with_max_response_bytes(mut self, bytes: usize) -> Self {
+        self.max_response_bytes = bytes;
+        self
     }
 
     pub fn timeouts(&self) -> &Timeouts {
@@ -291,7 +306,13 @@ impl ArrakisClient {
         let resp = req.timeout(timeout).send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        let body = resp.bytes().await.map_err(transport)?;
+        let body = match read_capped(resp, self.max_response_bytes).await {
+            Ok(body) => body,
+            Err(BodyError::Transport(e)) => return Err(transport(e)),
+            Err(e @ BodyError::TooLarge { .. }) => {
+                return Err(ArrakisError::Protocol { status, message: format!("{operation}: {e}") })
+            }
+        };
         if (200..300).contains(&status) {
             return serde_json::from_slice(&body).map_err(|e| ArrakisError::Protocol {
                 status,
@@ -327,6 +348,31 @@ fn snippet(body: &[u8]) -> String {
         Some((cut, _)) => format!("{}…", &text[..cut]),
         None => text.to_string(),
     }
+}
+
+/// Why a response body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the response is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("reading the response: {0}")]
+    Transport(reqwest::Error),
+}
+
+/// Reads a response body, refusing one over `limit` bytes: by its `Content-Length` before
+/// reading, else as it arrives. The daemon's edge client reads the workers' answers with it too.
+pub async fn read_capped(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, BodyError> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge { limit });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Transport)? {
+        if body.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// An error with its causes, `: `-separated. reqwest's `Display` omits the cause ("error

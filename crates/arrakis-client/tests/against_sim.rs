@@ -292,3 +292,20 @@ async fn router_answers_are_protocol_errors() {
     let c = ArrakisClient::new(&format!("{}/v1/.", h.url())).unwrap();
     assert_eq!(c.base_url(), format!("{}/v1", h.url()));
 }
+
+#[tokio::test]
+async fn issue_11_an_answer_over_the_size_cap_is_not_read() {
+    let (h, c) = sim().await;
+    let c = c.with_max_response_bytes(10_000);
+    c.start_vm(&StartVmRequest::new("v")).await.unwrap();
+    let out = c.run_command("v", "echo small", true).await.unwrap();
+    assert_eq!(out.output, "small\n");
+    let big = format!("echo {}", "a".repeat(12_000));
+    let err = c.run_command("v", &big, true).await.unwrap_err();
+    assert!(
+        matches!(&err, ArrakisError::Protocol { status: 200, message } if message.contains("larger than 10000 bytes")),
+        "{err:?}"
+    );
+    assert!(!err.command_not_delivered(), "it ran: never sent again");
+    drop(h);
+}

@@ -214,9 +214,17 @@ pub struct TaskResult {
     pub port_forwards: Option<Vec<PortForward>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_id: Option<String>,
-    /// `run_command`: stdout and stderr, interleaved as Arrakis returns them.
+    /// `run_command`: stdout and stderr, interleaved as Arrakis returns them. A long output
+    /// keeps its head and tail (see `outputTruncated`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// `run_command`: true when `output` is the head and tail of a longer output that did not
+    /// fit the report (the daemon's `MAX_OUTPUT_BYTES`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_truncated: Option<bool>,
+    /// `run_command`: the full output's size in bytes, when it was truncated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_bytes: Option<u64>,
     /// `run_command`: Arrakis's `error`, e.g. `exit status 2`; absent on success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

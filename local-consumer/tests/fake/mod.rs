@@ -180,8 +180,24 @@ impl FakeEdge {
         self.changed.notify_waiters();
     }
 
+    pub fn refuse_output_with(&self, status: u16) {
+        self.state().refuse_output_with = Some(status);
+    }
+
+    pub fn fail_reports(&self, count: u32) {
+        self.state().fail_reports = count;
+    }
+
     pub fn status(&self, id: Uuid) -> TaskStatus {
         self.state().tasks[&id].task.status
+    }
+
+    pub fn task(&self, id: Uuid) -> Task {
+        self.state().tasks[&id].task.clone()
+    }
+
+    pub fn reports(&self, id: Uuid) -> Vec<UpdateStatusRequest> {
+        self.state().tasks[&id].reports.clone()
     }
 
     pub fn all_terminal(&self) -> bool {
@@ -255,8 +271,15 @@ impl Edge for FakeEdge {
             }
             fake.held_until = None;
         }
-        if fake.task.claim.is_some() {
-            return Err(refused(409, "held by another claim of this daemon"));
+        if let Some(claim) = &fake.task.claim {
+            // The daemon proposes the same claim id for a task every time: its claim again.
+            let (task, claim_id) = (fake.task.clone(), claim.claim_id);
+            return Ok(ClaimOutcome::Claimed(Box::new(ClaimResponse {
+                success: true,
+                task,
+                claim_id,
+                lease_expires_at: Timestamp(0),
+            })));
         }
         let claim_id = Uuid::new_v4();
         fake.task.status = TaskStatus::Processing;
