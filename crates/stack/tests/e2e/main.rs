@@ -14,6 +14,7 @@
 //! goes in `support.rs`; one used by a single module stays in it.
 
 mod bad_input;
+mod cancel_race;
 mod daemon;
 mod edge;
 mod faults;
