@@ -252,7 +252,13 @@ struct Daemon {
     listed: Vec<BufferedTask>,
     /// When it last found or finished work (its polls are quicker for a while after).
     last_activity: u64,
+    /// Outcomes whose report was refused: reported, not run again, when the task is claimed
+    /// again.
+    unreported: BTreeMap<Uuid, (bool, String)>,
 }
+
+/// `UNREPORTED_RETRY`: how soon a task with a refused report is tried again.
+const UNREPORTED_RETRY_MS: u64 = 5_000;
 
 /// `RELIST_SECONDS`: a listing without `since` this often, in case a ring was missed.
 const RELIST_MS: u64 = 300_000;
@@ -426,6 +432,7 @@ impl Sim {
                 last_full_list: 0,
                 listed: Vec::new(),
                 last_activity: 0,
+                unreported: BTreeMap::new(),
             });
             let first_poll = self.rng.range(0, 1_000);
             self.schedule(first_poll, Event::DaemonPoll { d: s, gen: 0 });
@@ -574,7 +581,17 @@ impl Sim {
             Event::DaemonExecute { d, gen, key } => {
                 if let Some((task, claim)) = self.executions.remove(&key) {
                     if self.alive(d, gen) {
-                        self.execute(d, &task, claim);
+                        match self.daemons[d].unreported.get(&task.id).cloned() {
+                            Some((ok, note)) => {
+                                let server = self.daemons[d].server.clone();
+                                self.trace(format!(
+                                    "{server}: claimed {} again: reports its kept outcome",
+                                    short(task.id)
+                                ));
+                                self.daemon_report(d, task.id, claim, ok, note, 0);
+                            }
+                            None => self.execute(d, &task, claim),
+                        }
                     }
                 }
             }
@@ -593,6 +610,7 @@ impl Sim {
                 daemon.claim_ids.clear();
                 daemon.bell = None;
                 daemon.listed.clear();
+                daemon.unreported.clear();
                 let server = daemon.server.clone();
                 let down = self.rng.range(5_000, 90_000);
                 self.trace(format!("{server}: daemon CRASHES, restarts in {} s", down / 1000));
@@ -1134,16 +1152,23 @@ impl Sim {
         let server = self.daemons[d].server.clone();
         let location = LOCATIONS[self.daemons[d].location];
         match self.daemon_call(d, true, request) {
-            Net::Answered(r) if r.status == 200 || r.status == 409 || r.status == 404 => {
+            Net::Answered(r) if r.status == 200 => {
+                self.trace(format!("{server}@{location}: report {status} for {} → 200 {}", short(task), status_of(&r)));
+                self.daemons[d].known_terminal.insert(task);
+                self.daemons[d].unreported.remove(&task);
+                self.daemons[d].last_activity = self.now;
+                self.poll_later(d, 0);
+            }
+            Net::Answered(r) if r.status == 409 || r.status == 404 => {
+                // The daemon keeps the outcome and reports it, without running the task again,
+                // when it claims the task again (`JobEnd::Unreported`).
                 self.trace(format!(
-                    "{server}@{location}: report {status} for {} → {} {}",
+                    "{server}@{location}: report {status} for {} → {} {}: kept to report on the next claim",
                     short(task),
                     r.status,
                     status_of(&r)
                 ));
-                self.daemons[d].known_terminal.insert(task);
-                self.daemons[d].last_activity = self.now;
-                self.poll_later(d, 0);
+                self.keep_unreported(d, task, ok, note);
             }
             other => {
                 self.trace(format!(
@@ -1157,10 +1182,18 @@ impl Sim {
                     let delay = (1_000u64 << tries.min(5)).min(30_000);
                     self.schedule(delay, Event::DaemonReport { d, gen, task, claim, ok, note, tries: tries + 1 });
                 } else {
-                    self.poll_later(d, 1_000);
+                    self.keep_unreported(d, task, ok, note);
                 }
             }
         }
+    }
+
+    fn keep_unreported(&mut self, d: usize, task: Uuid, ok: bool, note: String) {
+        let until = self.now + self.lag + UNREPORTED_RETRY_MS;
+        let daemon = &mut self.daemons[d];
+        daemon.unreported.insert(task, (ok, note));
+        daemon.skip_until.insert(task, until);
+        self.poll_later(d, 0);
     }
 
     // -----------------------------------------------------------------------------------------
