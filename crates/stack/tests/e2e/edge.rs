@@ -7,24 +7,17 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use stack::{ApiClient, Method, Stack, StackOptions, StatusCode};
+use stack::{ApiClient, Method, StackOptions, StatusCode};
 use uuid::Uuid;
 use vm_task_types::{
     wire::{CreateTaskResponse, ReadyTasksResponse},
     OperationKind, PortForward, TaskResult, TaskStatus, VmState,
 };
 
+use crate::support::start;
+
 const SERVER: &str = "production";
 const CONSUMER: &str = "e2e-daemon";
-
-/// A stack of the two workers alone. `BELL_CHECK_MS` is lowered so waiting reads react fast.
-async fn edge_stack(vars: &[(&str, &str)]) -> Stack {
-    let mut opts = StackOptions::edge_only().worker_var("BELL_CHECK_MS", 100);
-    for (name, value) in vars {
-        opts = opts.worker_var(*name, *value);
-    }
-    Stack::start(opts).await.expect("the stack starts")
-}
 
 /// Submits `{"type": kind, "payload": payload}`, asserting the 202 and the echoed fields.
 async fn submit(api: &ApiClient, kind: &str, payload: Value) -> CreateTaskResponse {
@@ -71,7 +64,7 @@ fn state(vm_state: VmState) -> TaskResult {
 #[tokio::test]
 #[ignore = "needs the local stack: cargo xtask e2e"]
 async fn every_operation_round_trips_through_both_workers() {
-    let stack = edge_stack(&[]).await;
+    let stack = start(StackOptions::edge_only()).await;
     let api = stack.client();
     let vm = "test-vm-001";
 
@@ -234,7 +227,7 @@ async fn every_operation_round_trips_through_both_workers() {
 #[tokio::test]
 #[ignore = "needs the local stack: cargo xtask e2e"]
 async fn tokens_guard_each_side_and_health_is_open() {
-    let stack = edge_stack(&[]).await;
+    let stack = start(StackOptions::edge_only()).await;
     let api = stack.client();
     let task = submit(&api, "launch_vm", json!({"vmName": "auth-vm", "targetServer": SERVER})).await;
     let (client, consumer) = (api.client_bearer(), api.consumer_bearer());
@@ -294,7 +287,7 @@ async fn tokens_guard_each_side_and_health_is_open() {
 #[tokio::test]
 #[ignore = "needs the local stack: cargo xtask e2e"]
 async fn a_cancelled_buffered_task_cannot_be_claimed() {
-    let stack = edge_stack(&[]).await;
+    let stack = start(StackOptions::edge_only()).await;
     let api = stack.client();
     let doomed = submit(&api, "launch_vm", json!({"vmName": "cancel-vm", "targetServer": SERVER})).await;
     let other = submit(&api, "launch_vm", json!({"vmName": "other-vm", "targetServer": SERVER})).await;
@@ -325,7 +318,7 @@ async fn a_cancelled_buffered_task_cannot_be_claimed() {
 #[tokio::test]
 #[ignore = "needs the local stack: cargo xtask e2e"]
 async fn an_expired_lease_returns_the_task_to_pending_via_the_cron() {
-    let stack = edge_stack(&[]).await;
+    let stack = start(StackOptions::edge_only()).await;
     let api = stack.client();
     let task = submit(&api, "launch_vm", json!({"vmName": "lease-vm", "targetServer": SERVER})).await;
     wait_buffered(&api, &[task.task_id]).await;
@@ -360,11 +353,8 @@ async fn an_expired_lease_returns_the_task_to_pending_via_the_cron() {
 #[ignore = "needs the local stack: cargo xtask e2e"]
 async fn the_last_expired_lease_fails_the_task() {
     // MAX_ATTEMPTS=1: the first expiry is final. The cron ticker stands in for the real cron.
-    let opts = StackOptions::edge_only()
-        .worker_var("BELL_CHECK_MS", 100)
-        .worker_var("MAX_ATTEMPTS", 1)
-        .cron_every(Duration::from_millis(500));
-    let stack = Stack::start(opts).await.expect("the stack starts");
+    let stack =
+        start(StackOptions::edge_only().worker_var("MAX_ATTEMPTS", 1).cron_every(Duration::from_millis(500))).await;
     let api = stack.client();
     let task = submit(&api, "launch_vm", json!({"vmName": "doomed-vm", "targetServer": SERVER})).await;
     wait_buffered(&api, &[task.task_id]).await;
@@ -386,7 +376,7 @@ async fn the_last_expired_lease_fails_the_task() {
 #[tokio::test]
 #[ignore = "needs the local stack: cargo xtask e2e"]
 async fn tasks_survive_a_wrangler_restart() {
-    let mut stack = edge_stack(&[]).await;
+    let mut stack = start(StackOptions::edge_only()).await;
     let api = stack.client();
     let waiting = submit(&api, "launch_vm", json!({"vmName": "persist-vm", "targetServer": SERVER})).await;
     let finished = submit(&api, "launch_vm", json!({"vmName": "done-vm", "targetServer": SERVER})).await;

@@ -10,10 +10,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::future::join_all;
 use serde_json::{json, Value};
-use stack::{ApiClient, Stack, StackOptions};
+use stack::{ApiClient, StackOptions};
 use uuid::Uuid;
 use vm_task_types::{TaskStatus, VmState};
+
+use crate::support::start;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -48,7 +51,7 @@ async fn submit_all(api: &ApiClient, vms: usize, per_vm: usize) -> Vec<(Uuid, St
     let mut submitted = Vec::new();
     for step in 0..longest {
         let round: Vec<(String, Value)> = plans.iter().filter_map(|p| p.get(step).cloned()).collect();
-        let results = futures_join(api, &round).await;
+        let results = submit_round(api, &round).await;
         for ((kind, payload), id) in round.into_iter().zip(results) {
             submitted.push((id, kind, payload));
         }
@@ -56,19 +59,10 @@ async fn submit_all(api: &ApiClient, vms: usize, per_vm: usize) -> Vec<(Uuid, St
     submitted
 }
 
-/// Submits one round concurrently (one task per VM, so per-VM order holds).
-async fn futures_join(api: &ApiClient, round: &[(String, Value)]) -> Vec<Uuid> {
-    let mut set = tokio::task::JoinSet::new();
-    for (i, (kind, payload)) in round.iter().cloned().enumerate() {
-        let api = api.clone();
-        set.spawn(async move { (i, api.submit_op(&kind, payload).await.expect("accepted").task_id) });
-    }
-    let mut ids = vec![Uuid::nil(); round.len()];
-    while let Some(joined) = set.join_next().await {
-        let (i, id) = joined.expect("submitter");
-        ids[i] = id;
-    }
-    ids
+/// Submits one round concurrently (one task per VM, so per-VM order holds); ids in round order.
+async fn submit_round(api: &ApiClient, round: &[(String, Value)]) -> Vec<Uuid> {
+    let submits = round.iter().map(|(kind, payload)| api.submit_op(kind, payload.clone()));
+    join_all(submits).await.into_iter().map(|created| created.expect("accepted").task_id).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,9 +70,8 @@ async fn futures_join(api: &ApiClient, round: &[(String, Value)]) -> Vec<Uuid> {
 async fn soak_two_thousand_tasks_with_faults() {
     let vms = env_usize("SOAK_VMS", 100);
     let per_vm = env_usize("SOAK_TASKS_PER_VM", 20);
-    let stack = Stack::start(
+    let stack = start(
         StackOptions::default()
-            .worker_var("BELL_CHECK_MS", 100)
             .sim_arg("--error-rate")
             .sim_arg("0.1")
             .sim_arg("--seed")
@@ -88,8 +81,7 @@ async fn soak_two_thousand_tasks_with_faults() {
             .daemon_env("MAX_CONCURRENCY", 32)
             .daemon_env("ARRAKIS_RETRY_BASE_MS", 20),
     )
-    .await
-    .expect("the stack starts");
+    .await;
     let api = stack.client();
     let started = Instant::now();
     let submitted = submit_all(&api, vms, per_vm).await;
