@@ -10,8 +10,9 @@
 //!
 //! To add a module: create `tests/e2e/<area>.rs` with a `//!` line saying what it attacks,
 //! add `mod <area>;` below and `use crate::support::*;` for the shared helpers, and mark each
-//! test `#[tokio::test]` and `#[ignore = "needs the local stack: cargo xtask e2e"]`. A helper used by several modules
-//! goes in `support.rs`; one used by a single module stays in it.
+//! test `#[tokio::test]` and `#[ignore = "needs the local stack: cargo xtask e2e"]`. A helper
+//! used by several modules goes in `support.rs`; one used by a single module stays in it.
+//! `cargo xtask e2e` skips by substring, so no module name may end in `soak` or `fuzz`.
 
 mod bad_input;
 mod cancel_race;
