@@ -16,12 +16,17 @@
 //! - **the queue** delivers batches to `buffer_batch` at a random location, and dead letters
 //!   to `dead_letter_batch`;
 //! - **the cron** runs `sweep` every minute at its location;
-//! - **daemons**, one per server, run the consumer protocol (list ready → check predecessor →
-//!   claim → execute on an in-memory Arrakis → report), one task at a time. This driver is a
-//!   minimal stand-in for `local-consumer`'s loop, which is not yet factored over a transport
-//!   trait; its rules follow the daemon's (oldest task per VM, predecessor must be terminal,
-//!   claim ids fixed per process and task, lifecycle operations look at the VM first, a
-//!   command is not re-sent after a lost attempt).
+//! - **daemons**, one per server, run the consumer protocol (poll with the doorbell → check
+//!   predecessor → claim → execute on an in-memory Arrakis → report), one task at a time.
+//!   This driver restates `local-consumer`'s rules rather than running its loop: oldest listed
+//!   task per VM; a predecessor terminal or not found; a claim 404 or terminal 409 means
+//!   finished; a refused report is kept for the next claim; claim ids fixed per process and
+//!   task; lifecycle operations look at the VM first; a command claimed again after a lost
+//!   attempt is sent again unless [`DaemonRules`] say otherwise. The daemon's own loop
+//!   (`local_consumer::daemon::Daemon` over its `Edge` and `Execute` traits) cannot run here
+//!   yet: its traits require `Send` futures (this world is single-threaded `Rc` state) and its
+//!   `tokio::select!` is unbiased, so equal-time events would be taken in a random order and a
+//!   seed would no longer replay.
 //!
 //! `SIM_DEBUG=1` adds each daemon listing to the trace.
 //!
