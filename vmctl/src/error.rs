@@ -22,7 +22,7 @@ pub mod exit {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    #[error("no API token: set API_TOKEN or pass --token (for `cargo xtask dev`: source .dev-state/tokens.env)")]
+    #[error("no API token: set API_TOKEN or pass --token (for `cargo xtask dev`: set -a; source .dev-state/tokens.env; set +a)")]
     NoToken,
     #[error(
         "API_URL {url:?} is not a usable URL: {reason}; set API_URL or pass --api-url, e.g. {}",

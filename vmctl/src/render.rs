@@ -110,7 +110,17 @@ pub fn task_status(status: &TaskStatusResponse) -> String {
     ];
     pairs.extend(result_fields(status.result.as_ref()));
     pairs.push(("error", opt(status.error.as_ref())));
-    fields(&pairs)
+    fields(&pairs) + &output_block(status.result.as_ref())
+}
+
+/// A command's output, indented under the fields.
+fn output_block(result: Option<&TaskResult>) -> String {
+    let Some(output) = result.and_then(|r| r.output.as_ref()) else { return String::new() };
+    let mut out = String::from("output:\n");
+    for line in output.lines() {
+        out.push_str(&format!("  {line}\n"));
+    }
+    out
 }
 
 /// `vmctl task ID`: the record, then its timeline.
@@ -125,17 +135,19 @@ pub fn task_detail(task: &Task) -> String {
         ("created", task.created_at.to_string()),
         ("updated", task.updated_at.to_string()),
         ("after task", opt(task.previous_task_id)),
-        ("claim", opt(task.claim.as_ref().map(|c| format!("{} until {}", c.consumer_id, c.lease_expires_at)))),
+        // A finished task keeps its last claim on the record; only a live one is news.
+        (
+            "claim",
+            opt(task
+                .claim
+                .as_ref()
+                .filter(|_| !task.status.is_terminal())
+                .map(|c| format!("{} until {}", c.consumer_id, c.lease_expires_at))),
+        ),
     ];
     pairs.extend(result_fields(task.result.as_ref()));
     pairs.push(("error", opt(task.error.as_ref())));
-    let mut out = fields(&pairs);
-    if let Some(output) = task.result.as_ref().and_then(|r| r.output.as_ref()) {
-        out.push_str("output:\n");
-        for line in output.lines() {
-            out.push_str(&format!("  {line}\n"));
-        }
-    }
+    let mut out = fields(&pairs) + &output_block(task.result.as_ref());
     out.push('\n');
     out.push_str(&timeline(&task.timeline, None));
     out
@@ -290,7 +302,12 @@ mod tests {
             created_at: Timestamp(1_000),
             updated_at: Timestamp(2_500),
             attempts: 1,
-            claim: None,
+            claim: Some(vm_task_types::Claim {
+                claim_id: Uuid::nil(),
+                consumer_id: "host-a".into(),
+                claimed_at: Timestamp(1_100),
+                lease_expires_at: Timestamp(181_100),
+            }),
             result: Some(TaskResult {
                 vm_state: Some(VmState::Stopped),
                 output: Some("a\nb\n".into()),
@@ -306,6 +323,7 @@ mod tests {
         assert!(text.contains("vm state  STOPPED"), "{text}");
         assert!(text.contains("output:\n  a\n  b\n"), "{text}");
         assert!(!text.contains("error"), "empty fields are left out: {text}");
+        assert!(!text.contains("until"), "a finished task's old claim is not shown: {text}");
         assert!(text.contains("+1.5s"), "{text}");
     }
 
