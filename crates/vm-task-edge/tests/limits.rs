@@ -143,3 +143,19 @@ impl TapServer for Value {
         self
     }
 }
+
+#[test]
+fn a_dead_lettered_message_whose_task_is_buffered_does_not_fail_it() {
+    let edge = Edge::new();
+    let id = edge.submit(launch("vm-1", "production"));
+    let messages = edge.queue.drain();
+    let bodies: Vec<Value> = messages.iter().map(|m| serde_json::to_value(m).unwrap()).collect();
+    // The entry was written, but the batch was retried until the queue gave up (its doorbell
+    // write kept failing): the message reaches the dead letter queue anyway.
+    assert_eq!(block_on(edge.consumer().buffer_batch(&bodies)), [Delivery::Ack]);
+    edge.clock.advance_ms(2_000);
+    assert_eq!(block_on(edge.consumer().dead_letter_batch(&bodies)), [Delivery::Ack]);
+    assert_eq!(edge.status(id)["status"], "pending", "a buffered task is left to its daemon");
+    edge.clock.advance_ms(2_000);
+    assert_eq!(edge.claim(id, None).status, 200);
+}

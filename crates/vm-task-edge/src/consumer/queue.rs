@@ -86,8 +86,9 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         paced(&self.clock, || self.buffer.put(&entry)).await
     }
 
-    /// Handles messages that exhausted their deliveries: each task becomes `failed` with the
-    /// reason, so nothing the API accepted is ever silently lost.
+    /// Handles messages that exhausted their deliveries: each task that is still pending and
+    /// in no buffer becomes `failed` with the reason, so nothing the API accepted is ever
+    /// silently lost; one that is buffered is left to its daemon (its doorbell rung again).
     pub async fn dead_letter_batch(&self, bodies: &[Value]) -> Vec<Delivery> {
         let mut decisions = Vec::with_capacity(bodies.len());
         for message in decode_messages(bodies) {
@@ -97,6 +98,13 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             };
             let outcome = async {
                 let Some(mut task) = self.tasks.load(message.task_id).await? else { return Ok::<(), AppError>(()) };
+                // A message can exhaust its deliveries after its entry was written (its doorbell
+                // kept failing): the task is buffered and will be claimed, so it is not failed.
+                if task.status == TaskStatus::Pending && self.buffer.get(&task.target_server, task.id).await?.is_some()
+                {
+                    self.ring(&task.target_server).await?;
+                    return Ok(());
+                }
                 if task.status == TaskStatus::Pending {
                     let reason =
                         "could not be buffered for a host: the queue gave up after its retries (dead-lettered)";
