@@ -148,7 +148,10 @@ impl ApiClient {
         url
     }
 
-    /// One request: success bodies are parsed as `T`, error bodies into a [`CliError`].
+    /// One request, tried up to [`ATTEMPTS`] times while it fails transiently (a dropped
+    /// connection, a timeout, 429 or 5xx). Every call vmctl makes is safe to repeat: reads,
+    /// cancels, and submissions, which carry one `Idempotency-Key` across their tries. A
+    /// refused connection is not retried: nothing is listening, and the user hears so at once.
     async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
@@ -157,30 +160,76 @@ impl ApiClient {
         body: Option<&Value>,
         wait_secs: u64,
     ) -> Result<(StatusCode, Answer<T>), CliError> {
-        let url = self.url(segments, query);
-        let mut request = self
+        let idempotency_key = (method == Method::POST).then(|| Uuid::new_v4().to_string());
+        let mut attempt = 1;
+        loop {
+            let request = Request { method: method.clone(), segments, query, body, wait_secs };
+            match self.call_once(&request, idempotency_key.as_deref()).await {
+                Err(failure) if failure.transient && attempt < ATTEMPTS => {
+                    tokio::time::sleep(RETRY_BACKOFF * 2u32.pow(attempt - 1)).await;
+                    attempt += 1;
+                }
+                outcome => return outcome.map_err(|failure| failure.error),
+            }
+        }
+    }
+
+    async fn call_once<T: DeserializeOwned>(
+        &self,
+        request: &Request<'_>,
+        idempotency_key: Option<&str>,
+    ) -> Result<(StatusCode, Answer<T>), Failure> {
+        let url = self.url(request.segments, request.query);
+        let mut builder = self
             .http
-            .request(method, url.clone())
+            .request(request.method.clone(), url.clone())
             .bearer_auth(&self.token)
             // A long poll holds the request for up to `wait` seconds before answering.
-            .timeout(Duration::from_secs(30 + wait_secs));
-        if let Some(body) = body {
-            request = request.json(body);
+            .timeout(Duration::from_secs(30 + request.wait_secs));
+        if let Some(body) = request.body {
+            builder = builder.json(body);
         }
-        let unreachable = |e: reqwest::Error| CliError::Unreachable { url: url.to_string(), reason: error_chain(&e) };
-        let response = request.send().await.map_err(unreachable)?;
+        if let Some(key) = idempotency_key {
+            builder = builder.header("idempotency-key", key);
+        }
+        let unreachable = |e: reqwest::Error| Failure {
+            transient: !e.is_connect(),
+            error: CliError::Unreachable { url: url.to_string(), reason: error_chain(&e) },
+        };
+        let response = builder.send().await.map_err(unreachable)?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(unreachable)?;
-        let protocol = |reason: String| CliError::Protocol { url: url.to_string(), reason };
         if !status.is_success() {
-            return Err(error_for(status, &bytes, &url));
+            let transient = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+            return Err(Failure { transient, error: error_for(status, &bytes, &url) });
         }
+        let protocol =
+            |reason: String| Failure { transient: false, error: CliError::Protocol { url: url.to_string(), reason } };
         let json: Value = serde_json::from_slice(&bytes)
             .map_err(|e| protocol(format!("{status} with a body that is not JSON ({e}): {}", snippet(&bytes))))?;
         let typed = serde_json::from_value(json.clone())
             .map_err(|e| protocol(format!("{status} with a body vmctl cannot read ({e}): {}", snippet(&bytes))))?;
         Ok((status, Answer { body: typed, json }))
     }
+}
+
+/// How often a request is tried, and the pause before the second try (doubling after).
+const ATTEMPTS: u32 = 3;
+const RETRY_BACKOFF: Duration = Duration::from_millis(500);
+
+/// One request's parts, so each try builds it afresh.
+struct Request<'a> {
+    method: Method,
+    segments: &'a [&'a str],
+    query: &'a [(&'a str, String)],
+    body: Option<&'a Value>,
+    wait_secs: u64,
+}
+
+/// A failed try, and whether trying again may succeed.
+struct Failure {
+    transient: bool,
+    error: CliError,
 }
 
 /// Maps an error status and its body (the API's `ErrorBody`, or anything a proxy sent) to the

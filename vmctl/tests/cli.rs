@@ -246,3 +246,27 @@ async fn completions_are_generated_for_each_shell() {
         assert!(run.stdout.contains("launch") && run.stdout.contains("watch"), "{shell}: {run:#?}");
     }
 }
+
+#[tokio::test]
+async fn transient_failures_are_retried_and_a_retried_submission_keeps_its_idempotency_key() {
+    let api = FakeApi::start().await;
+    api.state().fail_next_posts = 1;
+    api.state().fail_next_reads = 1;
+    let run = api.vmctl(&["stop", "vm-1"]).await;
+    assert_code(&run, 0);
+    let state = api.state();
+    assert_eq!(state.idempotency_keys.len(), 2, "one failed try, one accepted");
+    assert_eq!(state.idempotency_keys[0], state.idempotency_keys[1], "the retry is the same submission");
+    assert_eq!(state.tasks.len(), 1);
+}
+
+#[tokio::test]
+async fn a_persistent_server_error_ends_the_wait_naming_the_task_to_follow() {
+    let api = FakeApi::start().await;
+    api.state().fail_next_reads = 3;
+    let run = api.vmctl(&["stop", "vm-1"]).await;
+    assert_code(&run, 3);
+    let id = api.state().tasks[0].id;
+    assert!(run.stderr.contains("the API failed (502): injected: bad gateway"), "{run:#?}");
+    assert!(run.stderr.contains(&format!("follow it with `vmctl watch {id}`")), "{run:#?}");
+}

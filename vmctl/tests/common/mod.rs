@@ -43,6 +43,11 @@ pub struct FakeState {
     pub list_queries: Vec<HashMap<String, String>>,
     /// Every body `POST /vm/tasks` received.
     pub submitted: Vec<Value>,
+    /// The `Idempotency-Key` of every `POST /vm/tasks`, failed ones included.
+    pub idempotency_keys: Vec<String>,
+    /// Answer this many of the next submissions, then of the next status reads, with a 503.
+    pub fail_next_posts: usize,
+    pub fail_next_reads: usize,
     clock: u64,
 }
 
@@ -175,6 +180,15 @@ async fn create(State(state): Shared, headers: HeaderMap, body: Bytes) -> Respon
         return denied;
     }
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    {
+        let mut state = state.lock().unwrap();
+        state.idempotency_keys.extend(key.clone());
+        if state.fail_next_posts > 0 {
+            state.fail_next_posts -= 1;
+            return error(StatusCode::SERVICE_UNAVAILABLE, "injected: KV unavailable".into(), None, None);
+        }
+    }
     let operation = match Operation::parse(&body) {
         Ok(op) => op,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("{}: {}", e.field, e.message), Some(&e.field), None),
@@ -309,6 +323,10 @@ async fn status(
     }
     let (response, finished) = {
         let mut state = state.lock().unwrap();
+        if state.fail_next_reads > 0 {
+            state.fail_next_reads -= 1;
+            return error(StatusCode::BAD_GATEWAY, "injected: bad gateway".into(), None, None);
+        }
         let index = match find(&state, &id) {
             Ok(i) => i,
             Err(e) => return e,
