@@ -1,10 +1,15 @@
 //! The API worker: a thin adapter from workers-rs to [`vm_task_edge::api::ApiService`].
 //!
 //! Bindings (names match `wrangler-api.toml`): KV `TASK_STORAGE` (task records, VM registry),
-//! KV `TASK_BUFFER` (to drop a finished task's buffer entry), queue producer `VM_TASK_QUEUE`.
+//! KV `TASK_BUFFER` (to drop a finished task's buffer entry), queue producer `VM_TASK_QUEUE`,
+//! Durable Object namespace `HOST_QUEUE` (class of the consumer worker).
+//!
+//! `DISPATCH_MODE = "durable"`: cancels, daemon reports and `?wait` reads of live tasks go to
+//! the task's server's host queue object ([`host_queue::front::ApiFront`]).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use host_queue::front::ApiFront;
 use vm_task_edge::{
     api::{ApiConfig, ApiService},
     auth::{Cors, Tokens},
@@ -14,12 +19,14 @@ use vm_task_edge::{
 };
 use worker::{event, Context, Env};
 use worker_glue::{
-    read_body, request_head, setting, to_worker_response, WorkerClock, WorkerIds, WorkerKv, WorkerQueue,
+    durable::DurableQueues, read_body, request_head, setting, to_worker_response, WorkerClock, WorkerIds, WorkerKv,
+    WorkerQueue,
 };
 
 const TASK_STORAGE: &str = "TASK_STORAGE";
 const TASK_BUFFER: &str = "TASK_BUFFER";
 const VM_TASK_QUEUE: &str = "VM_TASK_QUEUE";
+const HOST_QUEUE: &str = "HOST_QUEUE";
 
 /// The OpenAPI document of both workers, served at `/openapi.json`.
 const OPENAPI: &str = include_str!("../../openapi.json");
@@ -66,7 +73,22 @@ async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<
     }
     read_body(req, &mut request).await;
     let (method, path) = (request.method.clone(), request.path.clone());
-    let response = service.handle(request).await;
+    let durable = if setting(&env, "DISPATCH_MODE").trim() == "durable" {
+        let queues = DurableQueues(env.durable_object(HOST_QUEUE)?);
+        let front = ApiFront {
+            tasks: &service.tasks,
+            queues: &queues,
+            client_tokens: &config.client_tokens,
+            consumer_tokens: &config.consumer_tokens,
+        };
+        front.handle(&request).await
+    } else {
+        None
+    };
+    let response = match durable {
+        Some(response) => response,
+        None => service.handle(request).await,
+    };
     if response.status >= 500 {
         worker::console_error!("{method} {path} -> {}: {}", response.status, String::from_utf8_lossy(&response.body));
     }

@@ -3,9 +3,18 @@
 //!
 //! Bindings (names match `wrangler-consumer.toml`): KV `TASK_BUFFER` (per-server buffer and
 //! doorbells), KV `TASK_STORAGE` (task records: the claim is recorded there), consumer of
-//! `vm-task-queue` and of its dead letter queue `vm-task-dlq`.
+//! `vm-task-queue` and of its dead letter queue `vm-task-dlq`, Durable Object class
+//! `HostQueueObject` (binding `HOST_QUEUE`).
+//!
+//! `DISPATCH_MODE = "durable"` hands each queued task to its server's `HostQueueObject` and
+//! sends the daemon's routes there ([`host_queue::front`]); `"kv"` (the default) buffers in KV.
+
+mod host_queue_object;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use host_queue::front::{connect_route, ConsumerFront, Handoff};
+pub use host_queue_object::HostQueueObject;
 
 use serde_json::Value;
 use vm_task_edge::{
@@ -19,12 +28,16 @@ use vm_task_types::Timestamp;
 use worker::{
     event, Context, Env, MessageBatch, MessageExt, QueueRetryOptionsBuilder, ScheduleContext, ScheduledEvent,
 };
-use worker_glue::{number, read_body, request_head, setting, to_worker_response, WorkerClock, WorkerIds, WorkerKv};
+use worker_glue::{
+    durable::DurableQueues, number, read_body, request_head, setting, to_worker_response, WorkerClock, WorkerIds,
+    WorkerKv,
+};
 
-const TASK_STORAGE: &str = "TASK_STORAGE";
+pub(crate) const TASK_STORAGE: &str = "TASK_STORAGE";
 const TASK_BUFFER: &str = "TASK_BUFFER";
+const HOST_QUEUE: &str = "HOST_QUEUE";
 
-static COUNTERS: OpCounters = OpCounters::new();
+pub(crate) static COUNTERS: OpCounters = OpCounters::new();
 static STARTED_AT: AtomicU64 = AtomicU64::new(0);
 
 /// The worker's settings, and the problem with `CONSUMER_TOKENS` if it has one: HTTP requests
@@ -69,6 +82,11 @@ fn service<'a>(env: &Env, config: &'a ConsumerConfig) -> worker::Result<Service<
     })
 }
 
+/// `DISPATCH_MODE`: `durable` sends each server's tasks through its `HostQueueObject`.
+fn durable_mode(env: &Env) -> bool {
+    setting(env, "DISPATCH_MODE").trim() == "durable"
+}
+
 #[event(fetch)]
 async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<worker::Response> {
     let mut request = request_head(&req)?;
@@ -77,13 +95,35 @@ async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<
         return to_worker_response(vm_task_edge::http::Response::misconfigured(&problem));
     }
     let service = service(&env, &config)?;
+    if durable_mode(&env) {
+        match connect_route(&request, &config.consumer_tokens) {
+            Ok(Some(server)) => return DurableQueues(env.durable_object(HOST_QUEUE)?).connect(&server, req).await,
+            Ok(None) => {}
+            Err(refused) => return to_worker_response(refused),
+        }
+    }
     // Route, token and Content-Length first: a refused body is never read.
     if let Some(refusal) = service.refuse_unread(&request) {
         return to_worker_response(refusal);
     }
     read_body(req, &mut request).await;
     let (method, path) = (request.method.clone(), request.path.clone());
-    let response = service.handle(request).await;
+    let durable = if durable_mode(&env) {
+        let queues = DurableQueues(env.durable_object(HOST_QUEUE)?);
+        let front = ConsumerFront {
+            tasks: &service.tasks,
+            queues: &queues,
+            consumer_tokens: &config.consumer_tokens,
+            max_wait_secs: config.max_wait_secs,
+        };
+        front.handle(&request).await
+    } else {
+        None
+    };
+    let response = match durable {
+        Some(response) => response,
+        None => service.handle(request).await,
+    };
     if response.status >= 500 {
         worker::console_error!("{method} {path} -> {}: {}", response.status, String::from_utf8_lossy(&response.body));
     }
@@ -98,7 +138,13 @@ async fn queue(batch: MessageBatch<Value>, env: Env, _ctx: Context) -> worker::R
     let bodies: Vec<Value> = messages.iter().map(|m| m.body().clone()).collect();
     let dead_letter_queue = setting(&env, "DEAD_LETTER_QUEUE");
     let is_dlq = batch.queue() == if dead_letter_queue.is_empty() { "vm-task-dlq" } else { dead_letter_queue.as_str() };
-    let decisions = if is_dlq { service.dead_letter_batch(&bodies).await } else { service.buffer_batch(&bodies).await };
+    let decisions = if is_dlq {
+        service.dead_letter_batch(&bodies).await
+    } else if durable_mode(&env) {
+        hand_off_batch(&env, &service, &config, &bodies).await?
+    } else {
+        service.buffer_batch(&bodies).await
+    };
     let (mut acks, mut retries) = (0, 0);
     for (message, decision) in messages.iter().zip(decisions) {
         match decision {
@@ -119,8 +165,43 @@ async fn queue(batch: MessageBatch<Value>, env: Env, _ctx: Context) -> worker::R
     Ok(())
 }
 
+/// The durable mode's queue handler: each task to its server's object, concurrently.
+async fn hand_off_batch(
+    env: &Env,
+    service: &Service<'_>,
+    config: &ConsumerConfig,
+    bodies: &[Value],
+) -> worker::Result<Vec<Delivery>> {
+    let queues = DurableQueues(env.durable_object(HOST_QUEUE)?);
+    let front = ConsumerFront {
+        tasks: &service.tasks,
+        queues: &queues,
+        consumer_tokens: &config.consumer_tokens,
+        max_wait_secs: config.max_wait_secs,
+    };
+    let retry = Delivery::Retry { delay_secs: config.retry_delay_secs };
+    let handoffs = bodies.iter().map(|body| async {
+        let Ok(message) = serde_json::from_value::<vm_task_edge::QueueMessage>(body.clone()) else {
+            // Unreadable: the dead letter queue marks what it can.
+            return retry.clone();
+        };
+        match front.hand_off(&message).await {
+            Handoff::Done => Delivery::Ack,
+            Handoff::Retry(why) => {
+                worker::console_warn!("task {} not handed to its host queue: {why}", message.task_id);
+                retry.clone()
+            }
+        }
+    });
+    Ok(futures::future::join_all(handoffs).await)
+}
+
 #[event(scheduled)]
 async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
+    if durable_mode(&env) {
+        // Leases end by each object's alarm; the KV buffer the sweep scans is not used.
+        return;
+    }
     let (config, _) = config(&env);
     match service(&env, &config) {
         Ok(service) => match service.sweep().await {

@@ -13,6 +13,8 @@
 //!
 //! `protocol` holds the object's request and reply bodies and the messages pushed to daemons.
 
+pub mod front;
+pub mod object;
 mod protocol;
 mod queue;
 mod store;

@@ -48,6 +48,10 @@ impl Refusal {
         refusal
     }
 
+    pub(crate) fn not_found_path(method: &str, path: &str) -> Self {
+        Self::new(404, "not_found", format!("the host queue has no route {method} {path}"))
+    }
+
     pub fn bad_request(message: String) -> Self {
         Self::new(400, "invalid_request", message)
     }
@@ -119,6 +123,8 @@ pub enum EnqueueOutcome {
 #[serde(rename_all = "camelCase")]
 pub struct ReadyList {
     pub success: bool,
+    /// Changes whenever new work may have become claimable; a long poll waits for it to change.
+    pub version: String,
     pub tasks: Vec<BufferedTask>,
     pub count: usize,
 }

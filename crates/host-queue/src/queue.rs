@@ -29,9 +29,21 @@ use crate::{
     store::{HostStore, StoredEntry},
 };
 
-/// KV takes one write per second per key: the object writes a task's record at most this often
-/// (the window plus a margin for clock differences), coalescing transitions in between.
+/// KV takes one write per second per key. A status change is written at once; when KV refuses
+/// (429), or for a change that is only a note (buffered, lease renewed), the write waits this
+/// long (the window plus a margin for clock differences) and carries every change since.
 pub const MIRROR_WINDOW_MS: u64 = 1_100;
+
+/// What this instance knows about a task's KV record.
+#[derive(Debug, Default, Clone, Copy)]
+struct Mirror {
+    /// Our (or the API's) last write that KV accepted.
+    written_at: Option<Timestamp>,
+    /// KV's last refusal since then.
+    refused_at: Option<Timestamp>,
+    /// The status KV holds, when known.
+    status: Option<TaskStatus>,
+}
 
 const FENCE_COUNTER: &str = "fence";
 const OBJECT: &str = "host-queue";
@@ -78,8 +90,9 @@ pub struct HostQueue<S> {
     config: QueueConfig,
     entries: BTreeMap<Uuid, StoredEntry>,
     next_fence: u64,
-    /// When each task's KV record was last written, as far as this instance knows.
-    last_kv_write: BTreeMap<Uuid, Timestamp>,
+    /// Each task's KV record, as far as this instance knows (not stored: after a restart every
+    /// record not known to be current is written again).
+    mirrors: BTreeMap<Uuid, Mirror>,
     /// Tasks that became claimable since the last [`HostQueue::effects`].
     newly_ready: BTreeSet<Uuid>,
     /// Bumped whenever the claimable set may have grown; long polls wait for it to change.
@@ -91,15 +104,7 @@ impl<S: HostStore> HostQueue<S> {
     pub fn load(mut store: S, config: QueueConfig) -> Self {
         let entries = store.load_entries().into_iter().map(|e| (e.task.id, e)).collect();
         let next_fence = store.counter(FENCE_COUNTER) + 1;
-        Self {
-            store,
-            config,
-            entries,
-            next_fence,
-            last_kv_write: BTreeMap::new(),
-            newly_ready: BTreeSet::new(),
-            version: 1,
-        }
+        Self { store, config, entries, next_fence, mirrors: BTreeMap::new(), newly_ready: BTreeSet::new(), version: 1 }
     }
 
     pub fn store(&self) -> &S {
@@ -137,8 +142,9 @@ impl<S: HostStore> HostQueue<S> {
         if task.status.is_terminal() {
             return EnqueueOutcome::Finished;
         }
-        // The API wrote the record at submission; our first write must wait out that window.
-        self.last_kv_write.insert(task.id, task.updated_at);
+        // The API wrote the record at submission: the buffered note waits out that window.
+        self.mirrors
+            .insert(task.id, Mirror { written_at: Some(task.updated_at), refused_at: None, status: Some(task.status) });
         let note = format!("queued for server {}", task.target_server);
         task.record(now.max(task.created_at), OBJECT, TimelineEvent::Buffered, None, note);
         let mirrored_gen = task.gen - 1;
@@ -305,7 +311,9 @@ impl<S: HostStore> HostQueue<S> {
             // message finds the task finished when it arrives.
             None => match &request.task {
                 Some(task) if task.id == id => {
-                    self.last_kv_write.insert(id, task.updated_at);
+                    let known =
+                        Mirror { written_at: Some(task.updated_at), refused_at: None, status: Some(task.status) };
+                    self.mirrors.insert(id, known);
                     StoredEntry { task: task.clone(), fence: 0, mirrored_gen: task.gen, finished_at: None }
                 }
                 _ => return Err(Refusal::not_found(id)),
@@ -344,7 +352,7 @@ impl<S: HostStore> HostQueue<S> {
             let purge_at = entry.finished_at.map(|at| at.plus_secs(self.config.retain_secs));
             if purge_at.is_some_and(|at| now >= at) && entry.mirrored_gen >= entry.task.gen {
                 self.entries.remove(&id);
-                self.last_kv_write.remove(&id);
+                self.mirrors.remove(&id);
                 self.store.delete_entry(id);
             }
         }
@@ -356,7 +364,7 @@ impl<S: HostStore> HostQueue<S> {
         let mirror = self
             .entries
             .values()
-            .filter(|e| e.mirrored_gen < e.task.gen && self.mirror_due_at(e.task.id) <= now)
+            .filter(|e| self.mirror_due_at(e).is_some_and(|due| due <= now))
             .map(|e| e.task.clone())
             .collect();
         let ready: BTreeSet<Uuid> = self.ready().iter().map(|t| t.task_id).collect();
@@ -368,18 +376,29 @@ impl<S: HostStore> HostQueue<S> {
         Effects { mirror, push }
     }
 
-    /// The caller wrote `gen` of the task's record to KV at `now`.
-    pub fn mirrored(&mut self, id: Uuid, gen: u64, now: Timestamp) {
-        self.last_kv_write.insert(id, now);
-        if let Some(entry) = self.entries.get_mut(&id) {
+    /// The caller wrote this version of the task's record to KV at `now`.
+    pub fn mirrored(&mut self, written: &Task, now: Timestamp) {
+        self.mirrors
+            .insert(written.id, Mirror { written_at: Some(now), refused_at: None, status: Some(written.status) });
+        if let Some(entry) = self.entries.get_mut(&written.id) {
             // Kept in memory only: after a restart the record is written once more, harmlessly.
-            entry.mirrored_gen = entry.mirrored_gen.max(gen);
+            entry.mirrored_gen = entry.mirrored_gen.max(written.gen);
         }
     }
 
     /// KV refused the write (429: written within the last second): try after the window.
     pub fn mirror_refused(&mut self, id: Uuid, now: Timestamp) {
-        self.last_kv_write.insert(id, now);
+        self.mirrors.entry(id).or_default().refused_at = Some(now);
+    }
+
+    /// Whether the task's KV record says what the queue says, or is waiting on KV's write
+    /// limit (then readers of KV see it within [`MIRROR_WINDOW_MS`]). `?wait` answers once
+    /// this holds, so a list read after it agrees whenever KV allows.
+    pub fn kv_settled(&self, id: Uuid, now: Timestamp) -> bool {
+        let Some(entry) = self.entries.get(&id) else { return true };
+        let mirror = self.mirrors.get(&id).copied().unwrap_or_default();
+        let waiting_on_kv = mirror.refused_at.is_some_and(|at| now < at.plus_millis(MIRROR_WINDOW_MS));
+        entry.mirrored_gen >= entry.task.gen || mirror.status == Some(entry.task.status) || waiting_on_kv
     }
 
     /// When the object must wake next: the earliest lease end, mirror write due, never-claimed
@@ -389,7 +408,7 @@ impl<S: HostStore> HostQueue<S> {
             .values()
             .filter_map(|e| {
                 let task = &e.task;
-                let mirror = (e.mirrored_gen < task.gen).then(|| self.mirror_due_at(task.id));
+                let mirror = self.mirror_due_at(e);
                 let deadline = match task.status {
                     TaskStatus::Processing => task.claim.as_ref().map(|c| c.lease_expires_at),
                     TaskStatus::Pending => Some(task.created_at.plus_secs(self.config.max_queued_secs)),
@@ -400,8 +419,16 @@ impl<S: HostStore> HostQueue<S> {
             .min()
     }
 
-    fn mirror_due_at(&self, id: Uuid) -> Timestamp {
-        self.last_kv_write.get(&id).map_or(Timestamp(0), |at| at.plus_millis(MIRROR_WINDOW_MS))
+    /// When the entry's record is due in KV; `None` when KV has it. A status change is due at
+    /// once unless KV just refused; a note waits for the window after the last write.
+    fn mirror_due_at(&self, entry: &StoredEntry) -> Option<Timestamp> {
+        if entry.mirrored_gen >= entry.task.gen {
+            return None;
+        }
+        let mirror = self.mirrors.get(&entry.task.id).copied().unwrap_or_default();
+        let urgent = mirror.status != Some(entry.task.status);
+        let since = if urgent { mirror.refused_at } else { mirror.refused_at.max(mirror.written_at) };
+        Some(since.map_or(Timestamp(0), |at| at.plus_millis(MIRROR_WINDOW_MS)))
     }
 
     /// The oldest live task of the same VM that comes before `id`, if any.

@@ -98,31 +98,40 @@ fn a_task_is_pushed_claimed_and_reported() {
 }
 
 #[test]
-fn the_kv_record_is_written_once_per_window_with_the_latest_state() {
+fn status_changes_reach_kv_at_once_and_notes_wait_for_the_window() {
     let mut q = queue();
     q.enqueue(task(1, "vm-1"), at(20));
-    let granted = q.claim(id(1), &claim_req(1), at(30)).unwrap();
-    q.report(id(1), &report(1, Some(granted.fence), TaskStatus::Completed), at(60)).unwrap();
-    // The API wrote the record at T0: nothing may be written before T0 + window.
-    assert!(q.effects(at(MIRROR_WINDOW_MS - 1)).mirror.is_empty());
+    // The buffered note: the API wrote the record at T0, so it waits for T0 + window.
+    assert!(q.effects(at(20)).mirror.is_empty());
     assert_eq!(q.next_alarm(), Some(at(MIRROR_WINDOW_MS)));
-    let fx = q.effects(at(MIRROR_WINDOW_MS));
-    assert_eq!(fx.mirror.len(), 1, "three transitions, one write");
-    assert_eq!(fx.mirror[0].status, TaskStatus::Completed);
-    q.mirrored(id(1), fx.mirror[0].gen, at(MIRROR_WINDOW_MS));
-    assert!(q.effects(at(10 * MIRROR_WINDOW_MS)).mirror.is_empty(), "written once");
+    let granted = q.claim(id(1), &claim_req(1), at(30)).unwrap();
+    let fx = q.effects(at(30));
+    assert_eq!(fx.mirror.iter().map(|t| t.status).collect::<Vec<_>>(), vec![TaskStatus::Processing]);
+    assert!(!q.kv_settled(id(1), at(30)), "not settled until written");
+    q.mirrored(&fx.mirror[0], at(31));
+    assert!(q.kv_settled(id(1), at(31)));
+    q.heartbeat(id(1), &lease(1, Some(granted.fence)), at(40)).unwrap();
+    assert!(q.effects(at(40)).mirror.is_empty(), "a renewed lease is a note");
+    assert!(q.kv_settled(id(1), at(40)), "KV has the status");
+    assert_eq!(q.effects(at(31 + MIRROR_WINDOW_MS)).mirror.len(), 1);
 }
 
 #[test]
-fn a_refused_kv_write_is_retried_after_the_window() {
+fn a_refused_write_waits_the_window_and_carries_every_change_since() {
     let mut q = queue();
     q.enqueue(task(1, "vm-1"), at(0));
-    let due = at(MIRROR_WINDOW_MS);
-    assert_eq!(q.effects(due).mirror.len(), 1);
-    q.mirror_refused(id(1), due);
-    assert!(q.effects(due.plus_millis(1)).mirror.is_empty());
-    assert_eq!(q.next_alarm(), Some(due.plus_millis(MIRROR_WINDOW_MS)));
-    assert_eq!(q.effects(due.plus_millis(MIRROR_WINDOW_MS)).mirror.len(), 1);
+    let granted = q.claim(id(1), &claim_req(1), at(30)).unwrap();
+    assert_eq!(q.effects(at(30)).mirror.len(), 1);
+    q.mirror_refused(id(1), at(30));
+    assert!(q.kv_settled(id(1), at(30)), "waiting on KV's limit counts as settled");
+    q.report(id(1), &report(1, Some(granted.fence), TaskStatus::Completed), at(60)).unwrap();
+    assert!(q.effects(at(60)).mirror.is_empty(), "coalesced while KV refuses");
+    assert_eq!(q.next_alarm(), Some(at(30 + MIRROR_WINDOW_MS)));
+    let fx = q.effects(at(30 + MIRROR_WINDOW_MS));
+    assert_eq!(fx.mirror.len(), 1, "two transitions, one write");
+    assert_eq!(fx.mirror[0].status, TaskStatus::Completed);
+    q.mirrored(&fx.mirror[0], at(30 + MIRROR_WINDOW_MS));
+    assert!(q.effects(at(100 * MIRROR_WINDOW_MS)).mirror.is_empty(), "written once");
 }
 
 #[test]
@@ -325,7 +334,7 @@ fn an_unclaimed_task_fails_after_max_queued_and_a_finished_one_is_purged_once_mi
     assert_eq!(t.event_at(TimelineEvent::NeverClaimed), Some(at(60_000)));
     q.on_alarm(at(80_000));
     assert!(q.task(id(1)).is_some(), "not purged before its final record is in KV");
-    q.mirrored(id(1), t.gen, at(80_000));
+    q.mirrored(&t, at(80_000));
     q.on_alarm(at(80_001));
     assert!(q.task(id(1)).is_none());
     assert!(q.store().is_empty());

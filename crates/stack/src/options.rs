@@ -79,7 +79,7 @@ impl Default for StackOptions {
         Self {
             client_token: None,
             consumer_token: None,
-            worker_vars: Vec::new(),
+            worker_vars: dispatch_mode_from_env(),
             simulator: true,
             sim_args: Vec::new(),
             sim_listen: None,
@@ -97,6 +97,15 @@ impl Default for StackOptions {
             persist_dir: None,
             startup_timeout: Duration::from_secs(60),
         }
+    }
+}
+
+/// `STACK_DISPATCH_MODE=durable|kv` sets the workers' `DISPATCH_MODE` for every stack started
+/// with default options, so the whole e2e suite runs in either mode (`cargo xtask e2e --mode`).
+fn dispatch_mode_from_env() -> Vec<(String, String)> {
+    match std::env::var("STACK_DISPATCH_MODE") {
+        Ok(mode) if !mode.trim().is_empty() => vec![("DISPATCH_MODE".to_owned(), mode.trim().to_owned())],
+        _ => Vec::new(),
     }
 }
 

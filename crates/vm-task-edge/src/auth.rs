@@ -125,6 +125,12 @@ impl Tokens {
         self.0.is_empty()
     }
 
+    /// [`Tokens::check`] for handlers outside this crate (the durable dispatch mode's routes):
+    /// the refusal comes as the same error response the routes send.
+    pub fn admit(&self, request: &Request, what: &str) -> Result<(), crate::http::Response> {
+        self.check(request, what).map_err(crate::http::Response::from)
+    }
+
     /// Checks the request's `Authorization: Bearer` header against every token, in constant
     /// time per token, and without stopping at the first match. Returns the matched token.
     pub(crate) fn check(&self, request: &Request, what: &str) -> Result<&Token, AppError> {

@@ -46,6 +46,12 @@ pub enum AppError {
 }
 
 impl AppError {
+    /// KV refused a write to a recently written key; for writers outside this crate that pace
+    /// their own writes (the durable mode's host queue).
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self, Self::RateLimited(_))
+    }
+
     pub(crate) fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::BadRequest { code, message: message.into(), field: None }
     }

@@ -50,7 +50,7 @@ impl<S: KvStore> TaskStore<S> {
     }
 
     /// The task with this id; `None` for unknown ids, including UUIDs that are not v7.
-    pub(crate) async fn load(&self, id: Uuid) -> Result<Option<Task>, AppError> {
+    pub async fn load(&self, id: Uuid) -> Result<Option<Task>, AppError> {
         let Some(key) = keys::task(id) else { return Ok(None) };
         self.get_json(&key).await
     }
@@ -61,7 +61,7 @@ impl<S: KvStore> TaskStore<S> {
     }
 
     /// Writes the record with its summary as metadata: one KV write.
-    pub(crate) async fn save(&self, task: &Task) -> Result<(), AppError> {
+    pub async fn save(&self, task: &Task) -> Result<(), AppError> {
         let key = keys::task(task.id)
             .ok_or_else(|| AppError::Unavailable(format!("task id {} is not a v7 UUID", task.id)))?;
         let metadata = serde_json::to_value(task.summary()).map_err(|e| AppError::Unavailable(e.to_string()))?;

@@ -1,6 +1,8 @@
 //! Adapters between workers-rs and `vm-task-edge`: KV, Queue, clock and randomness behind the
 //! edge's traits, and request/response conversion. No decisions are made here.
 
+pub mod durable;
+
 use std::time::Duration;
 
 use serde_json::Value;

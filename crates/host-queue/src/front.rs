@@ -1,0 +1,311 @@
+//! The `durable` dispatch mode's side of both workers: which requests go to a server's queue
+//! object, and what the worker answers from the object's reply. A worker in this mode asks
+//! [`ConsumerFront::handle`] or [`ApiFront::handle`] first; `None` means the request is the
+//! same in both modes and goes to the KV mode's service (health, stats, POST, lists, reads
+//! without `?wait`, anything about a task already finished).
+//!
+//! Consumer worker: the long poll `GET /tasks/ready` waits on the objects of the daemon's
+//! servers instead of doorbells; claim, heartbeat and release go to the task's object (the
+//! server from `?server=`, else from the task record). API worker: `DELETE` and the daemon's
+//! status report go to the task's object; `GET ?wait=` waits on the object, which holds the
+//! live task and is never stale.
+
+use vm_task_edge::{auth::Tokens, http::Request, http::Response, store::TaskStore, KvStore, QueueMessage};
+use vm_task_types::{
+    validate::{check_server_name, parse_task_id},
+    wire::{BufferedTask, ErrorBody, ReadyTasksResponse, TaskDetailResponse, TaskStatusResponse},
+    FieldError, Limits, Task,
+};
+
+use crate::{object::Reply, protocol::CancelRequest, ReadyList};
+
+/// The response header that tells a daemon which dispatch mode the worker runs.
+pub const MODE_HEADER: &str = "x-dispatch-mode";
+
+/// Requests to a server's queue object (a Durable Object stub in the workers, the queue
+/// itself in tests).
+#[allow(async_fn_in_trait)] // single-threaded wasm: no Send bound wanted.
+pub trait HostQueues {
+    /// `path` may carry a query. `Err`: the object could not be reached.
+    async fn call(&self, server: &str, method: &str, path: &str, body: Vec<u8>) -> Result<Reply, String>;
+}
+
+/// `GET /hosts/{server}/connect` on the consumer worker: a daemon's WebSocket to its server's
+/// object. `Ok(Some(server))` when the request is one, already authorized; the worker then
+/// passes the upgrade to the object as it is.
+pub fn connect_route(request: &Request, consumer_tokens: &Tokens) -> Result<Option<String>, Response> {
+    let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
+    let ["hosts", server, "connect"] = segments.as_slice() else { return Ok(None) };
+    consumer_tokens.admit(request, "consumer")?;
+    if request.method != "GET" {
+        return Err(error(405, "method_not_allowed", format!("{} is not allowed here; use GET", request.method), None));
+    }
+    check_server_name("server", server).map_err(invalid)?;
+    if !request.get_header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
+        return Err(error(426, "upgrade_required", "this route takes a WebSocket upgrade".into(), None));
+    }
+    Ok(Some((*server).to_owned()))
+}
+
+/// What the consumer worker does with a queue message in this mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handoff {
+    /// The object has the task (or it was finished already): ack.
+    Done,
+    /// Deliver again later: the record is not readable yet, or the object was unreachable.
+    Retry(String),
+}
+
+/// The consumer worker's routes in this mode.
+#[derive(Debug)]
+pub struct ConsumerFront<'a, S, Q> {
+    pub tasks: &'a TaskStore<S>,
+    pub queues: &'a Q,
+    pub consumer_tokens: &'a Tokens,
+    pub max_wait_secs: u64,
+}
+
+impl<S: KvStore, Q: HostQueues> ConsumerFront<'_, S, Q> {
+    pub async fn handle(&self, request: &Request) -> Option<Response> {
+        let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
+        let handled = matches!(
+            (request.method.as_str(), segments.as_slice()),
+            ("GET", ["tasks", "ready"]) | ("POST", ["tasks", _, "claim" | "heartbeat" | "release"])
+        );
+        if !handled {
+            return None;
+        }
+        if let Err(refused) = self.consumer_tokens.admit(request, "consumer") {
+            return Some(refused);
+        }
+        let response = match segments.as_slice() {
+            ["tasks", "ready"] => self.ready(request).await,
+            [_, id, op] => self.forward_lease(request, id, op).await,
+            _ => unreachable!("matched above"),
+        };
+        Some(with_mode(response.unwrap_or_else(|e| e)))
+    }
+
+    /// Hands a queued task to its server's object, with the record the API stored.
+    pub async fn hand_off(&self, message: &QueueMessage) -> Handoff {
+        let task = match self.tasks.load(message.task_id).await {
+            Ok(Some(task)) => task,
+            Ok(None) => return Handoff::Retry(format!("task {} has no record yet", message.task_id)),
+            Err(e) => return Handoff::Retry(e.to_string()),
+        };
+        if task.status.is_terminal() {
+            return Handoff::Done;
+        }
+        let body = serde_json::to_vec(&task).unwrap_or_default();
+        match self.queues.call(&task.target_server, "POST", "/enqueue", body).await {
+            Ok(reply) if reply.status == 200 => Handoff::Done,
+            Ok(reply) => Handoff::Retry(format!("host queue answered {}: {}", reply.status, reply.body)),
+            Err(e) => Handoff::Retry(e),
+        }
+    }
+
+    /// The long poll: waits on every listed server's object at once and answers when the
+    /// first has new work (or at the deadline), listing all of them.
+    async fn ready(&self, request: &Request) -> Result<Response, Response> {
+        let servers: Vec<String> = query(request, "server")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if servers.is_empty() {
+            return Err(invalid(FieldError::new("server", "is required in the durable dispatch mode")));
+        }
+        for server in &servers {
+            check_server_name("server", server).map_err(invalid)?;
+        }
+        let wait_secs = match query(request, "wait") {
+            None => 0,
+            Some(raw) => raw.parse::<u64>().ok().filter(|n| *n <= self.max_wait_secs).ok_or_else(|| {
+                invalid(FieldError::new(
+                    "wait",
+                    format!("must be an integer from 0 to {}, got {raw:?}", self.max_wait_secs),
+                ))
+            })?,
+        };
+        let since: Vec<&str> = query(request, "since").map(|s| s.split('.').collect()).unwrap_or_default();
+        let mut waits = Vec::new();
+        for (i, server) in servers.iter().enumerate() {
+            let path = match since.get(i) {
+                Some(version) if wait_secs > 0 => format!("/ready?since={version}&wait_ms={}", wait_secs * 1000),
+                _ => "/ready".to_owned(),
+            };
+            waits.push(Box::pin(self.list(server, path)));
+        }
+        // The first object to answer (new work, or its deadline) ends the wait; the others are
+        // listed again without waiting.
+        let (first, index, _rest) = futures::future::select_all(waits).await;
+        let mut lists = Vec::with_capacity(servers.len());
+        for (i, server) in servers.iter().enumerate() {
+            lists.push(if i == index { first.clone()? } else { self.list(server, "/ready".into()).await? });
+        }
+        let bell = lists.iter().map(|l| l.version.as_str()).collect::<Vec<_>>().join(".");
+        let mut tasks: Vec<BufferedTask> = lists.into_iter().flat_map(|l| l.tasks).collect();
+        tasks.sort_by_key(|t| t.task_id);
+        Ok(json(200, &ReadyTasksResponse { success: true, count: tasks.len(), tasks, bell, list_complete: true }))
+    }
+
+    async fn list(&self, server: &str, path: String) -> Result<ReadyList, Response> {
+        let reply = self.queues.call(server, "GET", &path, Vec::new()).await.map_err(unavailable)?;
+        serde_json::from_str(&reply.body).map_err(|e| unavailable(format!("host queue {server} answered {e}")))
+    }
+
+    async fn forward_lease(&self, request: &Request, raw_id: &str, op: &str) -> Result<Response, Response> {
+        let id = parse_task_id("id", raw_id).map_err(invalid)?;
+        let server = match query(request, "server") {
+            Some(server) => {
+                check_server_name("server", server).map_err(invalid)?;
+                server.to_owned()
+            }
+            None => match self.tasks.load(id).await.map_err(|e| unavailable(e.to_string()))? {
+                Some(task) => task.target_server,
+                None => return Err(not_found(format!("task {id} not found"))),
+            },
+        };
+        let reply = self
+            .queues
+            .call(&server, "POST", &format!("/tasks/{id}/{op}"), request.body.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(from_reply(reply))
+    }
+}
+
+/// The API worker's routes in this mode.
+#[derive(Debug)]
+pub struct ApiFront<'a, S, Q> {
+    pub tasks: &'a TaskStore<S>,
+    pub queues: &'a Q,
+    pub client_tokens: &'a Tokens,
+    pub consumer_tokens: &'a Tokens,
+}
+
+impl<S: KvStore, Q: HostQueues> ApiFront<'_, S, Q> {
+    pub async fn handle(&self, request: &Request) -> Option<Response> {
+        let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
+        let id = match (request.method.as_str(), segments.as_slice()) {
+            ("DELETE", ["vm", "tasks", id]) => {
+                if let Err(refused) = self.client_tokens.admit(request, "client") {
+                    return Some(refused);
+                }
+                let (id, task) = self.live_task(id).await?;
+                return Some(self.cancel(id, task).await);
+            }
+            ("PUT", ["vm", "tasks", id, "status"]) => {
+                if let Err(refused) = self.consumer_tokens.admit(request, "consumer") {
+                    return Some(refused);
+                }
+                let (id, task) = self.live_task(id).await?;
+                let path = format!("/tasks/{id}/status");
+                return match self.queues.call(&task.target_server, "PUT", &path, request.body.clone()).await {
+                    // A task the object does not hold (queued before the mode was switched):
+                    // the KV mode's handler reports on it.
+                    Ok(reply) if reply.status == 404 => None,
+                    Ok(reply) => Some(from_reply(reply)),
+                    Err(e) => Some(unavailable(e)),
+                };
+            }
+            ("GET", ["vm", "tasks", id] | ["vm", "tasks", id, "status"]) => *id,
+            _ => return None,
+        };
+        // `GET ?wait=N`: wait on the object. Anything else about reads is the KV mode's.
+        let wait_secs =
+            query(request, "wait")?.parse::<u64>().ok().filter(|n| (1..=Limits::WAIT_MAX_SECS).contains(n))?;
+        let admitted =
+            self.consumer_tokens.admit(request, "consumer").or_else(|_| self.client_tokens.admit(request, "client"));
+        if let Err(refused) = admitted {
+            return Some(refused);
+        }
+        let (id, task) = self.live_task(id).await?;
+        let path = format!("/tasks/{id}?wait_ms={}", wait_secs * 1000);
+        let live = match self.queues.call(&task.target_server, "GET", &path, Vec::new()).await {
+            Ok(reply) if reply.status == 200 => {
+                serde_json::from_str::<TaskDetailResponse>(&reply.body).map(|d| d.task).unwrap_or(task)
+            }
+            // Not in the object within the wait (still queued): the record as it stands.
+            Ok(_) => self.tasks.load(id).await.ok().flatten().unwrap_or(task),
+            Err(e) => return Some(unavailable(e)),
+        };
+        Some(if segments.last() == Some(&"status") {
+            json(200, &TaskStatusResponse::of(&live))
+        } else {
+            json(200, &TaskDetailResponse { success: true, task: live })
+        })
+    }
+
+    /// The task, when its record exists and is not finished; `None` leaves the request to the
+    /// KV mode's handlers (which answer unknown ids, bad ids and finished tasks).
+    async fn live_task(&self, raw_id: &str) -> Option<(uuid::Uuid, Task)> {
+        let id = parse_task_id("id", raw_id).ok()?;
+        let task = self.tasks.load(id).await.ok()??;
+        (!task.status.is_terminal()).then_some((id, task))
+    }
+
+    async fn cancel(&self, id: uuid::Uuid, task: Task) -> Response {
+        let server = task.target_server.clone();
+        let body = serde_json::to_vec(&CancelRequest { task: Some(task), message: "cancelled by client".into() })
+            .unwrap_or_default();
+        match self.queues.call(&server, "POST", &format!("/tasks/{id}/cancel"), body).await {
+            Ok(reply) => from_reply(reply),
+            Err(e) => unavailable(e),
+        }
+    }
+}
+
+fn query<'r>(request: &'r Request, name: &str) -> Option<&'r str> {
+    request.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn with_mode(mut response: Response) -> Response {
+    response.headers.push((MODE_HEADER.into(), "durable".into()));
+    response
+}
+
+fn json(status: u16, body: &impl serde::Serialize) -> Response {
+    Response {
+        status,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: serde_json::to_vec(body).unwrap_or_default(),
+    }
+}
+
+fn from_reply(reply: Reply) -> Response {
+    Response {
+        status: reply.status,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: reply.body.into_bytes(),
+    }
+}
+
+fn error(status: u16, code: &str, message: String, field: Option<String>) -> Response {
+    json(
+        status,
+        &ErrorBody {
+            success: false,
+            error: message,
+            code: code.into(),
+            field,
+            current_status: None,
+            lease_expires_at: None,
+        },
+    )
+}
+
+fn invalid(e: FieldError) -> Response {
+    let field = Some(e.field.clone());
+    error(400, "invalid_field", e.to_string(), field)
+}
+
+fn not_found(message: String) -> Response {
+    error(404, "not_found", message, None)
+}
+
+fn unavailable(message: String) -> Response {
+    error(503, "unavailable", format!("host queue unavailable: {message}"), None)
+}

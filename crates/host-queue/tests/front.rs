@@ -1,0 +1,314 @@
+//! The durable mode end to end in-process: the real API service and both fronts over the
+//! in-memory KV with its production limits (1 write/s per key), and a host queue object per
+//! server that runs the object's own request handler and carries out its effects the way the
+//! Durable Object does (KV records, refused writes waited out).
+
+use std::{cell::RefCell, collections::BTreeMap};
+
+use futures::executor::block_on;
+use host_queue::{
+    front::{ApiFront, ConsumerFront, Handoff, HostQueues},
+    object::{self, Reply},
+    HostQueue, MemoryStore, QueueConfig,
+};
+use serde_json::{json, Value};
+use uuid::Uuid;
+use vm_task_edge::{
+    api::{ApiConfig, ApiService},
+    auth::Tokens,
+    counting::{CountingQueue, OpCounters},
+    http::{Request, Response},
+    memory::{Invocation, ManualClock, MemoryKv, MemoryQueue, SeqIds},
+    store::{BufferStore, TaskStore},
+    Clock,
+};
+use vm_task_types::{wire::ClaimResponse, TaskStatus};
+
+const CLIENT: &str = "client-token";
+const CONSUMER: &str = "consumer-token";
+const START_MS: u64 = 1_800_000_000_000;
+
+/// The objects of every server, in-process, writing task records to `kv` after each step.
+struct Objects {
+    queues: RefCell<BTreeMap<String, HostQueue<MemoryStore>>>,
+    kv: TaskStore<MemoryKv>,
+    clock: ManualClock,
+}
+
+impl Objects {
+    /// What the object's alarm and its after-step do: write the records due, note refusals.
+    async fn settle(&self, server: &str) {
+        let now = self.clock.now();
+        let due = self.queues.borrow_mut().get_mut(server).map(|q| q.effects(now).mirror).unwrap_or_default();
+        for task in due {
+            let written = self.kv.save(&task).await;
+            let mut queues = self.queues.borrow_mut();
+            let queue = queues.get_mut(server).expect("queue exists");
+            match written {
+                Ok(()) => queue.mirrored(&task, now),
+                Err(e) => {
+                    assert!(e.is_rate_limited(), "only KV's write limit refuses here: {e}");
+                    queue.mirror_refused(task.id, now);
+                }
+            }
+        }
+    }
+
+    fn alarm(&self, server: &str) {
+        let now = self.clock.now();
+        if let Some(q) = self.queues.borrow_mut().get_mut(server) {
+            q.on_alarm(now);
+        }
+        block_on(self.settle(server));
+    }
+}
+
+impl HostQueues for Objects {
+    async fn call(&self, server: &str, method: &str, path: &str, body: Vec<u8>) -> Result<Reply, String> {
+        let now = self.clock.now();
+        let path = path.split('?').next().unwrap_or_default().to_owned();
+        let reply = {
+            let mut queues = self.queues.borrow_mut();
+            let queue = queues
+                .entry(server.to_owned())
+                .or_insert_with(|| HostQueue::load(MemoryStore::new(), QueueConfig::default()));
+            object::handle(queue, 7, method, &path, &body, now)
+        };
+        self.settle(server).await;
+        Ok(reply)
+    }
+}
+
+struct Edge {
+    invocation: Invocation,
+    tasks: MemoryKv,
+    queue: MemoryQueue,
+    clock: ManualClock,
+    objects: Objects,
+    api_config: ApiConfig,
+    consumer_tokens: Tokens,
+    counters: OpCounters,
+}
+
+impl Edge {
+    fn new() -> Self {
+        let clock = ManualClock::at(START_MS);
+        let invocation = Invocation::new(&clock);
+        let tasks = MemoryKv::with_production_limits(&invocation);
+        Self {
+            objects: Objects {
+                queues: RefCell::new(BTreeMap::new()),
+                kv: TaskStore::new(tasks.clone()),
+                clock: clock.clone(),
+            },
+            tasks,
+            invocation,
+            queue: MemoryQueue::new(),
+            clock,
+            api_config: ApiConfig {
+                client_tokens: Tokens::parse(CLIENT),
+                consumer_tokens: Tokens::parse(CONSUMER),
+                cursor_secret: b"secret".to_vec(),
+                wait_poll_ms: 250,
+                ..ApiConfig::default()
+            },
+            consumer_tokens: Tokens::parse(CONSUMER),
+            counters: OpCounters::new(),
+        }
+    }
+
+    /// One API invocation in the durable mode: the front first, else the KV mode's service.
+    fn api(&self, request: Request) -> Response {
+        self.invocation.begin();
+        let store = TaskStore::new(self.tasks.clone());
+        let front = ApiFront {
+            tasks: &store,
+            queues: &self.objects,
+            client_tokens: &self.api_config.client_tokens,
+            consumer_tokens: &self.api_config.consumer_tokens,
+        };
+        block_on(async {
+            match front.handle(&request).await {
+                Some(response) => response,
+                None => {
+                    let service = ApiService {
+                        tasks: TaskStore::new(self.tasks.clone()),
+                        buffer: BufferStore::new(MemoryKv::new()),
+                        queue: CountingQueue::new(self.queue.clone(), &self.counters),
+                        clock: self.clock.clone(),
+                        ids: SeqIds::default(),
+                        config: &self.api_config,
+                        counters: &self.counters,
+                    };
+                    service.handle(request).await
+                }
+            }
+        })
+    }
+
+    fn consumer(&self, request: Request) -> Response {
+        self.invocation.begin();
+        let store = TaskStore::new(self.tasks.clone());
+        let front = ConsumerFront {
+            tasks: &store,
+            queues: &self.objects,
+            consumer_tokens: &self.consumer_tokens,
+            max_wait_secs: 30,
+        };
+        block_on(front.handle(&request)).expect("a durable-mode consumer route")
+    }
+
+    fn submit(&self, vm: &str) -> Uuid {
+        let body = json!({"type": "stop_vm", "payload": {"vmName": vm, "targetServer": "production"}});
+        let r = self.api(Request::new("POST", "/vm/tasks").bearer(CLIENT).json_body(&body));
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        r.json_body::<Value>().unwrap()["taskId"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// The queue consumer's hand-off of everything queued.
+    fn deliver(&self) {
+        for message in self.queue.drain() {
+            self.invocation.begin();
+            let store = TaskStore::new(self.tasks.clone());
+            let front = ConsumerFront {
+                tasks: &store,
+                queues: &self.objects,
+                consumer_tokens: &self.consumer_tokens,
+                max_wait_secs: 30,
+            };
+            assert_eq!(block_on(front.hand_off(&message)), Handoff::Done);
+        }
+    }
+
+    fn claim(&self, id: Uuid, claim: u128) -> Response {
+        let body = json!({"consumerId": "host-a", "claimId": Uuid::from_u128(claim), "leaseSeconds": 30});
+        self.consumer(
+            Request::new("POST", &format!("/tasks/{id}/claim?server=production")).bearer(CONSUMER).json_body(&body),
+        )
+    }
+
+    fn cancel(&self, id: Uuid) -> Response {
+        self.api(Request::new("DELETE", &format!("/vm/tasks/{id}")).bearer(CLIENT))
+    }
+
+    fn kv_status(&self, id: Uuid) -> TaskStatus {
+        let r = self.api(Request::new("GET", &format!("/vm/tasks/{id}")).bearer(CLIENT));
+        serde_json::from_value(r.json_body::<Value>().unwrap()["task"]["status"].clone()).unwrap()
+    }
+
+    fn live_status(&self, id: Uuid) -> TaskStatus {
+        self.objects.queues.borrow()["production"].task(id).unwrap().status
+    }
+}
+
+#[test]
+fn a_task_runs_through_the_object_and_its_record_reaches_kv_within_the_write_limit() {
+    let edge = Edge::new();
+    let id = edge.submit("vm-1");
+    edge.clock.advance_ms(20);
+    edge.deliver();
+    let ready = edge.consumer(Request::new("GET", "/tasks/ready?server=production").bearer(CONSUMER));
+    assert_eq!(ready.get_header("x-dispatch-mode"), Some("durable"));
+    let ready: Value = ready.json_body().unwrap();
+    assert_eq!(ready["tasks"][0]["taskId"], json!(id));
+    edge.clock.advance_ms(10);
+    let claim = edge.claim(id, 1);
+    assert_eq!(claim.status, 200, "{}", String::from_utf8_lossy(&claim.body));
+    let claim: ClaimResponse = claim.json_body().unwrap();
+    // The claim came 30 ms after the POST's write: KV refused, the object waits the window out.
+    assert_eq!(edge.kv_status(id), TaskStatus::Pending);
+    edge.clock.advance_ms(10);
+    let report = json!({"status": "completed", "claimId": claim.claim_id});
+    let r = edge.api(Request::new("PUT", &format!("/vm/tasks/{id}/status")).bearer(CONSUMER).json_body(&report));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // `?wait` reads the object: completed at once, never stale.
+    let waited = edge.api(Request::new("GET", &format!("/vm/tasks/{id}/status?wait=5")).bearer(CLIENT));
+    assert_eq!(waited.json_body::<Value>().unwrap()["status"], "completed");
+    edge.clock.advance_ms(1_100);
+    edge.objects.alarm("production");
+    assert_eq!(edge.kv_status(id), TaskStatus::Completed, "the alarm wrote the final record");
+}
+
+#[test]
+fn two_hundred_cancel_and_claim_pairs_have_one_winner_each() {
+    let edge = Edge::new();
+    let mut violations = Vec::new();
+    for n in 0..200u128 {
+        let id = edge.submit(&format!("vm-{n}"));
+        edge.clock.advance_ms(5);
+        edge.deliver();
+        // Half the pairs cancel first. Each answer is final: 200 to a cancel means no claim.
+        let (cancel, claim) = if n % 2 == 0 {
+            let cancel = edge.cancel(id);
+            (cancel, edge.claim(id, n + 1))
+        } else {
+            let claim = edge.claim(id, n + 1);
+            (edge.cancel(id), claim)
+        };
+        let live = edge.live_status(id);
+        let fine = match (cancel.status, claim.status) {
+            (200, 409) => live == TaskStatus::Cancelled,
+            (409, 200) => live == TaskStatus::Processing,
+            _ => false,
+        };
+        if !fine {
+            violations.push((n, cancel.status, claim.status, live));
+        }
+    }
+    assert!(violations.is_empty(), "{violations:?}");
+}
+
+#[test]
+fn a_task_cancelled_while_queued_is_never_offered() {
+    let edge = Edge::new();
+    let id = edge.submit("vm-1");
+    let cancel = edge.cancel(id);
+    assert_eq!(cancel.status, 200, "{}", String::from_utf8_lossy(&cancel.body));
+    edge.clock.advance_ms(1_100);
+    edge.deliver();
+    let ready: Value =
+        edge.consumer(Request::new("GET", "/tasks/ready?server=production").bearer(CONSUMER)).json_body().unwrap();
+    assert_eq!(ready["count"], 0);
+    assert_eq!(edge.claim(id, 1).status, 409);
+}
+
+#[test]
+fn the_long_poll_needs_a_server_and_a_token() {
+    let edge = Edge::new();
+    assert_eq!(edge.consumer(Request::new("GET", "/tasks/ready").bearer(CONSUMER)).status, 400);
+    assert_eq!(edge.consumer(Request::new("GET", "/tasks/ready?server=production")).status, 401);
+    assert_eq!(edge.consumer(Request::new("GET", "/tasks/ready?server=a:b").bearer(CONSUMER)).status, 400);
+    let bad_wait = edge.consumer(Request::new("GET", "/tasks/ready?server=production&wait=99").bearer(CONSUMER));
+    assert_eq!(bad_wait.status, 400);
+}
+
+#[test]
+fn a_stale_claims_report_is_refused_through_the_api() {
+    let edge = Edge::new();
+    let id = edge.submit("vm-1");
+    edge.deliver();
+    let first: ClaimResponse = edge.claim(id, 1).json_body().unwrap();
+    edge.clock.advance_ms(30_000);
+    edge.objects.alarm("production");
+    let second: ClaimResponse = edge.claim(id, 2).json_body().unwrap();
+    assert_ne!(first.claim_id, second.claim_id);
+    let late = json!({"status": "completed", "claimId": first.claim_id});
+    let r = edge.api(Request::new("PUT", &format!("/vm/tasks/{id}/status")).bearer(CONSUMER).json_body(&late));
+    assert_eq!(r.status, 409);
+    assert_eq!(edge.live_status(id), TaskStatus::Processing);
+}
+
+#[test]
+fn the_websocket_route_takes_a_consumer_token_a_valid_server_and_an_upgrade() {
+    use host_queue::front::connect_route;
+    let tokens = Tokens::parse(CONSUMER);
+    let upgrade = |r: Request| r.header("upgrade", "websocket");
+    let ok = upgrade(Request::new("GET", "/hosts/production/connect").bearer(CONSUMER));
+    assert_eq!(connect_route(&ok, &tokens).unwrap(), Some("production".to_owned()));
+    assert_eq!(connect_route(&Request::new("GET", "/tasks/ready"), &tokens).unwrap(), None);
+    let status = |r: Request| connect_route(&r, &tokens).unwrap_err().status;
+    assert_eq!(status(upgrade(Request::new("GET", "/hosts/production/connect"))), 401);
+    assert_eq!(status(upgrade(Request::new("POST", "/hosts/production/connect").bearer(CONSUMER))), 405);
+    assert_eq!(status(upgrade(Request::new("GET", "/hosts/a%20b/connect").bearer(CONSUMER))), 400);
+    assert_eq!(status(Request::new("GET", "/hosts/production/connect").bearer(CONSUMER)), 426);
+}
