@@ -218,7 +218,7 @@ fn queue_config(env: &Env) -> QueueConfig {
     QueueConfig {
         max_attempts: number(env, "MAX_ATTEMPTS", defaults.max_attempts as u64) as u32,
         lease_default_secs: number(env, "LEASE_SECONDS", defaults.lease_default_secs),
-        lease_min_secs: defaults.lease_min_secs,
+        lease_min_secs: number(env, "MIN_LEASE_SECONDS", defaults.lease_min_secs),
         lease_max_secs: number(env, "MAX_LEASE_SECONDS", defaults.lease_max_secs),
         max_queued_secs: number(env, "MAX_QUEUED_SECONDS", defaults.max_queued_secs),
         retain_secs: defaults.retain_secs,

@@ -196,13 +196,36 @@ async fn hand_off_batch(
     Ok(futures::future::join_all(handoffs).await)
 }
 
+async fn reconcile(env: &Env, config: &ConsumerConfig) -> worker::Result<()> {
+    let service = service(env, config)?;
+    let queues = DurableQueues(env.durable_object(HOST_QUEUE)?);
+    let front = ConsumerFront {
+        tasks: &service.tasks,
+        queues: &queues,
+        consumer_tokens: &config.consumer_tokens,
+        max_wait_secs: config.max_wait_secs,
+    };
+    let recovered = front
+        .reconcile(WorkerClock.now(), config.rebuffer_after_secs, config.max_queued_secs + 86_400, 900)
+        .await
+        .map_err(worker::Error::RustError)?;
+    if recovered > 0 {
+        worker::console_log!("durable reconcile: {recovered} task(s) handed to their host queue again");
+    }
+    Ok(())
+}
+
 #[event(scheduled)]
 async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
+    let (config, _) = config(&env);
     if durable_mode(&env) {
-        // Leases end by each object's alarm; the KV buffer the sweep scans is not used.
+        // Leases end by each object's alarm and the KV buffer is not used: the cron only hands
+        // tasks whose queue message was lost to their objects again.
+        if let Err(e) = reconcile(&env, &config).await {
+            worker::console_error!("durable reconcile failed: {e}");
+        }
         return;
     }
-    let (config, _) = config(&env);
     match service(&env, &config) {
         Ok(service) => match service.sweep().await {
             Ok(report) if report.returned_to_ready + report.failed + report.cleaned + report.rebuffered > 0 => {

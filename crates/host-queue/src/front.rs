@@ -14,10 +14,10 @@ use vm_task_edge::{auth::Tokens, http::Request, http::Response, store::TaskStore
 use vm_task_types::{
     validate::{check_server_name, parse_task_id},
     wire::{BufferedTask, ErrorBody, ReadyTasksResponse, TaskDetailResponse, TaskStatusResponse},
-    FieldError, Limits, Task,
+    FieldError, Limits, Task, TaskStatus, TaskSummary, Timestamp,
 };
 
-use crate::{object::Reply, protocol::CancelRequest, ReadyList};
+use crate::{object::Reply, protocol::CancelRequest, EnqueueOutcome, ReadyList};
 
 /// The response header that tells a daemon which dispatch mode the worker runs.
 pub const MODE_HEADER: &str = "x-dispatch-mode";
@@ -36,11 +36,12 @@ pub trait HostQueues {
 pub fn connect_route(request: &Request, consumer_tokens: &Tokens) -> Result<Option<String>, Response> {
     let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
     let ["hosts", server, "connect"] = segments.as_slice() else { return Ok(None) };
-    consumer_tokens.admit(request, "consumer")?;
+    consumer_tokens.admit(request, "consumer", None)?;
     if request.method != "GET" {
         return Err(error(405, "method_not_allowed", format!("{} is not allowed here; use GET", request.method), None));
     }
     check_server_name("server", server).map_err(invalid)?;
+    consumer_tokens.admit(request, "consumer", Some(server))?;
     if !request.get_header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
         return Err(error(426, "upgrade_required", "this route takes a WebSocket upgrade".into(), None));
     }
@@ -75,7 +76,7 @@ impl<S: KvStore, Q: HostQueues> ConsumerFront<'_, S, Q> {
         if !handled {
             return None;
         }
-        if let Err(refused) = self.consumer_tokens.admit(request, "consumer") {
+        if let Err(refused) = self.consumer_tokens.admit(request, "consumer", None) {
             return Some(refused);
         }
         let response = match segments.as_slice() {
@@ -104,6 +105,60 @@ impl<S: KvStore, Q: HostQueues> ConsumerFront<'_, S, Q> {
         }
     }
 
+    /// The cron in this mode. A queue message can be lost (a purged queue; on the local stack a
+    /// `wrangler dev` restart drops messages in flight), so every task still pending
+    /// `rebuffer_after_secs` after its creation, created within `look_back_secs` (the
+    /// never-claimed limit: older ones have failed), is handed to its object again: a no-op when the object holds it. At most `budget` KV operations.
+    /// Returns how many tasks the objects took that they did not have.
+    pub async fn reconcile(
+        &self,
+        now: Timestamp,
+        rebuffer_after_secs: u64,
+        look_back_secs: u64,
+        budget: u64,
+    ) -> Result<usize, String> {
+        let (mut ops, mut cursor, mut recovered) = (0, None::<String>, 0);
+        let newest = now.as_millis().saturating_sub(rebuffer_after_secs * 1000);
+        let oldest = now.as_millis().saturating_sub(look_back_secs * 1000);
+        loop {
+            if ops + 2 > budget {
+                return Ok(recovered);
+            }
+            let page = self.tasks.list(1000, cursor.as_deref()).await.map_err(|e| e.to_string())?;
+            ops += 1;
+            for key in &page.keys {
+                let Some(summary) = key.metadata.clone().and_then(|m| serde_json::from_value::<TaskSummary>(m).ok())
+                else {
+                    continue;
+                };
+                // Newest first: past the look-back, nothing older can matter.
+                if summary.created_at.as_millis() < oldest {
+                    return Ok(recovered);
+                }
+                if summary.status != TaskStatus::Pending || summary.created_at.as_millis() > newest {
+                    continue;
+                }
+                if ops + 1 > budget {
+                    return Ok(recovered);
+                }
+                ops += 1;
+                let Ok(Some(task)) = self.tasks.load(summary.id).await else { continue };
+                if task.status != TaskStatus::Pending {
+                    continue;
+                }
+                let body = serde_json::to_vec(&task).unwrap_or_default();
+                let reply = self.queues.call(&task.target_server, "POST", "/enqueue", body).await?;
+                if reply.status == 200 && serde_json::from_str(&reply.body).ok() == Some(EnqueueOutcome::Queued) {
+                    recovered += 1;
+                }
+            }
+            match page.cursor {
+                Some(next) if !page.list_complete => cursor = Some(next),
+                _ => return Ok(recovered),
+            }
+        }
+    }
+
     /// The long poll: waits on every listed server's object at once and answers when the
     /// first has new work (or at the deadline), listing all of them.
     async fn ready(&self, request: &Request) -> Result<Response, Response> {
@@ -119,6 +174,7 @@ impl<S: KvStore, Q: HostQueues> ConsumerFront<'_, S, Q> {
         }
         for server in &servers {
             check_server_name("server", server).map_err(invalid)?;
+            self.consumer_tokens.admit(request, "consumer", Some(server))?;
         }
         let wait_secs = match query(request, "wait") {
             None => 0,
@@ -168,6 +224,7 @@ impl<S: KvStore, Q: HostQueues> ConsumerFront<'_, S, Q> {
                 None => return Err(not_found(format!("task {id} not found"))),
             },
         };
+        self.consumer_tokens.admit(request, "consumer", Some(&server))?;
         let reply = self
             .queues
             .call(&server, "POST", &format!("/tasks/{id}/{op}"), request.body.clone())
@@ -191,17 +248,20 @@ impl<S: KvStore, Q: HostQueues> ApiFront<'_, S, Q> {
         let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
         let id = match (request.method.as_str(), segments.as_slice()) {
             ("DELETE", ["vm", "tasks", id]) => {
-                if let Err(refused) = self.client_tokens.admit(request, "client") {
+                if let Err(refused) = self.client_tokens.admit(request, "client", None) {
                     return Some(refused);
                 }
                 let (id, task) = self.live_task(id).await?;
                 return Some(self.cancel(id, task).await);
             }
             ("PUT", ["vm", "tasks", id, "status"]) => {
-                if let Err(refused) = self.consumer_tokens.admit(request, "consumer") {
+                if let Err(refused) = self.consumer_tokens.admit(request, "consumer", None) {
                     return Some(refused);
                 }
                 let (id, task) = self.live_task(id).await?;
+                if let Err(refused) = self.consumer_tokens.admit(request, "consumer", Some(&task.target_server)) {
+                    return Some(refused);
+                }
                 let path = format!("/tasks/{id}/status");
                 return match self.queues.call(&task.target_server, "PUT", &path, request.body.clone()).await {
                     // A task the object does not hold (queued before the mode was switched):
@@ -217,8 +277,10 @@ impl<S: KvStore, Q: HostQueues> ApiFront<'_, S, Q> {
         // `GET ?wait=N`: wait on the object. Anything else about reads is the KV mode's.
         let wait_secs =
             query(request, "wait")?.parse::<u64>().ok().filter(|n| (1..=Limits::WAIT_MAX_SECS).contains(n))?;
-        let admitted =
-            self.consumer_tokens.admit(request, "consumer").or_else(|_| self.client_tokens.admit(request, "client"));
+        let admitted = self
+            .consumer_tokens
+            .admit(request, "consumer", None)
+            .or_else(|_| self.client_tokens.admit(request, "client", None));
         if let Err(refused) = admitted {
             return Some(refused);
         }

@@ -22,7 +22,7 @@ use vm_task_edge::{
     store::{BufferStore, TaskStore},
     Clock,
 };
-use vm_task_types::{wire::ClaimResponse, TaskStatus};
+use vm_task_types::{wire::ClaimResponse, TaskStatus, Timestamp};
 
 const CLIENT: &str = "client-token";
 const CONSUMER: &str = "consumer-token";
@@ -88,6 +88,7 @@ struct Edge {
     api_config: ApiConfig,
     consumer_tokens: Tokens,
     counters: OpCounters,
+    ids: SeqIds,
 }
 
 impl Edge {
@@ -114,6 +115,7 @@ impl Edge {
             },
             consumer_tokens: Tokens::parse(CONSUMER),
             counters: OpCounters::new(),
+            ids: SeqIds::default(),
         }
     }
 
@@ -136,7 +138,7 @@ impl Edge {
                         buffer: BufferStore::new(MemoryKv::new()),
                         queue: CountingQueue::new(self.queue.clone(), &self.counters),
                         clock: self.clock.clone(),
-                        ids: SeqIds::default(),
+                        ids: self.ids.clone(),
                         config: &self.api_config,
                         counters: &self.counters,
                     };
@@ -311,4 +313,42 @@ fn the_websocket_route_takes_a_consumer_token_a_valid_server_and_an_upgrade() {
     assert_eq!(status(upgrade(Request::new("POST", "/hosts/production/connect").bearer(CONSUMER))), 405);
     assert_eq!(status(upgrade(Request::new("GET", "/hosts/a%20b/connect").bearer(CONSUMER))), 400);
     assert_eq!(status(Request::new("GET", "/hosts/production/connect").bearer(CONSUMER)), 426);
+}
+
+#[test]
+fn the_cron_hands_a_task_whose_queue_message_was_lost_to_its_object() {
+    let edge = Edge::new();
+    let lost = edge.submit("vm-1");
+    let delivered = edge.submit("vm-2");
+    let messages = edge.queue.drain();
+    let store = TaskStore::new(edge.tasks.clone());
+    let front = ConsumerFront {
+        tasks: &store,
+        queues: &edge.objects,
+        consumer_tokens: &edge.consumer_tokens,
+        max_wait_secs: 30,
+    };
+    let kept = messages.iter().find(|m| m.task_id == delivered).unwrap();
+    assert_eq!(block_on(front.hand_off(kept)), Handoff::Done);
+    let reconcile = |at_ms: u64| block_on(front.reconcile(Timestamp(START_MS + at_ms), 60, 3_600, 900)).unwrap();
+    assert_eq!(reconcile(59_000), 0, "too young: its message may still come");
+    assert_eq!(reconcile(61_000), 1, "only the lost one is new to its object");
+    assert_eq!(edge.live_status(lost), TaskStatus::Pending);
+    assert_eq!(reconcile(120_000), 0, "a second run changes nothing");
+}
+
+#[test]
+fn a_consumer_token_bound_to_servers_acts_for_those_only() {
+    let mut edge = Edge::new();
+    edge.consumer_tokens = Tokens::parse_bound("bound-token:staging").unwrap();
+    let r = edge.consumer(Request::new("GET", "/tasks/ready?server=production").bearer("bound-token"));
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    let r = edge.consumer(Request::new("GET", "/tasks/ready?server=staging").bearer("bound-token"));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = edge.submit("vm-1");
+    edge.deliver();
+    let body = json!({"consumerId": "host-a", "leaseSeconds": 30});
+    let r = edge.consumer(Request::new("POST", &format!("/tasks/{id}/claim")).bearer("bound-token").json_body(&body));
+    assert_eq!(r.status, 403, "the task's server comes from its record: {}", String::from_utf8_lossy(&r.body));
+    assert_eq!(edge.live_status(id), TaskStatus::Pending);
 }

@@ -125,10 +125,15 @@ impl Tokens {
         self.0.is_empty()
     }
 
-    /// [`Tokens::check`] for handlers outside this crate (the durable dispatch mode's routes):
-    /// the refusal comes as the same error response the routes send.
-    pub fn admit(&self, request: &Request, what: &str) -> Result<(), crate::http::Response> {
-        self.check(request, what).map_err(crate::http::Response::from)
+    /// [`Tokens::check`] for handlers outside this crate (the durable dispatch mode's routes),
+    /// and, with `server`, that a token bound to servers may act for it (403 otherwise). The
+    /// refusal comes as the same error response the routes send.
+    pub fn admit(&self, request: &Request, what: &str, server: Option<&str>) -> Result<(), crate::http::Response> {
+        let token = self.check(request, what)?;
+        if let Some(server) = server {
+            Caller::Consumer { servers: token.servers.clone() }.check_server(server)?;
+        }
+        Ok(())
     }
 
     /// Checks the request's `Authorization: Bearer` header against every token, in constant

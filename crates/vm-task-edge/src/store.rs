@@ -70,7 +70,8 @@ impl<S: KvStore> TaskStore<S> {
         Ok(())
     }
 
-    pub(crate) async fn list(&self, limit: usize, cursor: Option<&str>) -> Result<KvPage, AppError> {
+    /// One page of task summaries (key metadata), newest first.
+    pub async fn list(&self, limit: usize, cursor: Option<&str>) -> Result<KvPage, AppError> {
         Ok(self.kv.list(keys::TASK_PREFIX, limit, cursor).await?)
     }
 
