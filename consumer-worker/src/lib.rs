@@ -183,13 +183,13 @@ async fn hand_off_batch(
     let handoffs = bodies.iter().map(|body| async {
         let Ok(message) = serde_json::from_value::<vm_task_edge::QueueMessage>(body.clone()) else {
             // Unreadable: the dead letter queue marks what it can.
-            return retry.clone();
+            return retry;
         };
         match front.hand_off(&message).await {
             Handoff::Done => Delivery::Ack,
             Handoff::Retry(why) => {
                 worker::console_warn!("task {} not handed to its host queue: {why}", message.task_id);
-                retry.clone()
+                retry
             }
         }
     });
