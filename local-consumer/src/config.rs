@@ -8,8 +8,9 @@ use vm_task_types::validate;
 
 use crate::{images::ImagePolicy, report::REPORT_MAX_BYTES};
 
-/// The consumer worker lists at most this many servers per poll.
-pub const MAX_SERVER_NAMES: usize = 32;
+/// The consumer worker lists at most this many servers per poll: the edge's own limit, so the
+/// two sides cannot drift apart.
+pub const MAX_SERVER_NAMES: usize = vm_task_types::Limits::SERVERS_PER_POLL_MAX;
 
 /// The VM task daemon for one bare-metal host. Every flag can also be set by the environment
 /// variable named in brackets, or in a `.env` file in the working directory.
