@@ -188,3 +188,43 @@ async fn twenty_tasks_on_five_vms_keep_per_vm_order_and_run_vms_in_parallel() {
     // 20 calls of 150 ms one after another would take 3 s; in parallel they take far less.
     assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
 }
+
+#[tokio::test]
+#[ignore = "needs the local stack: cargo xtask e2e"]
+async fn issue_11_a_75_kb_output_completes_with_its_head_tail_and_size() {
+    let stack = start(StackOptions::default()).await;
+    let api = stack.client();
+    let launch = run(&api, "launch_vm", json!({"vmName": "big-output", "targetServer": "production"})).await;
+    assert_eq!(launch.status, TaskStatus::Completed, "{launch:?}");
+
+    // 15,001 bytes a line, five times: 75,005 bytes, over the API's 64 KiB body limit.
+    let started = Instant::now();
+    let command = format!("echo {} > f && cat f f f f f", "a".repeat(15_000));
+    let done = run(&api, "run_command", json!({"vmName": "big-output", "command": command, "blocking": true})).await;
+    assert!(started.elapsed() < WAIT, "took {:?}", started.elapsed());
+    assert_eq!(done.status, TaskStatus::Completed, "{:?}", done.error);
+    let result = done.result.expect("a command result");
+    let output = result.output.expect("the output's head and tail");
+    assert!(output.starts_with("aaaa") && output.ends_with("aaaa\n"), "{}", &output[..40]);
+    assert!(output.len() < 40_000, "cut to MAX_OUTPUT_BYTES: {}", output.len());
+    assert_eq!(result.output_truncated, Some(true));
+    assert_eq!(result.output_bytes, Some(75_005));
+    assert_eq!(result.exit_code, Some(0));
+}
+
+#[tokio::test]
+#[ignore = "needs the local stack: cargo xtask e2e"]
+async fn issue_11_host_paths_fail_the_launch_before_arrakis_sees_it() {
+    let stack = start(StackOptions::default()).await;
+    let api = stack.client();
+    for (vm, field, path) in [("dev-vm", "rootfs", "/dev/sda"), ("shadow-vm", "kernel", "/etc/shadow")] {
+        let done =
+            run(&api, "launch_vm", json!({"vmName": vm, "targetServer": "production", "vmConfig": {field: path}}))
+                .await;
+        assert_eq!(done.status, TaskStatus::Failed, "{done:?}");
+        let error = done.error.unwrap_or_default();
+        assert!(error.contains(&format!("vmConfig.{field}")) && error.contains("/opt/arrakis"), "{error}");
+    }
+    let log = sim_log(&stack).await;
+    assert!(entries_for(&log, "dev-vm").is_empty() && entries_for(&log, "shadow-vm").is_empty(), "{log:?}");
+}
