@@ -135,7 +135,8 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             ApiRoute::ListTasks => self.list_tasks(request).await,
             ApiRoute::CancelTask { id } => self.cancel_task(&id).await,
             ApiRoute::GetTask { id } => {
-                let task = self.get_waiting(&id, request).await?;
+                let mut task = self.get_waiting(&id, request).await?;
+                self.merge_cancel_intent(&mut task).await?;
                 Ok(Response::json(200, &TaskDetailResponse { success: true, task }))
             }
             ApiRoute::ReportStatus { id } => self.update_status(&id, request, caller).await,
@@ -479,6 +480,27 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             self.clock.sleep_ms(CANCEL_POLL_MS.min(deadline.millis_since(now))).await;
             task = self.tasks.require(id).await?;
         }
+    }
+
+    /// Shows a standing cancel intent on the task's timeline (`cancel_requested`), so the
+    /// client's request is visible while a claim it raced has not settled. Only the view: the
+    /// record is written by whichever side ends the race.
+    async fn merge_cancel_intent(&self, task: &mut Task) -> Result<(), AppError> {
+        if task.status.is_terminal() {
+            return Ok(());
+        }
+        if let Some(intent) = self.tasks.cancel_intent(task.id).await? {
+            task.timeline.push(vm_task_types::TimelineEntry {
+                at: intent.at,
+                actor: "client".into(),
+                event: TimelineEvent::CancelRequested.as_str().into(),
+                from: None,
+                to: None,
+                message: intent.message,
+            });
+            task.timeline.sort_by_key(|e| e.at);
+        }
+        Ok(())
     }
 
     /// The cancel won: the record becomes cancelled and the buffer entry goes.

@@ -117,6 +117,8 @@ fn a_cancel_facing_an_undecided_claim_answers_202_and_the_next_claim_yields() {
     assert_eq!(r.json_body::<Value>().unwrap()["status"], "cancel_requested");
     assert!(edge.clock.now_ms() - started <= 2_000, "the cancel waits at most 2 s");
     assert_eq!(edge.status(id)["status"], "pending");
+    let shown = events(&edge.detail(id));
+    assert_eq!(shown.last().map(String::as_str), Some("cancel_requested"), "{shown:?}");
     edge.clock.advance_ms(5_000);
     let next = edge.claim(id, None);
     assert_eq!(next.status, 409, "{}", body_text(&next));
