@@ -47,6 +47,17 @@ const BACKLOG_RELIST_BELOW: usize = 100;
 /// How soon a task whose report was not accepted is claimed again to report it.
 const UNREPORTED_RETRY: Duration = Duration::from_secs(5);
 
+/// Retries of a claim answered 404 for a listed task (its record has not reached the
+/// answering location yet): 1 s, 2 s, 4 s … capped at 30 s, 12 tries, about 4 minutes in
+/// all, several times KV's 60 s propagation. After that the record is taken as truly absent
+/// (an orphaned buffer entry with no task behind it: nothing a client can read or wait for)
+/// and the daemon stops claiming it until it restarts.
+const NOT_VISIBLE_RETRY: RetryPolicy =
+    RetryPolicy { retries: 12, base: Duration::from_secs(1), cap: Duration::from_secs(30) };
+
+/// How far the order check follows a chain of cancelled predecessors before it waits instead.
+const CANCELLED_PREDECESSORS_MAX: usize = 64;
+
 /// Retries of a failed report: quick at first, for up to one lease in all.
 const REPORT_RETRY: RetryPolicy =
     RetryPolicy { retries: u32::MAX, base: Duration::from_millis(200), cap: Duration::from_secs(5) };
@@ -193,6 +204,8 @@ pub enum JobEnd {
     /// Ran, but no report was accepted (the claim was lost, or the workers stayed
     /// unreachable): when the task is claimed again, report this instead of running it again.
     Unreported(BufferedTask, Box<UpdateStatusRequest>, Instant),
+    /// The claim found no record of the listed task (not propagated yet): retry with backoff.
+    NotVisible(BufferedTask),
 }
 
 /// Whether the loop goes on after an event.
@@ -230,6 +243,8 @@ pub struct Daemon<E, X> {
     job_tasks: HashMap<tokio::task::Id, BufferedTask>,
     /// Outcomes of tasks that ran here but whose report was not accepted, by task id.
     unreported: HashMap<Uuid, UpdateStatusRequest>,
+    /// Claims answered 404 so far, by task id, for the backoff of [`NOT_VISIBLE_RETRY`].
+    not_visible: HashMap<Uuid, u32>,
     poll: Option<PollFuture>,
     polling: Polling,
     watchdog: Option<Interval>,
@@ -257,6 +272,7 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
             jobs: JoinSet::new(),
             job_tasks: HashMap::new(),
             unreported: HashMap::new(),
+            not_visible: HashMap::new(),
             poll: None,
             polling: Polling {
                 bell: None,
@@ -346,7 +362,10 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
             .next_wakeup()
             .filter(|_| self.jobs.len() < self.shared.config.max_concurrency)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        // Biased: events ready at the same instant are taken in this order, not at random, so
+        // a run in paused or simulated time replays exactly.
         tokio::select! {
+            biased;
             _ = self.shared.shutdown.cancelled() => Event::Shutdown,
             (since, result) = async { self.poll.as_mut().expect("checked").await }, if self.poll.is_some() => {
                 self.poll = None;
@@ -420,10 +439,28 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
         match result {
             Ok(JobEnd::Finished(id)) => {
                 self.unreported.remove(&id);
+                self.not_visible.remove(&id);
                 self.scheduler.finish(id);
                 self.polling.last_activity = Instant::now();
             }
             Ok(JobEnd::Deferred(task, at)) => self.scheduler.defer(task, at),
+            Ok(JobEnd::NotVisible(task)) => {
+                let id = task.task_id;
+                let tries = self.not_visible.entry(id).or_default();
+                *tries += 1;
+                if *tries > NOT_VISIBLE_RETRY.retries {
+                    tracing::error!(
+                        task = %id,
+                        tries = *tries,
+                        "the API still has no record of this listed task after minutes of retries: its buffer entry is an orphan; no longer claiming it"
+                    );
+                    self.not_visible.remove(&id);
+                    self.scheduler.finish(id);
+                } else {
+                    let at = Instant::now() + NOT_VISIBLE_RETRY.ceiling(*tries);
+                    self.scheduler.defer(task, at);
+                }
+            }
             Ok(JobEnd::Unreported(task, update, at)) => {
                 self.unreported.insert(task.task_id, *update);
                 self.scheduler.defer(task, at);
@@ -503,6 +540,10 @@ async fn job<E: Edge, X: Execute>(
             tracing::info!(%status, "task is already terminal; skipping");
             return JobEnd::Finished(id);
         }
+        Ok(ClaimOutcome::NotVisible) => {
+            tracing::info!("the API has no record of the listed task yet (KV propagation); will retry");
+            return JobEnd::NotVisible(task);
+        }
         Ok(ClaimOutcome::Held(remaining)) => {
             tracing::info!(
                 remaining_ms = remaining.as_millis() as u64,
@@ -540,11 +581,16 @@ async fn job<E: Edge, X: Execute>(
         };
     }
 
-    tracing::info!(attempt = claim.task.attempts, "claimed; executing");
     shared.metrics.in_flight_add(1);
     let started = Instant::now();
     let mut attempts = Attempts::default();
-    let outcome = while_holding(&shared, id, claim.claim_id, shared.executor.execute(&claim.task, &mut attempts)).await;
+    let outcome = if let Some(reason) = not_resent(&claim.task) {
+        tracing::warn!(attempt = claim.task.attempts, "{reason}");
+        Outcome::Failed(reason)
+    } else {
+        tracing::info!(attempt = claim.task.attempts, "claimed; executing");
+        while_holding(&shared, id, claim.claim_id, shared.executor.execute(&claim.task, &mut attempts)).await
+    };
     let (result, error) = match outcome {
         Outcome::Completed(result) => (Some(result), None),
         Outcome::Failed(error) => {
@@ -572,12 +618,36 @@ async fn job<E: Edge, X: Execute>(
     }
 }
 
+/// Why a claimed task must not run here, if it must not: a `run_command` on its second
+/// attempt or later. An earlier attempt's lease ended without a report (its daemon crashed,
+/// was cut off, or lost the claim), so that attempt may have sent the command to the guest,
+/// and a command is never sent twice. (A released claim gives its attempt back, and a
+/// launch, stop or delete looks at the VM first, so those are safe to run again.)
+pub fn not_resent(task: &vm_task_types::Task) -> Option<String> {
+    (task.kind() == vm_task_types::OperationKind::RunCommand && task.attempts > 1).then(|| {
+        format!(
+            "not re-sent: this is attempt {} and an earlier attempt ended without a report, so the command may already have run in the guest; commands are never sent twice (submit it again if it is safe to repeat)",
+            task.attempts
+        )
+    })
+}
+
 /// Whether the VM's previous task is out of the way: terminal, unknown, or on another server.
+/// A cancelled predecessor never ran, so it says nothing about the tasks before it: the check
+/// follows the chain back to the nearest predecessor that was not cancelled.
 async fn previous_finished<E: Edge, X>(shared: &Shared<E, X>, previous: Uuid) -> Result<bool, EdgeError> {
-    match shared.edge.task_status(previous).await? {
-        None => Ok(true),
-        Some(status) => Ok(status.status.is_terminal() || !shared.config.server_names.contains(&status.target_server)),
+    let mut previous = previous;
+    for _ in 0..CANCELLED_PREDECESSORS_MAX {
+        let Some(status) = shared.edge.task_status(previous).await? else { return Ok(true) };
+        if !shared.config.server_names.contains(&status.target_server) {
+            return Ok(true);
+        }
+        match (status.status, status.previous_task_id) {
+            (TaskStatus::Cancelled, Some(before)) => previous = before,
+            (status, _) => return Ok(status.is_terminal()),
+        }
     }
+    Ok(false)
 }
 
 /// Runs `work` while renewing the claim's lease every third of its length.

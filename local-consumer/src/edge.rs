@@ -50,6 +50,10 @@ pub enum ClaimOutcome {
     Finished(TaskStatus),
     /// Another claim's lease holds it for about this long yet.
     Held(Duration),
+    /// The API has no record of the task (404), though it is listed: its record has not
+    /// reached the location that answered yet (KV takes up to 60 s to propagate, and caches
+    /// the absence). The buffer entry proves the task exists, so this means "not yet".
+    NotVisible,
 }
 
 /// The calls the daemon makes to the workers. Futures are `Send`: each task's job runs on the
@@ -270,7 +274,7 @@ impl Edge for EdgeClient {
                 (_, Some(until)) => Ok(ClaimOutcome::Held(Duration::from_millis(until.millis_since(wall_clock())))),
                 _ => Err(EdgeError::Refused { status: 409, body }),
             },
-            Err(EdgeError::Refused { status: 404, .. }) => Ok(ClaimOutcome::Finished(TaskStatus::Failed)),
+            Err(EdgeError::Refused { status: 404, .. }) => Ok(ClaimOutcome::NotVisible),
             Err(e) => Err(e),
         }
     }

@@ -254,3 +254,78 @@ async fn issue_11_a_task_is_finished_only_once_a_report_is_accepted_and_its_leas
     );
     assert_eq!(edge.reports(id).len(), 1);
 }
+
+/// Production KV: a daemon's claim can reach a location the task's record has not reached yet
+/// (up to 60 s), which answers 404. The daemon used to take that as "finished" and never
+/// claimed the task again, leaving it pending for good (the production model's seed 383).
+#[tokio::test(start_paused = true)]
+async fn a_claim_answered_404_for_a_listed_task_is_retried_until_the_record_appears() {
+    let edge = FakeEdge::new();
+    let executor = FakeExecutor::new(Duration::from_millis(100));
+    let shutdown = CancellationToken::new();
+    let id = edge.submit("a", "echo late");
+    edge.hide_record(id, Duration::from_secs(20));
+    let mut d = daemon(config(&[]), &edge, &executor, &shutdown);
+    assert!(step_until(&mut d, Duration::from_secs(120), || edge.all_terminal()).await, "the task ran");
+    assert_eq!(edge.status(id), TaskStatus::Completed);
+    let claims = edge.calls().iter().filter(|(_, c)| *c == Call::Claim(id)).count();
+    assert!((3..=8).contains(&claims), "retried with backoff, not in a spin: {claims} claims");
+}
+
+/// A listed task whose record never appears (an orphaned entry) is not claimed for ever.
+#[tokio::test(start_paused = true)]
+async fn a_listed_task_whose_record_never_appears_is_given_up_after_minutes() {
+    let edge = FakeEdge::new();
+    let executor = FakeExecutor::new(Duration::from_millis(100));
+    let shutdown = CancellationToken::new();
+    let id = edge.submit("a", "echo never");
+    edge.hide_record(id, Duration::from_secs(100_000));
+    let mut d = daemon(config(&[]), &edge, &executor, &shutdown);
+    step_until(&mut d, Duration::from_secs(3600), || false).await;
+    let claims: Vec<Instant> =
+        edge.calls().into_iter().filter(|(_, c)| *c == Call::Claim(id)).map(|(at, _)| at).collect();
+    assert_eq!(claims.len(), 13, "the first claim and 12 retries");
+    let span = *claims.last().unwrap() - claims[0];
+    assert!(span >= Duration::from_secs(180) && span <= Duration::from_secs(300), "over about 4 minutes: {span:?}");
+    assert!(executor.runs().is_empty());
+}
+
+/// README: "commands are never re-sent once they may have reached the guest". A command
+/// claimed on its second attempt (the first one's daemon crashed mid-command) used to be sent
+/// again (the production model's seed 124).
+#[tokio::test(start_paused = true)]
+async fn a_command_claimed_on_a_later_attempt_is_not_sent_again_and_ends_failed_with_the_reason() {
+    let edge = FakeEdge::new();
+    let executor = FakeExecutor::new(Duration::from_millis(100));
+    let shutdown = CancellationToken::new();
+    let id = edge.submit("a", "echo once");
+    edge.lose_attempt(id);
+    let mut d = daemon(config(&[]), &edge, &executor, &shutdown);
+    assert!(step_until(&mut d, Duration::from_secs(60), || edge.all_terminal()).await);
+    assert!(executor.runs().is_empty(), "the command was not sent again");
+    assert_eq!(edge.status(id), TaskStatus::Failed);
+    let error = edge.task(id).error.unwrap_or_default();
+    assert!(error.contains("not re-sent") && error.contains("attempt 2"), "{error}");
+}
+
+/// A VM's task whose predecessor was cancelled used to run as soon as the cancelled one was
+/// terminal, ahead of the older task still pending (the production model's seed 60).
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_predecessor_does_not_let_a_task_overtake_the_one_before_it() {
+    let edge = FakeEdge::new();
+    let executor = FakeExecutor::new(Duration::from_secs(1));
+    let shutdown = CancellationToken::new();
+    let first = edge.submit("a", "echo 1");
+    let second = edge.submit_after("a", "echo 2", Some(first));
+    let third = edge.submit_after("a", "echo 3", Some(second));
+    edge.cancel(second);
+    edge.set_listed(first, false);
+    let mut d = daemon(config(&[]), &edge, &executor, &shutdown);
+    step_until(&mut d, Duration::from_secs(10), || false).await;
+    assert!(executor.runs().is_empty(), "the third waits for the first, past the cancelled second");
+    edge.set_listed(first, true);
+    assert!(step_until(&mut d, Duration::from_secs(120), || edge.all_terminal()).await);
+    let runs = executor.runs();
+    assert_eq!(runs.iter().map(|r| r.id).collect::<Vec<_>>(), [first, third]);
+    assert!(runs[1].started >= runs[0].ended.unwrap());
+}

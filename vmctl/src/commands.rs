@@ -412,6 +412,7 @@ mod tests {
             created_at: Timestamp(0),
             updated_at: Timestamp(0),
             attempts: 1,
+            previous_task_id: None,
             result: Some(TaskResult { exit_code: Some(3), error: Some("exit status 3".into()), ..Default::default() }),
             error: None,
         };

@@ -28,6 +28,12 @@ pub mod store;
 pub(crate) use error::AppError;
 pub use ports::{Clock, Ids, KvKey, KvPage, KvStore, StoreError, TaskQueue};
 
+/// How long a KV write can take to be seen at another location (Cloudflare: "up to 60
+/// seconds or more"; reads are cached per location for `cacheTtl`, 60 s by default). A read
+/// made this long after a write sees it; the sweep waits this long past a lease's end before
+/// it acts on the lease (ARCHITECTURE.md, "Consistency Model").
+pub const KV_PROPAGATION_SECS: u64 = 60;
+
 /// The queue message: enough to buffer the task without reading it back from KV.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -40,7 +40,10 @@ fn a_processing_task_whose_entry_was_removed_is_buffered_again_and_returned_when
     edge.clock.advance_ms(2_000);
     edge.claim(id, Some(60));
     drop_entry(&edge, "production", id);
+    // The lease ends at 60 s; the sweep acts once KV's 60 s propagation has passed too.
     edge.clock.advance_ms(61_000);
+    assert_eq!(sweep(&edge)["returnedToReady"], 0, "the lease's end has not propagated everywhere yet");
+    edge.clock.advance_ms(60_000);
     let report = sweep(&edge);
     assert_eq!(report["returnedToReady"], 1, "{report}");
     let ready = edge.ready("production");

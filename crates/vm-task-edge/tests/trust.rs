@@ -23,7 +23,8 @@ fn an_expired_lease_returns_the_task_and_the_last_one_fails_it() {
         assert_eq!(claim.status, 200, "attempt {attempt}: {}", body_text(&claim));
         // Still held: nobody else may claim it.
         assert_eq!(edge.claim(id, Some(5)).status, 409);
-        edge.clock.advance_ms(6_000);
+        // The lease's end, then KV's propagation window (the sweep waits both out).
+        edge.clock.advance_ms(66_000);
         let report = sweep(&edge);
         if attempt < 3 {
             assert_eq!(report["returnedToReady"], 1, "{report}");

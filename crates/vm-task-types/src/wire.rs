@@ -59,6 +59,10 @@ pub struct TaskStatusResponse {
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
     pub attempts: u32,
+    /// The VM's task submitted before this one, if any: lets a daemon whose predecessor was
+    /// cancelled check the task before that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_task_id: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<TaskResult>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,6 +81,7 @@ impl TaskStatusResponse {
             created_at: task.created_at,
             updated_at: task.updated_at,
             attempts: task.attempts,
+            previous_task_id: task.previous_task_id,
             result: task.result.clone(),
             error: task.error.clone(),
         }

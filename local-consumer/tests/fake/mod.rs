@@ -96,6 +96,9 @@ pub struct FakeTask {
     pub listed: bool,
     /// Accepted reports, in order.
     pub reports: Vec<UpdateStatusRequest>,
+    /// The API has no record of it until then (KV has not propagated it to the daemon's
+    /// location): claims get 404, status reads `None`.
+    pub visible_from: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -156,7 +159,10 @@ impl FakeEdge {
             created_at: Timestamp(ms),
             buffered_at: Timestamp(ms),
         };
-        state.tasks.insert(id, FakeTask { task, buffered, held_until: None, listed: true, reports: Vec::new() });
+        state.tasks.insert(
+            id,
+            FakeTask { task, buffered, held_until: None, listed: true, reports: Vec::new(), visible_from: None },
+        );
         state.bell += 1;
         drop(state);
         self.changed.notify_waiters();
@@ -169,6 +175,22 @@ impl FakeEdge {
         let task = state.tasks.get_mut(&id).unwrap();
         task.task.status = TaskStatus::Processing;
         task.held_until = Some(Instant::now() + lease);
+    }
+
+    /// The API answers 404 for `id` for `for_how_long` (listed all along).
+    pub fn hide_record(&self, id: Uuid, for_how_long: Duration) {
+        self.state().tasks.get_mut(&id).unwrap().visible_from = Some(Instant::now() + for_how_long);
+    }
+
+    /// A client cancelled `id`.
+    pub fn cancel(&self, id: Uuid) {
+        self.state().tasks.get_mut(&id).unwrap().task.status = TaskStatus::Cancelled;
+    }
+
+    /// An earlier claim of `id` (another daemon process's) ended without a report: the
+    /// next claim is its second attempt.
+    pub fn lose_attempt(&self, id: Uuid) {
+        self.state().tasks.get_mut(&id).unwrap().task.attempts += 1;
     }
 
     /// Takes `id` out of the buffer listing, or puts it back (ringing the doorbell).
@@ -259,8 +281,11 @@ impl Edge for FakeEdge {
         self.record(Call::Claim(task.task_id));
         let mut state = self.state();
         let Some(fake) = state.tasks.get_mut(&task.task_id) else {
-            return Ok(ClaimOutcome::Finished(TaskStatus::Failed));
+            return Ok(ClaimOutcome::NotVisible);
         };
+        if fake.visible_from.is_some_and(|from| Instant::now() < from) {
+            return Ok(ClaimOutcome::NotVisible);
+        }
         if fake.task.status.is_terminal() {
             return Ok(ClaimOutcome::Finished(fake.task.status));
         }
@@ -352,7 +377,13 @@ impl Edge for FakeEdge {
 
     async fn task_status(&self, id: Uuid) -> Result<Option<TaskStatusResponse>, EdgeError> {
         self.record(Call::TaskStatus(id));
-        Ok(self.state().tasks.get(&id).map(|t| TaskStatusResponse::of(&t.task)))
+        let now = Instant::now();
+        Ok(self
+            .state()
+            .tasks
+            .get(&id)
+            .filter(|t| t.visible_from.is_none_or(|from| now >= from))
+            .map(|t| TaskStatusResponse::of(&t.task)))
     }
 }
 

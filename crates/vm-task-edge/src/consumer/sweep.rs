@@ -17,7 +17,7 @@ use uuid::Uuid;
 use vm_task_types::{wire::BufferedTask, TaskStatus, TaskSummary, TimelineEvent, Timestamp};
 
 use super::ConsumerService;
-use crate::{keys, store::paced, AppError, Clock, Ids, KvStore, QueueMessage};
+use crate::{keys, store::paced, AppError, Clock, Ids, KvStore, QueueMessage, KV_PROPAGATION_SECS};
 
 /// KV operations one sweep run may spend, under the 1,000 of an invocation.
 pub(crate) const SWEEP_OP_BUDGET: u64 = 900;
@@ -104,7 +104,11 @@ fn plan(summary: &TaskSummary, entry: Option<&BufferedTask>, missing_known: bool
             }
         }
         TaskStatus::Pending if age > at.max_queued_ms => Plan::FailUnclaimed,
-        TaskStatus::Processing if summary.lease_expires_at.is_none_or(|until| until <= at.now) => Plan::ExpireLease,
+        TaskStatus::Processing
+            if summary.lease_expires_at.is_none_or(|until| lease_ended_everywhere(until, at.now)) =>
+        {
+            Plan::ExpireLease
+        }
         _ if age < at.rebuffer_after_ms => Plan::Nothing, // may still be in the queue
         _ => match entry {
             None if missing_known => Plan::Rebuffer,
@@ -118,6 +122,15 @@ fn plan(summary: &TaskSummary, entry: Option<&BufferedTask>, missing_known: bool
             Some(_) => Plan::Nothing,
         },
     }
+}
+
+/// Whether a lease that ended at `until` has ended as every location sees it: KV's
+/// propagation window has passed since. A report or renewal made before the lease ended (at
+/// any location) is visible to any read made now, so a record that still reads `processing`
+/// under this lease is not a stale copy of a task that finished. Acting sooner let a sweep
+/// reading a cached `processing` write `pending` over `completed`.
+fn lease_ended_everywhere(until: Timestamp, now: Timestamp) -> bool {
+    until.plus_secs(KV_PROPAGATION_SECS) <= now
 }
 
 /// Operations left to spend in this run.
@@ -248,7 +261,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
                         report.failed += 1;
                     }
                     (Plan::ExpireLease, TaskStatus::Processing)
-                        if task.claim.as_ref().is_none_or(|c| c.lease_expires_at <= now) =>
+                        if task.claim.as_ref().is_none_or(|c| lease_ended_everywhere(c.lease_expires_at, now)) =>
                     {
                         self.expire_lease(&mut task, now);
                         if task.attempts >= self.config.max_attempts {
@@ -346,8 +359,19 @@ mod tests {
     #[test]
     fn deadlines_fail_or_return_the_task() {
         assert_eq!(plan(&summary(TaskStatus::Pending, 600_001, None), Some(&entry(1)), true, AT), Plan::FailUnclaimed);
-        let expired = summary(TaskStatus::Processing, 100_000, Some(AT.now.0));
+        let expired = summary(TaskStatus::Processing, 100_000, Some(AT.now.0 - 60_000));
         assert_eq!(plan(&expired, Some(&entry(1)), true, AT), Plan::ExpireLease);
+    }
+
+    /// Production model, seed 194: the sweep read a cached `processing` whose lease had just
+    /// ended and wrote `pending` over the `completed` another location had already written.
+    /// A lease is acted on only once KV's propagation window has passed since it ended.
+    #[test]
+    fn a_lease_is_acted_on_only_once_its_end_has_propagated_everywhere() {
+        let just_ended = summary(TaskStatus::Processing, 100_000, Some(AT.now.0));
+        assert_eq!(plan(&just_ended, Some(&entry(1)), true, AT), Plan::Nothing);
+        let ended_59_s_ago = summary(TaskStatus::Processing, 100_000, Some(AT.now.0 - 59_999));
+        assert_eq!(plan(&ended_59_s_ago, Some(&entry(1)), true, AT), Plan::Nothing);
     }
 
     #[test]
