@@ -354,6 +354,8 @@ mod tests {
             count: 0,
             cursor: Some("abc".into()),
             list_complete: false,
+            partial: false,
+            scanned: None,
         };
         assert_eq!(next_page_hint(&list).as_deref(), Some("more: vmctl tasks --cursor abc"));
     }

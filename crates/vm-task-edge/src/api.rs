@@ -6,10 +6,10 @@ use uuid::Uuid;
 use vm_task_types::{
     validate::{self, parse_task_id},
     wire::{
-        CreateTaskResponse, HealthResponse, ListTasksResponse, StatsResponse, TaskDetailResponse, TaskStatusResponse,
-        UpdateStatusRequest, UpdateStatusResponse, VmStatusResponse,
+        CreateTaskResponse, HealthResponse, ListTasksResponse, ListVmsResponse, StatsResponse, TaskDetailResponse,
+        TaskStatusResponse, UpdateStatusRequest, UpdateStatusResponse, VmStatusResponse, VmSummary,
     },
-    FieldError, Limits, Operation, Task, TaskStatus, TaskSummary, TimelineEvent, Timestamp,
+    FieldError, Limits, Operation, OperationKind, Task, TaskStatus, TaskSummary, TimelineEvent, Timestamp, VmState,
 };
 
 use crate::{
@@ -17,10 +17,11 @@ use crate::{
     counting::OpCounters,
     http::{Request, Response},
     intents::{claim_outcome, CancelIntent, ClaimOutcome},
+    listing,
     registry::{Fold, VmRecord},
     routes::{ApiRoute, API_ROUTES},
     store::{paced, BufferStore, TaskStore},
-    AppError, Clock, Ids, KvStore, QueueMessage, TaskQueue,
+    AppError, Clock, Ids, KvKey, KvStore, QueueMessage, TaskQueue,
 };
 
 /// Settings from the worker's vars and secrets.
@@ -70,6 +71,16 @@ pub struct ApiService<'a, S, B, Q, C, I> {
     pub ids: I,
     pub config: &'a ApiConfig,
     pub counters: &'a OpCounters,
+}
+
+/// Most VMs per `GET /vms` page: each may need its unsettled tasks read.
+const VM_LIST_LIMIT_MAX: usize = 200;
+/// KV reads one `GET /vms` spends folding unsettled VMs (the invocation's limit is 1,000).
+const VM_LIST_READS_MAX: usize = 400;
+
+/// A query parameter, `None` when absent or empty.
+fn nonempty_param<'r>(request: &'r Request, name: &str) -> Option<&'r str> {
+    request.query_param(name).filter(|v| !v.is_empty())
 }
 
 /// Longest a cancel waits for a claim in flight to decide.
@@ -146,6 +157,7 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
                 Ok(Response::json(200, &TaskStatusResponse::of(&task)))
             }
             ApiRoute::VmStatus { vm_name } => self.vm_status(&vm_name).await,
+            ApiRoute::ListVms => self.list_vms(request).await,
         }
     }
 
@@ -328,33 +340,153 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         }
     }
 
+    /// `GET /vm/tasks`: newest first, filtered on listing metadata ([`crate::listing`]).
     async fn list_tasks(&self, request: &Request) -> Result<Response, AppError> {
-        let limit = match request.query_param("limit") {
-            None => Limits::LIST_LIMIT_DEFAULT,
-            Some(raw) => {
-                raw.parse::<usize>().ok().filter(|n| (1..=Limits::LIST_LIMIT_MAX).contains(n)).ok_or_else(|| {
-                    AppError::invalid_field(FieldError::new(
-                        "limit",
-                        format!("must be an integer from 1 to {}, got {raw:?}", Limits::LIST_LIMIT_MAX),
-                    ))
-                })?
-            }
-        };
-        let kv_cursor = match request.query_param("cursor") {
-            None | Some("") => None,
-            Some(signed) => Some(auth::verify_cursor(&self.cursor_secret().await?, signed)?),
-        };
-        let page = self.tasks.list(limit, kv_cursor.as_deref()).await?;
-        let tasks: Vec<TaskSummary> =
-            page.keys.iter().filter_map(|k| k.metadata.clone().and_then(|m| serde_json::from_value(m).ok())).collect();
-        let cursor = match page.cursor.filter(|_| !page.list_complete) {
-            Some(c) => Some(auth::sign_cursor(&self.cursor_secret().await?, &c)),
+        let limit =
+            listing::limit_param(request.query_param("limit"), Limits::LIST_LIMIT_DEFAULT, Limits::LIST_LIMIT_MAX)?;
+        let status = match nonempty_param(request, "status") {
             None => None,
+            Some(raw) => Some(TaskStatus::parse(raw).ok_or_else(|| {
+                let known: Vec<&str> = TaskStatus::ALL.iter().map(|s| s.as_str()).collect();
+                AppError::invalid_field(FieldError::new(
+                    "status",
+                    format!("must be one of {}, got {raw:?}", known.join(", ")),
+                ))
+            })?),
         };
+        let kind = match nonempty_param(request, "type") {
+            None => None,
+            Some(raw) => Some(OperationKind::parse(raw).ok_or_else(|| {
+                let known: Vec<&str> = OperationKind::ALL.iter().map(|k| k.as_str()).collect();
+                AppError::invalid_field(FieldError::new(
+                    "type",
+                    format!("must be one of {}, got {raw:?}", known.join(", ")),
+                ))
+            })?),
+        };
+        let vm_name = nonempty_param(request, "vmName");
+        if let Some(name) = vm_name {
+            validate::check_vm_name("vmName", name)?;
+        }
+        let server = nonempty_param(request, "targetServer");
+        if let Some(name) = server {
+            validate::check_server_name("targetServer", name)?;
+        }
+        let from = self.position(request).await?;
+        let filtered = status.is_some() || kind.is_some() || vm_name.is_some() || server.is_some();
+        let keep = |key: &KvKey| {
+            let Some(t) = key.metadata.as_ref().and_then(|m| serde_json::from_value::<TaskSummary>(m.clone()).ok())
+            else {
+                return false;
+            };
+            status.is_none_or(|s| t.status == s)
+                && kind.is_none_or(|k| t.kind == k)
+                && vm_name.is_none_or(|v| t.vm_name == v)
+                && server.is_none_or(|v| t.target_server == v)
+        };
+        let scan = listing::scan(&self.tasks.kv, crate::keys::TASK_PREFIX, from, limit, filtered, keep).await?;
+        let tasks: Vec<TaskSummary> = scan
+            .matched
+            .iter()
+            .filter_map(|k| k.metadata.clone().and_then(|m| serde_json::from_value(m).ok()))
+            .collect();
+        let cursor = self.next_cursor(scan.next.as_ref()).await?;
         Ok(Response::json(
             200,
-            &ListTasksResponse { success: true, count: tasks.len(), tasks, list_complete: cursor.is_none(), cursor },
+            &ListTasksResponse {
+                success: true,
+                count: tasks.len(),
+                tasks,
+                list_complete: cursor.is_none(),
+                cursor,
+                partial: scan.partial,
+                scanned: filtered.then_some(scan.scanned),
+            },
         ))
+    }
+
+    /// `GET /vms`: the registry by VM name, filtered by `server` and `state`. The listed state
+    /// folds in each VM's unsettled lifecycle tasks, as `GET /vm/{vmName}/status` does, within
+    /// [`VM_LIST_READS_MAX`] reads per request; VMs past that are answered `settled: false`.
+    async fn list_vms(&self, request: &Request) -> Result<Response, AppError> {
+        let limit = listing::limit_param(request.query_param("limit"), Limits::LIST_LIMIT_DEFAULT, VM_LIST_LIMIT_MAX)?;
+        let server = nonempty_param(request, "server");
+        if let Some(name) = server {
+            validate::check_server_name("server", name)?;
+        }
+        let state = match nonempty_param(request, "state") {
+            None => None,
+            Some(raw) => Some(VmState::from_arrakis(&raw.to_ascii_uppercase()).ok_or_else(|| {
+                AppError::invalid_field(FieldError::new(
+                    "state",
+                    format!("must be one of RUNNING, PAUSED, STOPPED, DELETED, got {raw:?}"),
+                ))
+            })?),
+        };
+        let from = self.position(request).await?;
+        let filtered = server.is_some() || state.is_some();
+        // An unsettled VM's state may change when folded, so the state filter is applied to
+        // it only after folding (the page may then hold fewer than `limit` VMs).
+        let keep =
+            |key: &KvKey| match key.metadata.as_ref().and_then(|m| serde_json::from_value::<VmSummary>(m.clone()).ok())
+            {
+                None => true, // written before entries carried metadata: decided after reading it
+                Some(vm) => {
+                    server.is_none_or(|s| vm.server == s)
+                        && (vm.unsettled > 0 || state.is_none_or(|s| vm.state == Some(s)))
+                }
+            };
+        let scan = listing::scan(&self.tasks.kv, crate::keys::VM_PREFIX, from, limit, filtered, keep).await?;
+        let mut reads_left = VM_LIST_READS_MAX;
+        let mut vms = Vec::with_capacity(scan.matched.len());
+        for key in &scan.matched {
+            let listed = key.metadata.as_ref().and_then(|m| serde_json::from_value::<VmSummary>(m.clone()).ok());
+            let summary = match listed {
+                Some(vm) if vm.unsettled == 0 => vm,
+                Some(vm) if reads_left < vm.unsettled + 1 => VmSummary { settled: false, ..vm },
+                _ if reads_left == 0 => continue,
+                _ => {
+                    reads_left -= 1;
+                    let Some(mut record) = self.tasks.get_json::<VmRecord>(&key.name).await? else { continue };
+                    reads_left = reads_left.saturating_sub(record.pending_lifecycle.len());
+                    self.fold_registry(&mut record).await?;
+                    VmSummary { settled: true, ..record.summary() }
+                }
+            };
+            let server_ok = server.is_none_or(|s| summary.server == s);
+            if server_ok && state.is_none_or(|s| summary.state == Some(s)) {
+                vms.push(summary);
+            }
+        }
+        let cursor = self.next_cursor(scan.next.as_ref()).await?;
+        Ok(Response::json(
+            200,
+            &ListVmsResponse {
+                success: true,
+                count: vms.len(),
+                vms,
+                list_complete: cursor.is_none(),
+                cursor,
+                partial: scan.partial,
+                scanned: filtered.then_some(scan.scanned),
+            },
+        ))
+    }
+
+    /// The listing position in the request's signed `cursor`.
+    async fn position(&self, request: &Request) -> Result<listing::Position, AppError> {
+        Ok(match request.query_param("cursor") {
+            None | Some("") => listing::Position::default(),
+            Some(signed) => listing::Position::decode(&auth::verify_cursor(&self.cursor_secret().await?, signed)?),
+        })
+    }
+
+    /// The signed cursor for the next page, if any.
+    async fn next_cursor(&self, next: Option<&listing::Position>) -> Result<Option<String>, AppError> {
+        Ok(match next {
+            Some(at) => Some(auth::sign_cursor(&self.cursor_secret().await?, &at.encode())),
+            None => None,
+        })
     }
 
     /// Loads a task, waiting up to `?wait=N` seconds for it to become terminal.

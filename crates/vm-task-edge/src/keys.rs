@@ -4,7 +4,8 @@
 //! - `task:{inv}:{taskId}`: the task record; metadata = [`TaskSummary`](vm_task_types::TaskSummary).
 //!   `inv` is `0xFFFFFFFFFFFF − createdAtMs` in 12 hex digits, so a plain listing is newest
 //!   first; it is derived from the v7 task id itself, so a lookup by id needs no index.
-//! - `vm:{vmName}`: the VM registry entry ([`crate::registry::VmRecord`]).
+//! - `vm:{vmName}`: the VM registry entry ([`crate::registry::VmRecord`]); metadata =
+//!   [`VmSummary`](vm_task_types::wire::VmSummary), which `GET /vms` lists.
 //! - `idem:{sha256(scope \n Idempotency-Key)}`: which task a key created, and a hash of its
 //!   body; `scope` is a hash of the client's token, so keys are per client.
 //! - `secret:cursor`: the key signing list cursors when `CURSOR_SECRET` is not set.
@@ -30,6 +31,7 @@ const MAX_MS: u64 = 0xFFFF_FFFF_FFFF;
 
 pub(crate) const TASK_PREFIX: &str = "task:";
 pub(crate) const READY_PREFIX: &str = "ready:";
+pub(crate) const VM_PREFIX: &str = "vm:";
 pub(crate) const CURSOR_SECRET: &str = "secret:cursor";
 pub(crate) const SWEEP_STATE: &str = "sweep:state";
 

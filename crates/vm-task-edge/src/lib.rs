@@ -18,6 +18,7 @@ mod error;
 pub mod http;
 mod intents;
 mod keys;
+mod listing;
 #[cfg(any(test, feature = "memory"))]
 pub mod memory;
 pub mod ports;

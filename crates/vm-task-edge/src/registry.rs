@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-use vm_task_types::{OperationKind, PortForward, Task, TaskStatus, Timestamp, VmState};
+use vm_task_types::{wire::VmSummary, OperationKind, PortForward, Task, TaskStatus, Timestamp, VmState};
 
 /// Lifecycle tasks remembered while unfinished; beyond this the oldest are folded away.
 const MAX_PENDING_LIFECYCLE: usize = 16;
@@ -83,6 +83,22 @@ impl VmRecord {
             self.pending_lifecycle.push(task.id);
             let excess = self.pending_lifecycle.len().saturating_sub(MAX_PENDING_LIFECYCLE);
             self.pending_lifecycle.drain(..excess);
+        }
+    }
+
+    /// The listing metadata of the entry (`GET /vms` filters and answers from it): well
+    /// under KV's 1,024 bytes, since names are at most 63 bytes and port forwards stay out.
+    pub(crate) fn summary(&self) -> VmSummary {
+        VmSummary {
+            vm_name: self.vm_name.clone(),
+            server: self.server.clone(),
+            state: self.known.as_ref().map(|k| k.state),
+            ip: self.known.as_ref().and_then(|k| k.ip.clone()),
+            last_task_id: self.last_task_id,
+            last_task_kind: self.last_task_kind,
+            updated_at: self.updated_at,
+            unsettled: self.pending_lifecycle.len(),
+            settled: self.pending_lifecycle.is_empty(),
         }
     }
 

@@ -22,6 +22,7 @@ pub const API_ROUTES: RouteTable = &[
     ("GET", "/vm/tasks/{id}/status"),
     ("PUT", "/vm/tasks/{id}/status"),
     ("GET", "/vm/{vmName}/status"),
+    ("GET", "/vms"),
 ];
 
 pub const CONSUMER_ROUTES: RouteTable = &[
@@ -64,6 +65,7 @@ pub(crate) enum ApiRoute {
     GetTaskStatus { id: String },
     ReportStatus { id: String },
     VmStatus { vm_name: String },
+    ListVms,
 }
 
 impl ApiRoute {
@@ -78,6 +80,7 @@ impl ApiRoute {
             ["health"] => vec![("GET", Health)],
             ["openapi.json"] => vec![("GET", OpenApi)],
             ["stats"] => vec![("GET", Stats)],
+            ["vms"] => vec![("GET", ListVms)],
             ["vm", "tasks"] => vec![("POST", CreateTask), ("GET", ListTasks)],
             // A VM may be named `tasks`: its status is `/vm/tasks/status`, which no task id
             // (a UUID) can be confused with.
@@ -98,7 +101,9 @@ impl ApiRoute {
         use ApiRoute::*;
         match self {
             Health | Index | OpenApi => Auth::Public,
-            Stats | CreateTask | ListTasks | GetTask { .. } | CancelTask { .. } | VmStatus { .. } => Auth::Client,
+            Stats | CreateTask | ListTasks | GetTask { .. } | CancelTask { .. } | VmStatus { .. } | ListVms => {
+                Auth::Client
+            }
             GetTaskStatus { .. } => Auth::ConsumerOrClient,
             ReportStatus { .. } => Auth::Consumer,
         }
@@ -120,6 +125,7 @@ impl ApiRoute {
             GetTaskStatus { .. } => ("GET", "/vm/tasks/{id}/status"),
             ReportStatus { .. } => ("PUT", "/vm/tasks/{id}/status"),
             VmStatus { .. } => ("GET", "/vm/{vmName}/status"),
+            ListVms => ("GET", "/vms"),
         }
     }
 }

@@ -79,8 +79,11 @@ impl<S: KvStore> TaskStore<S> {
         self.get_json(&keys::vm(vm_name)).await
     }
 
+    /// Writes the registry entry with its summary as listing metadata: one KV write.
     pub(crate) async fn save_vm(&self, record: &VmRecord) -> Result<(), AppError> {
-        self.put_json(&keys::vm(&record.vm_name), record).await
+        let metadata = serde_json::to_value(record.summary()).map_err(|e| AppError::Unavailable(e.to_string()))?;
+        let value = serde_json::to_string(record).map_err(|e| AppError::Unavailable(e.to_string()))?;
+        Ok(self.kv.put(&keys::vm(&record.vm_name), &value, Some(&metadata)).await?)
     }
 
     pub(crate) async fn cancel_intent(&self, id: Uuid) -> Result<Option<CancelIntent>, AppError> {

@@ -107,6 +107,60 @@ pub struct ListTasksResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
     pub list_complete: bool,
+    /// True when the page stopped because this request's scan budget ran out before `limit`
+    /// tasks matched the filters: fewer tasks (maybe none), and more may match after `cursor`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
+    /// Listing keys this request examined (filters are applied to listing metadata).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scanned: Option<usize>,
+}
+
+/// One VM of `GET /vms`, from the registry entry's listing metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmSummary {
+    pub vm_name: String,
+    pub server: String,
+    /// Last state a finished task established; absent until one has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<VmState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    pub last_task_id: Uuid,
+    #[serde(rename = "lastTaskType")]
+    pub last_task_kind: OperationKind,
+    pub updated_at: Timestamp,
+    /// Lifecycle tasks submitted after `state` was established and not taken into account:
+    /// when `settled`, those still unfinished.
+    #[serde(default)]
+    pub unsettled: usize,
+    /// False when this listing could not read the VM's unsettled lifecycle tasks within its
+    /// read budget: `state` may be older than the VM's last finished task, and
+    /// `GET /vm/{vmName}/status` has the current one.
+    #[serde(default = "settled_default")]
+    pub settled: bool,
+}
+
+fn settled_default() -> bool {
+    true
+}
+
+/// `GET /vms?server=&state=&limit=&cursor=`: VMs by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListVmsResponse {
+    pub success: bool,
+    pub vms: Vec<VmSummary>,
+    pub count: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    pub list_complete: bool,
+    /// As in [`ListTasksResponse::partial`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scanned: Option<usize>,
 }
 
 /// `PUT /vm/tasks/:id/status`, sent by the daemon holding the task's claim.

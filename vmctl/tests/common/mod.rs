@@ -413,8 +413,16 @@ async fn list(State(state): Shared, headers: HeaderMap, Query(query): Query<Hash
     let newest_first: Vec<_> = state.tasks.iter().rev().map(Task::summary).collect();
     let page: Vec<_> = newest_first.iter().skip(offset).take(limit).cloned().collect();
     let cursor = (offset + limit < newest_first.len()).then(|| (offset + limit).to_string());
-    Json(ListTasksResponse { success: true, count: page.len(), tasks: page, list_complete: cursor.is_none(), cursor })
-        .into_response()
+    Json(ListTasksResponse {
+        success: true,
+        count: page.len(),
+        tasks: page,
+        list_complete: cursor.is_none(),
+        cursor,
+        partial: false,
+        scanned: None,
+    })
+    .into_response()
 }
 
 async fn vm_status(State(state): Shared, headers: HeaderMap, Path(name): Path<String>) -> Response {
