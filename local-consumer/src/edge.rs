@@ -324,3 +324,45 @@ fn with_trailing_slash(url: &Url) -> Url {
 fn truncate(text: &str) -> String {
     text.chars().take(300).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+    use crate::config::Cli;
+
+    /// Deployed workers are served over https only. The workspace's reqwest was once built
+    /// without TLS, so the daemon refused every `https://` URL before connecting.
+    #[tokio::test]
+    async fn the_daemon_speaks_tls_to_https_workers() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let config = Cli::parse_from([
+            "local-consumer",
+            "--consumer-worker-url",
+            &url,
+            "--api-worker-url",
+            &url,
+            "--consumer-token",
+            "t",
+        ])
+        .validate()
+        .unwrap();
+        let edge = EdgeClient::new(&config).unwrap();
+        let first_byte = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut first = [0u8; 1];
+            socket.read_exact(&mut first).await.unwrap();
+            first[0]
+        });
+        // No TLS server answers, so the call fails; what matters is what the client sent.
+        let _ = edge.health().await;
+        let first = tokio::time::timeout(Duration::from_secs(5), first_byte)
+            .await
+            .expect("the daemon never connected to an https URL")
+            .unwrap();
+        assert_eq!(first, 0x16, "the first byte of a TLS handshake record");
+    }
+}

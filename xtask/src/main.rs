@@ -239,10 +239,9 @@ fn build(root: &Path) -> Result<()> {
         "local-consumer",
         "-p",
         "stack",
-    ]))?;
-    // Apart: vmctl's reqwest has TLS, and building it with the others would rebuild their
-    // reqwest with TLS too, then again without it for `cargo test -p stack`.
-    run(Command::new("cargo").args(["build", "--release", "-p", "vmctl"]))
+        "-p",
+        "vmctl",
+    ]))
 }
 
 fn lint() -> Result<()> {
