@@ -65,6 +65,8 @@ pub enum Command {
     Cancel(TaskIdArg),
     /// Show what the VM registry knows about a VM.
     Vm(VmNameArg),
+    /// List VMs in the registry by name (server, state, ip, last task).
+    Ls(LsArgs),
     /// Print a shell completion script (e.g. `vmctl completions bash > ~/.local/share/bash-completion/completions/vmctl`).
     Completions {
         #[arg(value_enum)]
@@ -166,10 +168,9 @@ impl ExecArgs {
 
 #[derive(Debug, Clone, Args)]
 #[command(after_long_help = "\
-Filters are sent to the API as the query parameters status, type, vmName and targetServer, and
-applied again here to every page fetched: until the API filters on its side, vmctl reads
-pages of --limit tasks until it has --limit matches (or 20 pages), and shows the matches of
-the pages it read. --cursor continues after the last page read.")]
+Filters are sent to the API as the query parameters status, type, vmName and targetServer. The
+API examines at most 5,000 tasks per page, so a rare filter may print a short (even empty)
+page marked partial with a cursor: --cursor continues from it.")]
 pub struct TasksArgs {
     /// Tasks per page (1-1000).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
@@ -195,6 +196,22 @@ impl TasksArgs {
     pub fn has_filters(&self) -> bool {
         self.status.is_some() || self.kind.is_some() || self.vm.is_some() || self.server.is_some()
     }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LsArgs {
+    /// VMs per page (1-200).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=200))]
+    pub limit: u16,
+    /// Continue from the cursor a previous listing printed.
+    #[arg(long)]
+    pub cursor: Option<String>,
+    /// Only VMs on this server.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Only VMs in this state (running, paused, stopped, deleted).
+    #[arg(long, value_parser = ["running", "paused", "stopped", "deleted", "RUNNING", "PAUSED", "STOPPED", "DELETED"])]
+    pub state: Option<String>,
 }
 
 #[derive(Debug, Args)]

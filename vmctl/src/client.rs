@@ -10,7 +10,8 @@ use serde_json::Value;
 use uuid::Uuid;
 use vm_task_types::{
     wire::{
-        CreateTaskResponse, ErrorBody, ListTasksResponse, TaskDetailResponse, TaskStatusResponse, VmStatusResponse,
+        CreateTaskResponse, ErrorBody, ListTasksResponse, ListVmsResponse, TaskDetailResponse, TaskStatusResponse,
+        VmStatusResponse,
     },
     Operation, OperationKind, TaskStatus,
 };
@@ -56,6 +57,25 @@ impl ListQuery {
             ("vmName", self.vm_name.clone()),
             ("targetServer", self.target_server.clone()),
         ];
+        pairs.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+        pairs
+    }
+}
+
+/// The query of `GET /vms`.
+#[derive(Debug, Clone, Default)]
+pub struct VmsQuery {
+    pub limit: u16,
+    pub cursor: Option<String>,
+    pub server: Option<String>,
+    pub state: Option<String>,
+}
+
+impl VmsQuery {
+    fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut pairs = vec![("limit", self.limit.to_string())];
+        let optional =
+            [("cursor", self.cursor.clone()), ("server", self.server.clone()), ("state", self.state.clone())];
         pairs.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
         pairs
     }
@@ -117,6 +137,12 @@ impl ApiClient {
     /// `GET /vm/tasks?limit=&cursor=&status=&type=&vmName=&targetServer=`.
     pub async fn list(&self, query: &ListQuery) -> Result<Answer<ListTasksResponse>, CliError> {
         let (_, answer) = self.call(Method::GET, &["vm", "tasks"], &query.pairs(), None, 0).await?;
+        Ok(answer)
+    }
+
+    /// `GET /vms?limit=&cursor=&server=&state=`.
+    pub async fn vms(&self, query: &VmsQuery) -> Result<Answer<ListVmsResponse>, CliError> {
+        let (_, answer) = self.call(Method::GET, &["vms"], &query.pairs(), None, 0).await?;
         Ok(answer)
     }
 

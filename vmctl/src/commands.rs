@@ -15,8 +15,8 @@ use vm_task_types::{
 };
 
 use crate::{
-    cli::{Cli, Command, ExecArgs, GlobalArgs, LaunchArgs, SnapshotArgs, SubmitArgs, TasksArgs, VmArgs},
-    client::{ApiClient, ListQuery},
+    cli::{Cli, Command, ExecArgs, GlobalArgs, LaunchArgs, LsArgs, SnapshotArgs, SubmitArgs, TasksArgs, VmArgs},
+    client::{ApiClient, ListQuery, VmsQuery},
     error::{exit, CliError},
     render,
     spinner::Spinner,
@@ -28,8 +28,6 @@ const FINISH_POLL_SECS: u64 = 10;
 const WATCH_POLL_SECS: u64 = 1;
 /// The least time between two polls of the same task.
 const MIN_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
-/// How many pages `tasks` reads when it filters on this side.
-const MAX_FILTERED_PAGES: usize = 20;
 
 /// Runs one command line. `Ok` carries the exit code (not always 0: `exec` passes the
 /// command's through).
@@ -49,6 +47,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Snapshot(args) => session.lifecycle(snapshot_operation(&args), &args.submit).await,
         Command::Exec(args) => session.exec(&args).await,
         Command::Tasks(args) => session.tasks(&args).await,
+        Command::Ls(args) => session.ls(&args).await,
         Command::Task(args) => session.task(args.id).await,
         Command::Watch(args) => session.watch(args.id).await,
         Command::Cancel(args) => session.cancel(args.id).await,
@@ -112,14 +111,6 @@ pub fn exec_exit_code(status: &TaskStatusResponse) -> u8 {
         None if result.and_then(|r| r.error.as_ref()).is_some() => 1,
         None => exit::OK,
     }
-}
-
-/// Whether a listed task passes the filters (applied here until the API applies them).
-pub fn matches(task: &TaskSummary, args: &TasksArgs) -> bool {
-    args.status.is_none_or(|s| task.status == s)
-        && args.kind.is_none_or(|k| task.kind == k)
-        && args.vm.as_ref().is_none_or(|v| &task.vm_name == v)
-        && args.server.as_ref().is_none_or(|s| &task.target_server == s)
 }
 
 /// Keeps polls at least [`MIN_POLL_INTERVAL`] apart, should an API answer a `?wait=` long
@@ -219,7 +210,7 @@ impl Session<'_> {
     }
 
     async fn tasks(&mut self, args: &TasksArgs) -> Result<u8, CliError> {
-        let mut query = ListQuery {
+        let query = ListQuery {
             limit: args.limit,
             cursor: args.cursor.clone(),
             status: args.status,
@@ -227,46 +218,33 @@ impl Session<'_> {
             vm_name: args.vm.clone(),
             target_server: args.server.clone(),
         };
-        if !args.has_filters() {
-            let page = self.client.list(&query).await?;
-            if self.json {
-                return self.print_json(&page.json).map(|()| exit::OK);
-            }
-            write!(self.out, "{}", render::task_list(&page.body.tasks))?;
-            if let Some(hint) = render::next_page_hint(&page.body) {
-                eprintln!("{hint}");
-            }
-            return Ok(exit::OK);
-        }
-        // Filtering on this side as well is harmless once the API filters: every task passes.
-        let (mut found, mut scanned, mut pages) = (Vec::new(), 0, 0);
-        let cursor = loop {
-            let page = self.client.list(&query).await?.body;
-            pages += 1;
-            scanned += page.tasks.len();
-            found.extend(page.tasks.into_iter().filter(|t| matches(t, args)));
-            match page.cursor {
-                Some(next) if found.len() < usize::from(args.limit) && pages < MAX_FILTERED_PAGES => {
-                    query.cursor = Some(next)
-                }
-                next => break next,
-            }
-        };
+        let page = self.client.list(&query).await?;
         if self.json {
-            let body = json!({
-                "success": true,
-                "tasks": found,
-                "count": found.len(),
-                "cursor": cursor,
-                "listComplete": cursor.is_none(),
-                "scanned": scanned,
-            });
-            return self.print_json(&body).map(|()| exit::OK);
+            return self.print_json(&page.json).map(|()| exit::OK);
         }
-        write!(self.out, "{}", render::task_list(&found))?;
-        let more =
-            cursor.map(|c| format!("; more: vmctl tasks --cursor {c} (with the same filters)")).unwrap_or_default();
-        eprintln!("{} of {scanned} tasks matched{more}", found.len());
+        write!(self.out, "{}", render::task_list(&page.body.tasks))?;
+        if let Some(hint) = render::next_page_hint(&page.body, args.has_filters()) {
+            eprintln!("{hint}");
+        }
+        Ok(exit::OK)
+    }
+
+    async fn ls(&mut self, args: &LsArgs) -> Result<u8, CliError> {
+        let query = VmsQuery {
+            limit: args.limit,
+            cursor: args.cursor.clone(),
+            server: args.server.clone(),
+            state: args.state.clone(),
+        };
+        let page = self.client.vms(&query).await?;
+        if self.json {
+            return self.print_json(&page.json).map(|()| exit::OK);
+        }
+        write!(self.out, "{}", render::vm_list(&page.body.vms))?;
+        if let Some(c) = &page.body.cursor {
+            let partial = if page.body.partial { "this page is partial (scan budget); " } else { "" };
+            eprintln!("{partial}more: vmctl ls --cursor {c} (with the same filters)");
+        }
         Ok(exit::OK)
     }
 
@@ -423,24 +401,6 @@ mod tests {
         assert_eq!(exec_exit_code(&status), 1);
         status.result = Some(TaskResult { output: Some("ok\n".into()), exit_code: Some(0), ..Default::default() });
         assert_eq!(exec_exit_code(&status), 0);
-    }
-
-    #[test]
-    fn filters_match_on_every_field_given() {
-        let Command::Tasks(args) = cli(&["tasks", "--status", "failed", "--vm", "vm-1"]).command else { panic!() };
-        let task = |vm: &str, status| TaskSummary {
-            id: Uuid::nil(),
-            kind: OperationKind::StopVm,
-            vm_name: vm.into(),
-            status,
-            target_server: "s".into(),
-            created_at: Timestamp(0),
-            updated_at: Timestamp(0),
-            lease_expires_at: None,
-        };
-        assert!(matches(&task("vm-1", TaskStatus::Failed), &args));
-        assert!(!matches(&task("vm-2", TaskStatus::Failed), &args));
-        assert!(!matches(&task("vm-1", TaskStatus::Completed), &args));
     }
 
     #[test]

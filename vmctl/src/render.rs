@@ -2,7 +2,7 @@
 //! `--json` output does not pass through here; it prints the API's own JSON.
 
 use vm_task_types::{
-    wire::{ListTasksResponse, TaskStatusResponse, VmStatusResponse},
+    wire::{ListTasksResponse, TaskStatusResponse, VmStatusResponse, VmSummary},
     PortForward, Task, TaskResult, TaskSummary, TimelineEntry, Timestamp, VmState,
 };
 
@@ -224,9 +224,31 @@ pub fn task_list(tasks: &[TaskSummary]) -> String {
     table(&["ID", "TYPE", "VM", "STATUS", "SERVER", "CREATED", "TOOK"], &rows)
 }
 
-/// The line after a listing: how to get the next page.
-pub fn next_page_hint(list: &ListTasksResponse) -> Option<String> {
-    list.cursor.as_ref().map(|c| format!("more: vmctl tasks --cursor {c}"))
+/// The line after a listing: how to get the next page, and whether this one was cut short
+/// by the API's scan budget.
+pub fn next_page_hint(list: &ListTasksResponse, filtered: bool) -> Option<String> {
+    let partial = if list.partial { "this page is partial (the API's scan budget ran out); " } else { "" };
+    let same = if filtered { " (with the same filters)" } else { "" };
+    list.cursor.as_ref().map(|c| format!("{partial}more: vmctl tasks --cursor {c}{same}"))
+}
+
+/// `vmctl ls`.
+pub fn vm_list(vms: &[VmSummary]) -> String {
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|v| {
+            let state = v.state.map(vm_state_name).unwrap_or("-");
+            vec![
+                v.vm_name.clone(),
+                v.server.clone(),
+                if v.settled { state.to_owned() } else { format!("{state}?") },
+                v.ip.clone().unwrap_or_else(|| "-".into()),
+                format!("{} {}", v.last_task_kind, v.last_task_id),
+                v.updated_at.to_string(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "SERVER", "STATE", "IP", "LAST TASK", "UPDATED"], &rows)
 }
 
 /// `vmctl vm NAME`.
@@ -357,6 +379,6 @@ mod tests {
             partial: false,
             scanned: None,
         };
-        assert_eq!(next_page_hint(&list).as_deref(), Some("more: vmctl tasks --cursor abc"));
+        assert_eq!(next_page_hint(&list, false).as_deref(), Some("more: vmctl tasks --cursor abc"));
     }
 }

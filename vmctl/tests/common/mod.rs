@@ -410,7 +410,20 @@ async fn list(State(state): Shared, headers: HeaderMap, Query(query): Query<Hash
     state.list_queries.push(query.clone());
     let limit: usize = query.get("limit").and_then(|l| l.parse().ok()).unwrap_or(50);
     let offset: usize = query.get("cursor").and_then(|c| c.parse().ok()).unwrap_or(0);
-    let newest_first: Vec<_> = state.tasks.iter().rev().map(Task::summary).collect();
+    // Filters as the API applies them.
+    let wanted = |field: &str, value: &str| query.get(field).is_none_or(|w| w == value);
+    let newest_first: Vec<_> = state
+        .tasks
+        .iter()
+        .rev()
+        .map(Task::summary)
+        .filter(|t| {
+            wanted("status", t.status.as_str())
+                && wanted("type", t.kind.as_str())
+                && wanted("vmName", &t.vm_name)
+                && wanted("targetServer", &t.target_server)
+        })
+        .collect();
     let page: Vec<_> = newest_first.iter().skip(offset).take(limit).cloned().collect();
     let cursor = (offset + limit < newest_first.len()).then(|| (offset + limit).to_string());
     Json(ListTasksResponse {
