@@ -7,11 +7,10 @@
 use std::io::Write;
 
 use clap::CommandFactory;
-use serde_json::{json, Value};
+use serde_json::Value;
 use uuid::Uuid;
 use vm_task_types::{
-    wire::TaskStatusResponse, LaunchVm, Operation, RunCommand, SnapshotVm, TaskStatus, TaskSummary, Timestamp,
-    VmConfig, VmRef,
+    wire::TaskStatusResponse, LaunchVm, Operation, RunCommand, SnapshotVm, TaskStatus, Timestamp, VmConfig, VmRef,
 };
 
 use crate::{
@@ -341,6 +340,7 @@ impl Session<'_> {
 mod tests {
     use super::*;
     use clap::Parser;
+    use serde_json::json;
     use vm_task_types::{OperationKind, TaskResult};
 
     fn cli(args: &[&str]) -> Cli {
