@@ -7,7 +7,14 @@
 //! (network, 5xx, 429) is retried with backoff; a refusal (other 4xx) is final and carries the
 //! body.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering::SeqCst},
+        Arc,
+    },
+    time::Duration,
+};
 
 use arrakis_client::{error_chain, read_capped};
 use reqwest::{Method, StatusCode, Url};
@@ -21,7 +28,10 @@ use vm_task_types::{
     TaskStatus, Timestamp,
 };
 
-use crate::config::Config;
+use crate::{config::Config, push::PushChannel};
+
+/// The header on the consumer worker's answers that names its dispatch mode.
+const MODE_HEADER: &str = "x-dispatch-mode";
 
 /// Largest worker answer read: a full listing of 1,000 entries is about 300 KB.
 const RESPONSE_MAX_BYTES: usize = 8 * 1024 * 1024;
@@ -106,6 +116,11 @@ pub struct EdgeClient {
     /// Random per process: claim ids are derived from it, so a retried claim of this process
     /// is recognised and a restarted daemon's is not.
     instance: Uuid,
+    /// The consumer worker said `x-dispatch-mode: durable`: tasks are pushed over WebSockets.
+    durable: Arc<AtomicBool>,
+    push: Arc<PushChannel>,
+    /// Numbers the bells of pushed listings, so the loop sees each as new.
+    pushes: Arc<AtomicU64>,
 }
 
 impl EdgeClient {
@@ -123,6 +138,9 @@ impl EdgeClient {
             token: config.consumer_token.clone(),
             consumer_id: config.consumer_id.clone(),
             instance: Uuid::new_v4(),
+            durable: Arc::default(),
+            push: Arc::default(),
+            pushes: Arc::default(),
         })
     }
 
@@ -162,6 +180,9 @@ impl EdgeClient {
             .send()
             .await
             .map_err(|e| EdgeError::Transient(format!("{method} {}: {}", url.path(), error_chain(&e))))?;
+        if let Some(mode) = response.headers().get(MODE_HEADER) {
+            self.durable.store(mode.as_bytes() == b"durable", SeqCst);
+        }
         let status = response.status();
         let body = read_capped(response, RESPONSE_MAX_BYTES)
             .await
@@ -238,6 +259,38 @@ impl Edge for EdgeClient {
         wait: Duration,
         hot: bool,
     ) -> Result<ReadyTasksResponse, EdgeError> {
+        // The durable mode: while every server's socket is open, wait on pushes, not on a long
+        // poll (which would keep the object awake). Full listings stay HTTP.
+        if let (Some(since), true) = (since, self.durable.load(SeqCst)) {
+            self.push.start(&self.consumer, &self.token, servers);
+            if self.push.live() {
+                match self.push.next(wait).await {
+                    Some(tasks) => {
+                        let n = self.pushes.fetch_add(1, SeqCst) + 1;
+                        let bell = format!("push-{n}");
+                        return Ok(ReadyTasksResponse {
+                            success: true,
+                            count: tasks.len(),
+                            tasks,
+                            bell,
+                            list_complete: false,
+                        });
+                    }
+                    None if self.push.live() => {
+                        let bell = since.to_owned();
+                        return Ok(ReadyTasksResponse {
+                            success: true,
+                            count: 0,
+                            tasks: Vec::new(),
+                            bell,
+                            list_complete: true,
+                        });
+                    }
+                    // A socket dropped: poll over HTTP while it reconnects.
+                    None => {}
+                }
+            }
+        }
         let mut url = self.consumer.join("tasks/ready").expect("static path");
         {
             let mut q = url.query_pairs_mut();
@@ -260,7 +313,11 @@ impl Edge for EdgeClient {
     /// buffering time goes along for the task's timeline.
     async fn claim(&self, task: &BufferedTask, lease: Duration) -> Result<ClaimOutcome, EdgeError> {
         let id = task.task_id;
-        let url = self.consumer.join(&format!("tasks/{id}/claim")).expect("uuid path");
+        let mut url = self.consumer.join(&format!("tasks/{id}/claim")).expect("uuid path");
+        if self.durable.load(SeqCst) {
+            // Names the object to ask, so the worker need not read the task record for it.
+            url.query_pairs_mut().append_pair("server", &task.target_server);
+        }
         let body = ClaimRequest {
             consumer_id: self.consumer_id.clone(),
             claim_id: Some(self.claim_id_for(id)),

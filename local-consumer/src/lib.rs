@@ -9,6 +9,7 @@ pub mod images;
 pub mod lock;
 pub mod metrics;
 pub mod notify;
+pub mod push;
 pub mod report;
 pub mod retry;
 pub mod scheduler;

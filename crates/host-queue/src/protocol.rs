@@ -129,11 +129,5 @@ pub struct ReadyList {
     pub count: usize,
 }
 
-/// A message pushed to a daemon's WebSocket. Every push is also answerable by listing
-/// (`GET .../ready`), so a lost push costs latency, never a task.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase")]
-pub enum Push {
-    /// Tasks that became claimable. On connect: everything claimable now (redelivery).
-    Ready { tasks: Vec<BufferedTask> },
-}
+/// A message pushed to a daemon's WebSocket (on the wire in `vm-task-types`).
+pub use vm_task_types::wire::HostPush as Push;

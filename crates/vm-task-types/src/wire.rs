@@ -254,6 +254,16 @@ pub struct ReadyTasksResponse {
     pub list_complete: bool,
 }
 
+/// A message the `durable` dispatch mode's host queue pushes to a daemon's WebSocket
+/// (`GET /hosts/{server}/connect` on the consumer worker). A push is a hint: everything in it
+/// can also be listed with `GET /tasks/ready`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum HostPush {
+    /// Tasks that became claimable; on connect, everything claimable now.
+    Ready { tasks: Vec<BufferedTask> },
+}
+
 /// `POST /tasks/:id/claim`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -1,0 +1,147 @@
+//! The `durable` dispatch mode's push channel: one WebSocket per served server to that
+//! server's host queue object (`GET /hosts/{server}/connect` on the consumer worker). The
+//! object sends every task that becomes claimable, and on each (re)connect everything
+//! claimable now, so a reconnect redelivers what a lost connection missed.
+//!
+//! A push is only a hint for [`crate::edge::EdgeClient::ready`]: claims, heartbeats and
+//! reports stay HTTP with their usual idempotency, and a full listing every `RELIST_SECONDS`
+//! covers a push that never arrived. While connected the daemon sends no long polls, so an
+//! idle host costs the object nothing but a `ping` every [`PING_EVERY`], which the runtime
+//! answers without waking it.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use futures::{SinkExt, StreamExt};
+use reqwest::Url;
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::{client::IntoClientRequest, http::HeaderValue, Message};
+use vm_task_types::wire::{BufferedTask, HostPush};
+
+/// How often an open socket says `ping` (the object's auto-response answers `pong`).
+pub const PING_EVERY: Duration = Duration::from_secs(20);
+/// First and longest wait before reconnecting: short, so a restarted worker is reached again
+/// within about a second of answering.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A connection that says nothing (not even `pong`) for this long is taken as dead.
+const SILENCE_LIMIT: Duration = Duration::from_secs(3 * PING_EVERY.as_secs());
+
+/// The push channel of every served server.
+#[derive(Debug, Default)]
+pub struct PushChannel {
+    pending: Mutex<Vec<BufferedTask>>,
+    arrived: Notify,
+    started: AtomicBool,
+    /// Sockets open now.
+    open: AtomicUsize,
+    servers: AtomicUsize,
+}
+
+impl PushChannel {
+    /// Opens (and keeps reopening) one socket per server, once; later calls do nothing.
+    pub fn start(self: &Arc<Self>, consumer: &Url, token: &str, servers: &[String]) {
+        if self.started.swap(true, SeqCst) {
+            return;
+        }
+        self.servers.store(servers.len(), SeqCst);
+        for server in servers {
+            let mut url = consumer.join(&format!("hosts/{server}/connect")).expect("server names are path-safe");
+            let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
+            let _ = url.set_scheme(scheme);
+            tokio::spawn(keep_connected(self.clone(), url, token.to_owned(), server.clone()));
+        }
+    }
+
+    /// Every server's socket is open: pushes can stand in for long polls.
+    pub fn live(&self) -> bool {
+        let servers = self.servers.load(SeqCst);
+        servers > 0 && self.open.load(SeqCst) >= servers
+    }
+
+    /// Tasks pushed since the last call, waiting up to `wait` for some; `None` when none came.
+    pub async fn next(&self, wait: Duration) -> Option<Vec<BufferedTask>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let arrived = self.arrived.notified();
+            let tasks = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+            if !tasks.is_empty() {
+                return Some(tasks);
+            }
+            // A socket that dropped meanwhile: let the caller fall back to polling.
+            if !self.live() || tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    fn deliver(&self, tasks: Vec<BufferedTask>) {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).extend(tasks);
+        self.arrived.notify_waiters();
+    }
+}
+
+async fn keep_connected(channel: Arc<PushChannel>, url: Url, token: String, server: String) {
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        match connect(&url, &token).await {
+            Ok(socket) => {
+                tracing::info!(%server, "push channel open");
+                backoff = BACKOFF_FIRST;
+                channel.open.fetch_add(1, SeqCst);
+                let outcome = serve(&channel, socket).await;
+                channel.open.fetch_sub(1, SeqCst);
+                // Wake a waiting poll so it falls back to HTTP while we reconnect.
+                channel.arrived.notify_waiters();
+                tracing::warn!(%server, "push channel closed: {outcome}; reconnecting");
+            }
+            Err(e) => tracing::debug!(%server, "push channel: {e}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(url: &Url, token: &str) -> Result<Socket, String> {
+    let mut request = url.as_str().into_client_request().map_err(|e| e.to_string())?;
+    let bearer = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| e.to_string())?;
+    request.headers_mut().insert("authorization", bearer);
+    let (socket, _) =
+        tokio_tungstenite::connect_async_with_config(request, None, true).await.map_err(|e| e.to_string())?;
+    Ok(socket)
+}
+
+/// Reads pushes until the socket ends; says `ping` meanwhile.
+async fn serve(channel: &PushChannel, socket: Socket) -> String {
+    let (mut sink, mut stream) = socket.split();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            _ = ping.tick() => {
+                if let Err(e) = sink.send(Message::text("ping")).await {
+                    return e.to_string();
+                }
+            }
+            message = tokio::time::timeout(SILENCE_LIMIT, stream.next()) => match message {
+                Err(_) => return "silent too long".into(),
+                Ok(None) => return "closed by the worker".into(),
+                Ok(Some(Err(e))) => return e.to_string(),
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    if let Ok(HostPush::Ready { tasks }) = serde_json::from_str(&text) {
+                        channel.deliver(tasks);
+                    }
+                }
+                Ok(Some(Ok(Message::Close(_)))) => return "closed by the worker".into(),
+                Ok(Some(Ok(_))) => {}
+            },
+        }
+    }
+}
