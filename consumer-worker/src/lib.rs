@@ -185,6 +185,10 @@ async fn hand_off_batch(
             // Unreadable: the dead letter queue marks what it can.
             return retry;
         };
+        if config.fault_fail_buffering_vm.as_deref() == Some(message.vm_name.as_str()) {
+            // Fault injection for tests, as in the KV mode: this VM's tasks reach the DLQ.
+            return retry;
+        }
         match front.hand_off(&message).await {
             Handoff::Done => Delivery::Ack,
             Handoff::Retry(why) => {

@@ -169,12 +169,26 @@ impl<S: KvStore, Q: HostQueues> ConsumerFront<'_, S, Q> {
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect();
-        if servers.is_empty() {
-            return Err(invalid(FieldError::new("server", "is required in the durable dispatch mode")));
+        if servers.len() > Limits::SERVERS_PER_POLL_MAX {
+            let message = format!("at most {} servers per request", Limits::SERVERS_PER_POLL_MAX);
+            return Err(invalid(FieldError::new("server", message)));
         }
         for server in &servers {
             check_server_name("server", server).map_err(invalid)?;
             self.consumer_tokens.admit(request, "consumer", Some(server))?;
+        }
+        // Every listing is complete here (a host's live tasks); the limit is checked alike.
+        if let Some(raw) = query(request, "limit") {
+            if !raw.parse::<u64>().is_ok_and(|n| (1..=1000).contains(&n)) {
+                return Err(invalid(FieldError::new(
+                    "limit",
+                    format!("must be an integer from 1 to 1000, got {raw:?}"),
+                )));
+            }
+        }
+        if servers.is_empty() {
+            let message = "is required with `wait` or `since`, and always in the durable dispatch mode";
+            return Err(invalid(FieldError::new("server", message)));
         }
         let wait_secs = match query(request, "wait") {
             None => 0,

@@ -15,6 +15,7 @@
 use serde::{de::DeserializeOwned, Serialize};
 use uuid::Uuid;
 use vm_task_types::{
+    validate::check_segment,
     wire::{ClaimRequest, LeaseResponse, TaskDetailResponse, UpdateStatusResponse},
     Task, Timestamp,
 };
@@ -65,6 +66,7 @@ pub fn handle<S: HostStore>(
         }),
         ("POST", ["tasks", id, "claim"]) => task_id(id).and_then(|id| {
             let request: ClaimRequest = parse(body)?;
+            check_segment("consumerId", &request.consumer_id, 128).map_err(Refusal::invalid_field)?;
             Ok(Reply::json(200, &queue.claim(id, &request, now)?))
         }),
         ("POST", ["tasks", id, op @ ("heartbeat" | "release")]) => task_id(id).and_then(|id| {
@@ -113,5 +115,5 @@ fn task_id(raw: &str) -> Result<Uuid, Refusal> {
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Refusal> {
-    serde_json::from_slice(body).map_err(|e| Refusal::bad_request(format!("request body is not valid: {e}")))
+    serde_json::from_slice(body).map_err(Refusal::bad_body)
 }

@@ -52,8 +52,19 @@ impl Refusal {
         Self::new(404, "not_found", format!("the host queue has no route {method} {path}"))
     }
 
+    /// A body that does not parse: the same code and wording as the KV mode's handlers.
+    pub fn bad_body(error: impl std::fmt::Display) -> Self {
+        Self::new(400, "invalid_body", format!("invalid request body: {error}"))
+    }
+
     pub fn bad_request(message: String) -> Self {
         Self::new(400, "invalid_request", message)
+    }
+
+    pub fn invalid_field(error: vm_task_types::FieldError) -> Self {
+        let mut refusal = Self::new(400, "invalid_field", error.to_string());
+        refusal.body.field = Some(error.field);
+        refusal
     }
 
     /// The machine-readable code (`conflict`, `not_found`...).

@@ -46,7 +46,9 @@ struct Mirror {
 }
 
 const FENCE_COUNTER: &str = "fence";
-const OBJECT: &str = "host-queue";
+/// Timeline actors, as in the KV mode: the consumer worker buffers, the sweeper ends leases.
+const WORKER: &str = "consumer-worker";
+const OBJECT: &str = "sweeper";
 
 /// The consumer worker's settings that the queue applies.
 #[derive(Debug, Clone)]
@@ -145,8 +147,8 @@ impl<S: HostStore> HostQueue<S> {
         // The API wrote the record at submission: the buffered note waits out that window.
         self.mirrors
             .insert(task.id, Mirror { written_at: Some(task.updated_at), refused_at: None, status: Some(task.status) });
-        let note = format!("queued for server {}", task.target_server);
-        task.record(now.max(task.created_at), OBJECT, TimelineEvent::Buffered, None, note);
+        let note = format!("buffered for server {}", task.target_server);
+        task.record(now.max(task.created_at), WORKER, TimelineEvent::Buffered, None, note);
         let mirrored_gen = task.gen - 1;
         let entry = StoredEntry { task, fence: 0, mirrored_gen, finished_at: None };
         self.newly_ready.insert(entry.task.id);

@@ -352,3 +352,23 @@ fn a_consumer_token_bound_to_servers_acts_for_those_only() {
     assert_eq!(r.status, 403, "the task's server comes from its record: {}", String::from_utf8_lossy(&r.body));
     assert_eq!(edge.live_status(id), TaskStatus::Pending);
 }
+
+#[test]
+fn bad_claim_bodies_are_refused_like_the_kv_modes() {
+    let edge = Edge::new();
+    let id = edge.submit("vm-1");
+    edge.deliver();
+    let claim = |body: Value| {
+        edge.consumer(
+            Request::new("POST", &format!("/tasks/{id}/claim?server=production")).bearer(CONSUMER).json_body(&body),
+        )
+    };
+    let bad_id = claim(json!({"consumerId": "host a/b"}));
+    assert_eq!(bad_id.status, 400);
+    assert_eq!(bad_id.json_body::<Value>().unwrap()["field"], "consumerId");
+    let missing = claim(json!({"leaseSeconds": 30}));
+    let body: Value = missing.json_body().unwrap();
+    assert_eq!((missing.status, body["code"].as_str()), (400, Some("invalid_body")));
+    assert!(body["error"].as_str().unwrap().contains("missing field `consumerId`"), "{body}");
+    assert_eq!(edge.live_status(id), TaskStatus::Pending, "no refused claim took the task");
+}
