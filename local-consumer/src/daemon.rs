@@ -55,6 +55,10 @@ const UNREPORTED_RETRY: Duration = Duration::from_secs(5);
 const NOT_VISIBLE_RETRY: RetryPolicy =
     RetryPolicy { retries: 12, base: Duration::from_secs(1), cap: Duration::from_secs(30) };
 
+/// KV's propagation window (`vm_task_edge::KV_PROPAGATION_SECS`): a record written this long
+/// ago is visible at every location.
+const KV_PROPAGATION_SECS: u64 = 60;
+
 /// How far the order check follows a chain of cancelled predecessors before it waits instead.
 const CANCELLED_PREDECESSORS_MAX: usize = 64;
 
@@ -199,6 +203,9 @@ pub enum Event {
 pub enum JobEnd {
     /// Done here or found terminal: never start again.
     Finished(Uuid),
+    /// Found cancelled: never start it, and never count it as a finished predecessor (it
+    /// never ran, so the tasks before it may not have either).
+    Cancelled(Uuid),
     /// Not startable yet; try again at this time if still listed.
     Deferred(BufferedTask, Instant),
     /// Ran, but no report was accepted (the claim was lost, or the workers stayed
@@ -316,7 +323,7 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
         while self.jobs.len() < self.shared.config.max_concurrency {
             let Some(task) = self.scheduler.next(Instant::now()) else { break };
             // A predecessor this daemon saw finish needs no check with the API.
-            let previous_done = task.previous_task_id.is_some_and(|p| self.scheduler.has_finished(p));
+            let previous_done = task.previous_task_id.is_some_and(|p| self.scheduler.has_finished_ran(p));
             // Every log line about the task, the executor's included, carries these fields.
             let span = tracing::info_span!("task", id = %task.task_id, vm = %task.vm_name, op = %task.kind);
             let shared = self.shared.clone();
@@ -443,6 +450,10 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
                 self.scheduler.finish(id);
                 self.polling.last_activity = Instant::now();
             }
+            Ok(JobEnd::Cancelled(id)) => {
+                self.not_visible.remove(&id);
+                self.scheduler.finish_cancelled(id);
+            }
             Ok(JobEnd::Deferred(task, at)) => self.scheduler.defer(task, at),
             Ok(JobEnd::NotVisible(task)) => {
                 let id = task.task_id;
@@ -518,7 +529,7 @@ async fn job<E: Edge, X: Execute>(
     let id = task.task_id;
 
     if let Some(previous) = task.previous_task_id.filter(|_| !previous_done) {
-        match previous_finished(&shared, previous).await {
+        match previous_finished(&shared, previous, task.created_at).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::debug!(%previous, "waiting for the VM's previous task");
@@ -536,6 +547,10 @@ async fn job<E: Edge, X: Execute>(
 
     let claim = match shared.edge.claim(&task, config.lease).await {
         Ok(ClaimOutcome::Claimed(claim)) => claim,
+        Ok(ClaimOutcome::Finished(TaskStatus::Cancelled)) => {
+            tracing::info!("task is cancelled; skipping");
+            return JobEnd::Cancelled(id);
+        }
         Ok(ClaimOutcome::Finished(status)) => {
             tracing::info!(%status, "task is already terminal; skipping");
             return JobEnd::Finished(id);
@@ -634,11 +649,21 @@ pub fn not_resent(task: &vm_task_types::Task) -> Option<String> {
 
 /// Whether the VM's previous task is out of the way: terminal, unknown, or on another server.
 /// A cancelled predecessor never ran, so it says nothing about the tasks before it: the check
-/// follows the chain back to the nearest predecessor that was not cancelled.
-async fn previous_finished<E: Edge, X>(shared: &Shared<E, X>, previous: Uuid) -> Result<bool, EdgeError> {
+/// follows the chain back to the nearest predecessor that was not cancelled. A predecessor
+/// the API cannot find is unknown only once twice KV's propagation window has passed since
+/// the successor was created (the predecessor's record was written before that, and a
+/// location may cache its absence for 60 s from a read made while the write was still on its
+/// way); sooner, the answering location may just not have it yet.
+async fn previous_finished<E: Edge, X>(
+    shared: &Shared<E, X>,
+    previous: Uuid,
+    created_at: vm_task_types::Timestamp,
+) -> Result<bool, EdgeError> {
     let mut previous = previous;
     for _ in 0..CANCELLED_PREDECESSORS_MAX {
-        let Some(status) = shared.edge.task_status(previous).await? else { return Ok(true) };
+        let Some(status) = shared.edge.task_status(previous).await? else {
+            return Ok(created_at.plus_secs(2 * KV_PROPAGATION_SECS) <= crate::edge::wall_clock());
+        };
         if !shared.config.server_names.contains(&status.target_server) {
             return Ok(true);
         }

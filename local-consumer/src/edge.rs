@@ -364,7 +364,8 @@ impl Edge for EdgeClient {
 }
 
 /// Now by the host's clock, to turn a lease's end into a wait.
-fn wall_clock() -> Timestamp {
+/// Now, as the edge's timestamps count it.
+pub(crate) fn wall_clock() -> Timestamp {
     let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     Timestamp(since_epoch.as_millis() as u64)
 }

@@ -23,6 +23,8 @@ pub struct Scheduler {
     not_before: HashMap<Uuid, Instant>,
     finished: HashSet<Uuid>,
     finished_order: VecDeque<Uuid>,
+    /// The finished ones that were found cancelled (they never ran).
+    cancelled: HashSet<Uuid>,
 }
 
 impl Scheduler {
@@ -81,6 +83,7 @@ impl Scheduler {
             if self.finished_order.len() > FINISHED_MEMORY {
                 if let Some(old) = self.finished_order.pop_front() {
                     self.finished.remove(&old);
+                    self.cancelled.remove(&old);
                 }
             }
         }
@@ -93,8 +96,21 @@ impl Scheduler {
         self.waiting.insert(task.task_id, task);
     }
 
+    /// The task was found cancelled: never start it, and it is no finished predecessor.
+    pub fn finish_cancelled(&mut self, id: Uuid) {
+        self.finish(id);
+        if self.finished.contains(&id) {
+            self.cancelled.insert(id);
+        }
+    }
+
     pub fn has_finished(&self, id: Uuid) -> bool {
         self.finished.contains(&id)
+    }
+
+    /// Finished and not cancelled: as a predecessor, it is out of the way.
+    pub fn has_finished_ran(&self, id: Uuid) -> bool {
+        self.finished.contains(&id) && !self.cancelled.contains(&id)
     }
 
     pub fn running(&self) -> usize {

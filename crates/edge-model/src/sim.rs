@@ -260,7 +260,16 @@ struct Daemon {
     /// Outcomes whose report was refused: reported, not run again, when the task is claimed
     /// again.
     unreported: BTreeMap<Uuid, (bool, String)>,
+    /// The known-terminal tasks that were found cancelled: no finished predecessor.
+    known_cancelled: BTreeSet<Uuid>,
+    /// Claims answered 404 so far per listed task (`NOT_VISIBLE_RETRY`).
+    not_visible: BTreeMap<Uuid, u32>,
 }
+
+/// `NOT_VISIBLE_RETRY.retries`: claims answered 404 retried this often before giving up.
+const NOT_VISIBLE_RETRIES: u32 = 12;
+/// `CANCELLED_PREDECESSORS_MAX`: how far the order check follows cancelled predecessors.
+const CANCELLED_PREDECESSORS_MAX: usize = 64;
 
 /// `UNREPORTED_RETRY`: how soon a task with a refused report is tried again.
 const UNREPORTED_RETRY_MS: u64 = 5_000;
@@ -302,14 +311,14 @@ enum Net {
 #[derive(Debug, Clone, Copy)]
 pub struct DaemonRules {
     /// Whether a command claimed again after a lost attempt (its daemon crashed, its lease
-    /// expired) is sent to Arrakis again. `local-consumer` does so today: its executor looks
-    /// only within one attempt.
+    /// expired) is sent to Arrakis again. `local-consumer` did until it failed such a command
+    /// instead (`daemon::not_resent`); `true` models the old daemon.
     pub resend_commands_on_reclaim: bool,
 }
 
 impl Default for DaemonRules {
     fn default() -> Self {
-        Self { resend_commands_on_reclaim: true }
+        Self { resend_commands_on_reclaim: false }
     }
 }
 
@@ -438,6 +447,8 @@ impl Sim {
                 listed: Vec::new(),
                 last_activity: 0,
                 unreported: BTreeMap::new(),
+                not_visible: BTreeMap::new(),
+                known_cancelled: BTreeSet::new(),
             });
             let first_poll = self.rng.range(0, 1_000);
             self.schedule(first_poll, Event::DaemonPoll { d: s, gen: 0 });
@@ -616,6 +627,8 @@ impl Sim {
                 daemon.bell = None;
                 daemon.listed.clear();
                 daemon.unreported.clear();
+                daemon.not_visible.clear();
+                daemon.known_cancelled.clear();
                 let server = daemon.server.clone();
                 let down = self.rng.range(5_000, 90_000);
                 self.trace(format!("{server}: daemon CRASHES, restarts in {} s", down / 1000));
@@ -983,7 +996,9 @@ impl Sim {
             .collect();
         for entry in candidates {
             if let Some(prev) = entry.previous_task_id {
-                if !self.daemons[d].known_terminal.contains(&prev) && !self.predecessor_terminal(d, prev) {
+                let daemon = &self.daemons[d];
+                let seen_finish = daemon.known_terminal.contains(&prev) && !daemon.known_cancelled.contains(&prev);
+                if !seen_finish && !self.predecessor_terminal(d, prev, entry.created_at.as_millis()) {
                     continue;
                 }
             }
@@ -999,25 +1014,46 @@ impl Sim {
         self.poll_again(d);
     }
 
-    /// Asks the API whether `prev` is terminal (a lost request counts as "not yet").
-    fn predecessor_terminal(&mut self, d: usize, prev: Uuid) -> bool {
+    /// Asks the API whether `prev` is terminal (a lost request counts as "not yet"), following
+    /// cancelled predecessors to the nearest one that was not (`previous_finished`).
+    fn predecessor_terminal(&mut self, d: usize, prev: Uuid, created_at: u64) -> bool {
+        let mut prev = prev;
+        for _ in 0..CANCELLED_PREDECESSORS_MAX {
+            match self.predecessor_status(d, prev, created_at) {
+                Some((TaskStatus::Cancelled, Some(before))) => prev = before,
+                Some((status, _)) => return status.is_terminal(),
+                None => return false,
+            }
+        }
+        false
+    }
+
+    /// One status read of a predecessor: its status and its own predecessor, `None` when
+    /// unknown for now. Terminal (and, by the daemon's rule, not found) gets `Completed`.
+    fn predecessor_status(&mut self, d: usize, prev: Uuid, created_at: u64) -> Option<(TaskStatus, Option<Uuid>)> {
         let request = Request::new("GET", &format!("/vm/tasks/{prev}/status")).bearer(CONSUMER_TOKEN);
         match self.daemon_call(d, true, request) {
             Net::Answered(r) if r.status == 200 => {
-                let terminal = r.json_body::<TaskStatusResponse>().is_ok_and(|s| s.status.is_terminal());
-                if terminal {
+                let status = r.json_body::<TaskStatusResponse>().ok()?;
+                if status.status.is_terminal() && status.status != TaskStatus::Cancelled {
                     self.daemons[d].known_terminal.insert(prev);
                 }
-                terminal
+                Some((status.status, status.previous_task_id))
             }
-            // A predecessor the API cannot find does not block its successor: the daemon's
-            // rule (`previous_finished`), which a negative cache entry at its location meets.
+            // A predecessor the API cannot find is unknown (out of the way) only once twice KV's
+            // propagation window has passed since the successor was created
+            // (`previous_finished`); sooner, the daemon's location may not have it yet.
             Net::Answered(r) if r.status == 404 => {
                 let server = self.daemons[d].server.clone();
-                self.trace(format!("{server}: predecessor {} not found (404): treated as finished", short(prev)));
-                true
+                if self.now >= created_at + 120_000 {
+                    self.trace(format!("{server}: predecessor {} not found (404): treated as finished", short(prev)));
+                    Some((TaskStatus::Completed, None))
+                } else {
+                    self.trace(format!("{server}: predecessor {} not found (404) yet: waiting", short(prev)));
+                    None
+                }
             }
-            _ => false,
+            _ => None,
         }
     }
 
@@ -1072,14 +1108,37 @@ impl Sim {
                 self.executions.insert(key, (claim.task, claim.claim_id));
                 self.schedule(0, Event::DaemonExecute { d, gen, key });
             }
-            Net::Answered(r) if r.status == 409 || r.status == 404 => {
+            Net::Answered(r) if r.status == 404 => {
+                // `ClaimOutcome::NotVisible`: the record has not reached this location yet;
+                // retried after 1, 2, 4, 8, 16, then 30 s, 12 times, then given up as an orphan.
+                let tries = self.daemons[d].not_visible.entry(task).or_default();
+                *tries += 1;
+                let tries = *tries;
+                if tries > NOT_VISIBLE_RETRIES {
+                    self.trace(format!("{server}@{location}: claim of {} → 404 {tries} times: given up", short(task)));
+                    self.daemons[d].known_terminal.insert(task);
+                } else {
+                    let delay = (1_000u64 << (tries - 1).min(5)).min(30_000);
+                    self.trace(format!(
+                        "{server}@{location}: claim of {} → 404: not visible yet, retry in {} s",
+                        short(task),
+                        delay / 1000
+                    ));
+                    self.daemons[d].skip_until.insert(task, self.now + delay);
+                }
+                self.poll_later(d, 200);
+            }
+            Net::Answered(r) if r.status == 409 => {
                 self.trace(format!("{server}@{location}: claim of {} → {} {}", short(task), r.status, status_of(&r)));
                 let until = self.now + 10_000;
                 self.daemons[d].skip_until.insert(task, until);
-                // The daemon takes a 404 or a terminal 409 as "finished" and never retries the
-                // task (`ClaimOutcome::Finished`); a held 409 is retried after the lease.
-                if r.status == 404 || r.json_body::<Value>().is_ok_and(|b| terminal_in_body(&b)) {
+                // A terminal 409 is "finished, never again" (`ClaimOutcome::Finished`); a held
+                // 409 is retried after the lease.
+                if r.json_body::<Value>().is_ok_and(|b| terminal_in_body(&b)) {
                     self.daemons[d].known_terminal.insert(task);
+                    if status_of(&r).contains("cancelled") {
+                        self.daemons[d].known_cancelled.insert(task);
+                    }
                 }
                 self.poll_later(d, 200);
             }

@@ -9,7 +9,9 @@ use edge_model::sim::{self, Outcome, Settings};
 
 const USAGE: &str = "usage: simulate [--consistent] --seed N | --seeds N [--from S]
   --consistent         KV strongly consistent (one cache-free store) with production's limits
-  --no-command-resend  the daemon driver does not re-send a command claimed again after a lost attempt";
+  --command-resend     the daemon driver re-sends a command claimed again after a lost attempt
+                       (local-consumer before it failed such commands; --no-command-resend, the
+                       default now, is accepted)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -19,8 +21,8 @@ fn main() -> ExitCode {
     };
     let mut settings =
         if args.iter().any(|a| a == "--consistent") { Settings::consistent() } else { Settings::production() };
-    if args.iter().any(|a| a == "--no-command-resend") {
-        settings.rules.resend_commands_on_reclaim = false;
+    if args.iter().any(|a| a == "--command-resend") {
+        settings.rules.resend_commands_on_reclaim = true;
     }
     if let Some(seed) = value("--seed") {
         let outcome = sim::run_with(seed, &settings);
