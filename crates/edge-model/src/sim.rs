@@ -19,14 +19,15 @@
 //! - **daemons**, one per server, run the consumer protocol (poll with the doorbell → check
 //!   predecessor → claim → execute on an in-memory Arrakis → report), one task at a time.
 //!   This driver restates `local-consumer`'s rules rather than running its loop: oldest listed
-//!   task per VM; a predecessor terminal or not found; a claim 404 or terminal 409 means
-//!   finished; a refused report is kept for the next claim; claim ids fixed per process and
-//!   task; lifecycle operations look at the VM first; a command claimed again after a lost
-//!   attempt is sent again unless [`DaemonRules`] say otherwise. The daemon's own loop
-//!   (`local_consumer::daemon::Daemon` over its `Edge` and `Execute` traits) cannot run here
-//!   yet: its traits require `Send` futures (this world is single-threaded `Rc` state) and its
-//!   `tokio::select!` is unbiased, so equal-time events would be taken in a random order and a
-//!   seed would no longer replay.
+//!   task per VM; a predecessor terminal (cancelled ones followed back to the nearest that was
+//!   not) or not found 120 s after the successor's creation; a claim 404 retried with backoff
+//!   12 times, a terminal 409 means finished; a refused report is kept for the next claim;
+//!   claim ids fixed per process and task; lifecycle operations look at the VM first; a
+//!   command claimed on a later attempt fails rather than being sent again (unless
+//!   [`DaemonRules`] model the old daemon). The daemon's own loop
+//!   (`local_consumer::daemon::Daemon` over its `Edge` and `Execute` traits) does not run here
+//!   yet: its `select!` is biased now (same-instant events replay in one order), but its traits
+//!   require `Send` futures and this world is single-threaded `Rc` state.
 //!
 //! `SIM_DEBUG=1` adds each daemon listing to the trace.
 //!
@@ -308,7 +309,7 @@ enum Net {
 }
 
 /// Choices of the daemon driver where the real daemon's behaviour is in question.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct DaemonRules {
     /// Whether a command claimed again after a lost attempt (its daemon crashed, its lease
     /// expired) is sent to Arrakis again. `local-consumer` did until it failed such a command
@@ -316,11 +317,6 @@ pub struct DaemonRules {
     pub resend_commands_on_reclaim: bool,
 }
 
-impl Default for DaemonRules {
-    fn default() -> Self {
-        Self { resend_commands_on_reclaim: false }
-    }
-}
 
 struct Sim {
     rules: DaemonRules,
