@@ -14,7 +14,7 @@ use std::{
     time::SystemTime,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 /// Tool versions the build is pinned to. wasm-bindgen's comes from Cargo.lock.
 const WORKER_BUILD_VERSION: &str = "0.8.7";
@@ -26,6 +26,7 @@ cargo xtask <command>
   setup              install pinned tools: wasm32 target, wasm-bindgen-cli, worker-build, npm packages
   build-worker NAME  build one worker to wasm (api-worker | consumer-worker); skipped when up to date
   build              setup, then build both workers and the native binaries (daemon, simulator, vmctl)
+  --mode kv|durable  (dev, e2e, bench) the workers' DISPATCH_MODE on the stacks they start
   dev                run the whole local stack (workers, Arrakis simulator, daemon) until Ctrl-C
   test               the full test suite: lint, native tests, end-to-end tests on the local stack,
                      and `wrangler deploy --dry-run` of both workers
@@ -40,8 +41,28 @@ cargo xtask <command>
                      [--max-examples N] [--seed N] [-- SCHEMATHESIS ARGS...]
 ";
 
+/// `--mode kv|durable` (dev, e2e, soak, bench): the workers' `DISPATCH_MODE` on every stack
+/// they start, passed as `STACK_DISPATCH_MODE`. Taken out of `args`.
+fn take_mode(args: &mut Vec<String>) -> Result<Option<String>> {
+    let Some(at) = args.iter().position(|a| a == "--mode") else { return Ok(None) };
+    let mode = args.get(at + 1).cloned().context("--mode needs a value: kv or durable")?;
+    ensure!(mode == "kv" || mode == "durable", "--mode must be kv or durable, got {mode:?}");
+    args.drain(at..at + 2);
+    Ok(Some(mode))
+}
+
+/// A command that runs stacks, in `mode` when one was given.
+fn stack_command(program: &str, mode: &Option<String>) -> Command {
+    let mut cmd = Command::new(program);
+    if let Some(mode) = mode {
+        cmd.env("STACK_DISPATCH_MODE", mode);
+    }
+    cmd
+}
+
 fn main() -> Result<()> {
-    let args: Vec<String> = env::args().skip(1).collect();
+    let mut args: Vec<String> = env::args().skip(1).collect();
+    let mode = take_mode(&mut args)?;
     let root = project_root();
     env::set_current_dir(&root)?;
     match args.first().map(String::as_str) {
@@ -55,11 +76,11 @@ fn main() -> Result<()> {
         Some("test") => test(&root),
         Some("e2e") => {
             build(&root)?;
-            e2e()
+            e2e(&mode)
         }
         Some("dev") => {
             build(&root)?;
-            run(Command::new("cargo")
+            run(stack_command("cargo", &mode)
                 .args(["run", "--release", "-q", "-p", "stack", "--bin", "stack", "--", "dev"])
                 .args(&args[1..]))
         }
@@ -68,7 +89,7 @@ fn main() -> Result<()> {
             // The report prints the command as typed, which only this process knows.
             let typed = std::iter::once("cargo xtask bench").chain(args[1..].iter().map(String::as_str));
             let typed = typed.collect::<Vec<_>>().join(" ");
-            run(Command::new("cargo")
+            run(stack_command("cargo", &mode)
                 .args(["run", "--release", "-q", "-p", "bench", "--", "--command", &typed])
                 .args(&args[1..]))
         }
@@ -283,7 +304,7 @@ fn test(root: &Path) -> Result<()> {
         "--exclude",
         "consumer-worker",
     ]))?;
-    e2e()?;
+    e2e(&None)?;
     for config in ["wrangler-api.toml", "wrangler-consumer.toml"] {
         run(Command::new("npx").args(["wrangler", "deploy", "--dry-run", "-c", config, "--outdir", "target/dry-run"]))?;
     }
@@ -292,9 +313,9 @@ fn test(root: &Path) -> Result<()> {
 }
 
 /// End-to-end tests: they start their own stacks from the release binaries and wasm builds.
-fn e2e() -> Result<()> {
+fn e2e(mode: &Option<String>) -> Result<()> {
     // The soak and the fuzzing have their own commands (`cargo xtask soak`, `cargo xtask fuzz`).
-    run(Command::new("cargo").args([
+    run(stack_command("cargo", mode).args([
         "test",
         "--release",
         "-p",
