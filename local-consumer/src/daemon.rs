@@ -23,7 +23,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 use vm_task_types::{
     wire::{BufferedTask, ReadyTasksResponse, UpdateStatusRequest},
-    TaskStatus,
+    Operation, TaskStatus,
 };
 
 use crate::{
@@ -43,6 +43,9 @@ const HOT_AFTER_ACTIVITY: Duration = Duration::from_secs(5);
 
 /// A truncated listing is repeated once fewer than this many listed tasks wait.
 const BACKLOG_RELIST_BELOW: usize = 100;
+
+/// Longest gap between a long command's heartbeats, which carry its client's cancel.
+const LONG_COMMAND_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// How soon a task whose report was not accepted is claimed again to report it.
 const UNREPORTED_RETRY: Duration = Duration::from_secs(5);
@@ -599,28 +602,32 @@ async fn job<E: Edge, X: Execute>(
     shared.metrics.in_flight_add(1);
     let started = Instant::now();
     let mut attempts = Attempts::default();
+    // A long command can be cancelled while it runs: its heartbeats come often enough for a
+    // cancel to stop it within seconds, and their answers carry the cancel.
+    let long = matches!(&claim.task.operation, Operation::RunCommand(cmd) if cmd.is_long());
+    let renew_every = if long { (config.lease / 3).min(LONG_COMMAND_HEARTBEAT) } else { config.lease / 3 };
+    let cancel = attempts.cancel.clone();
     let outcome = if let Some(reason) = not_resent(&claim.task) {
         tracing::warn!(attempt = claim.task.attempts, "{reason}");
         Outcome::Failed(reason)
     } else {
         tracing::info!(attempt = claim.task.attempts, "claimed; executing");
-        while_holding(&shared, id, claim.claim_id, shared.executor.execute(&claim.task, &mut attempts)).await
+        let execution = shared.executor.execute(&claim.task, &mut attempts);
+        while_holding_every(&shared, id, claim.claim_id, renew_every, &cancel, execution).await
     };
-    let (result, error) = match outcome {
-        Outcome::Completed(result) => (Some(result), None),
+    let (status, result, error, message) = match outcome {
+        Outcome::Completed(result) => (TaskStatus::Completed, Some(result), None, None),
         Outcome::Failed(error) => {
             tracing::warn!(%error, "task failed");
-            (None, Some(error))
+            (TaskStatus::Failed, None, Some(error), None)
+        }
+        Outcome::Cancelled(result) => {
+            tracing::info!("cancelled by its client while running; stopped in the guest");
+            (TaskStatus::Cancelled, Some(result), None, Some("stopped in the guest after the client's cancel".into()))
         }
     };
-    let update = UpdateStatusRequest {
-        status: if error.is_none() { TaskStatus::Completed } else { TaskStatus::Failed },
-        claim_id: claim.claim_id,
-        result,
-        error,
-        message: None,
-        retries: attempts.notes,
-    };
+    let update =
+        UpdateStatusRequest { status, claim_id: claim.claim_id, result, error, message, retries: attempts.notes };
     let delivered = while_holding(&shared, id, claim.claim_id, deliver(&shared, id, update)).await;
     shared.metrics.in_flight_add(-1);
     match delivered {
@@ -637,9 +644,12 @@ async fn job<E: Edge, X: Execute>(
 /// attempt or later. An earlier attempt's lease ended without a report (its daemon crashed,
 /// was cut off, or lost the claim), so that attempt may have sent the command to the guest,
 /// and a command is never sent twice. (A released claim gives its attempt back, and a
-/// launch, stop or delete looks at the VM first, so those are safe to run again.)
+/// launch, stop or delete looks at the VM first, so those are safe to run again. A long
+/// command's job in the guest is named by its task id: a later attempt finds it and watches
+/// it instead of sending it again.)
 pub fn not_resent(task: &vm_task_types::Task) -> Option<String> {
-    (task.kind() == vm_task_types::OperationKind::RunCommand && task.attempts > 1).then(|| {
+    let short_command = matches!(&task.operation, Operation::RunCommand(cmd) if !cmd.is_long());
+    (short_command && task.attempts > 1).then(|| {
         format!(
             "not re-sent: this is attempt {} and an earlier attempt ended without a report, so the command may already have run in the guest; commands are never sent twice (submit it again if it is safe to repeat)",
             task.attempts
@@ -682,21 +692,47 @@ async fn while_holding<E: Edge, X, T>(
     claim_id: Uuid,
     work: impl Future<Output = T>,
 ) -> T {
+    let every = shared.config.lease / 3;
+    while_holding_every(shared, id, claim_id, every, &CancellationToken::new(), work).await
+}
+
+/// Runs `work` while renewing the claim's lease `every` so often; fires `cancel` when a
+/// renewal's answer says the client asked to cancel.
+async fn while_holding_every<E: Edge, X, T>(
+    shared: &Shared<E, X>,
+    id: Uuid,
+    claim_id: Uuid,
+    every: Duration,
+    cancel: &CancellationToken,
+    work: impl Future<Output = T>,
+) -> T {
     tokio::pin!(work);
     tokio::select! {
         biased;
         out = &mut work => out,
-        () = keep_lease(&shared.edge, id, claim_id, shared.config.lease) => work.await,
+        () = keep_lease(&shared.edge, id, claim_id, shared.config.lease, every, cancel) => work.await,
     }
 }
 
-/// Renews the lease every third of its length; returns only when the lease is lost.
-async fn keep_lease(edge: &impl Edge, id: Uuid, claim_id: Uuid, lease: Duration) {
-    let every = lease / 3;
+/// Renews the lease every `every`; returns only when the lease is lost.
+async fn keep_lease(
+    edge: &impl Edge,
+    id: Uuid,
+    claim_id: Uuid,
+    lease: Duration,
+    every: Duration,
+    cancel: &CancellationToken,
+) {
     loop {
         tokio::time::sleep(every).await;
-        match edge.heartbeat(id, claim_id, lease).await {
-            Ok(()) => tracing::debug!("lease renewed"),
+        match edge.renew(id, claim_id, lease).await {
+            Ok(renewal) => {
+                tracing::debug!("lease renewed");
+                if renewal.cancel_requested && !cancel.is_cancelled() {
+                    tracing::info!("the client asked to cancel the running task");
+                    cancel.cancel();
+                }
+            }
             Err(EdgeError::Refused { status, body }) => {
                 tracing::warn!(status, error = %body.error, "lease lost; the task may be retried elsewhere");
                 return;

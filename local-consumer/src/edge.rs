@@ -66,6 +66,13 @@ pub enum ClaimOutcome {
     NotVisible,
 }
 
+/// What a renewed lease's answer said.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Renewal {
+    /// The client asked to cancel the task (only a long command's heartbeat says so).
+    pub cancel_requested: bool,
+}
+
 /// The calls the daemon makes to the workers. Futures are `Send`: each task's job runs on the
 /// multi-threaded runtime.
 pub trait Edge: Send + Sync + 'static {
@@ -94,6 +101,18 @@ pub trait Edge: Send + Sync + 'static {
         claim_id: Uuid,
         lease: Duration,
     ) -> impl Future<Output = Result<(), EdgeError>> + Send;
+
+    /// Renews the claim's lease and says whether the task's client asked to cancel it (a
+    /// long command's heartbeat carries that answer). An edge that cannot tell says no.
+    fn renew(
+        &self,
+        id: Uuid,
+        claim_id: Uuid,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Renewal, EdgeError>> + Send {
+        let renewed = self.heartbeat(id, claim_id, lease);
+        async move { renewed.await.map(|()| Renewal::default()) }
+    }
 
     /// Gives a claimed, unstarted task back.
     fn release(&self, id: Uuid, claim_id: Uuid, reason: &str) -> impl Future<Output = Result<(), EdgeError>> + Send;
@@ -238,6 +257,15 @@ impl<T: Edge> Edge for std::sync::Arc<T> {
         T::heartbeat(self, id, claim_id, lease)
     }
 
+    fn renew(
+        &self,
+        id: Uuid,
+        claim_id: Uuid,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Renewal, EdgeError>> + Send {
+        T::renew(self, id, claim_id, lease)
+    }
+
     fn release(&self, id: Uuid, claim_id: Uuid, reason: &str) -> impl Future<Output = Result<(), EdgeError>> + Send {
         T::release(self, id, claim_id, reason)
     }
@@ -337,9 +365,14 @@ impl Edge for EdgeClient {
     }
 
     async fn heartbeat(&self, id: Uuid, claim_id: Uuid, lease: Duration) -> Result<(), EdgeError> {
+        self.renew(id, claim_id, lease).await.map(drop)
+    }
+
+    async fn renew(&self, id: Uuid, claim_id: Uuid, lease: Duration) -> Result<Renewal, EdgeError> {
         let url = self.consumer.join(&format!("tasks/{id}/heartbeat")).expect("uuid path");
         let body = LeaseRequest { claim_id, lease_seconds: Some(lease.as_secs()), reason: None };
-        self.send::<LeaseResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await.map(drop)
+        let lease = self.send::<LeaseResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await?;
+        Ok(Renewal { cancel_requested: lease.cancel_requested })
     }
 
     async fn release(&self, id: Uuid, claim_id: Uuid, reason: &str) -> Result<(), EdgeError> {

@@ -5,6 +5,7 @@ pub mod config;
 pub mod daemon;
 pub mod edge;
 pub mod executor;
+pub mod guest_job;
 pub mod images;
 pub mod lock;
 pub mod metrics;

@@ -1,8 +1,8 @@
 //! The command line: every subcommand, flag and environment variable `vmctl` understands.
 //!
-//! Only commands whose endpoints exist are here. `cp` (files in and out of a VM), `ls` (`GET
-//! /vms`), `hosts` and a long command's `--timeout` join [`Command`] when the API serves them;
-//! each is one more variant, one more function in `commands`, and one more table in `render`.
+//! Only commands whose endpoints exist are here. `ls` (`GET /vms`) and `hosts` join
+//! [`Command`] when the API serves them; each is one more variant, one more function in
+//! `commands`, and one more table in `render`.
 
 use clap::{builder::PossibleValuesParser, builder::TypedValueParser, Args, Parser, Subcommand};
 use vm_task_types::{OperationKind, TaskStatus};
@@ -55,6 +55,8 @@ pub enum Command {
     Snapshot(SnapshotArgs),
     /// Run a command in a VM; prints its output and exits with its exit code.
     Exec(ExecArgs),
+    /// Copy a text file into a VM (`cp LOCAL NAME:PATH`) or out of one (`cp NAME:PATH LOCAL`).
+    Cp(CpArgs),
     /// List tasks, newest first.
     Tasks(TasksArgs),
     /// Show a task with its timeline.
@@ -85,6 +87,11 @@ impl Command {
             Self::Delete(_) => OperationKind::DeleteVm,
             Self::Snapshot(_) => OperationKind::SnapshotVm,
             Self::Exec(_) => OperationKind::RunCommand,
+            Self::Cp(args) => match args.direction() {
+                Ok(CpDirection::Upload { .. }) => OperationKind::UploadFiles,
+                Ok(CpDirection::Download { .. }) => OperationKind::DownloadFiles,
+                Err(_) => return None,
+            },
             _ => return None,
         })
     }
@@ -153,10 +160,54 @@ pub struct ExecArgs {
     pub name: String,
     #[command(flatten)]
     pub submit: SubmitArgs,
+    /// How long the command may run, 1-3600 s (default 30, Arrakis's own limit). Over 30 it
+    /// runs detached in the guest and `vmctl cancel` can stop it while it runs.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub timeout: Option<u64>,
     /// The command, after `--`. Several words are joined with spaces (as ssh does), so quote
     /// shell syntax: `vmctl exec vm -- 'cd /tmp && ls'`.
     #[arg(last = true, required = true, num_args = 1.., value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(after_long_help = "\
+Exactly one side is NAME:PATH. Content is text (UTF-8), copied byte for byte; at most 48 KiB
+per file (a task's message and report must hold it). In a VM, a relative PATH is under
+/tmp/server_files; uploads may also name an absolute path, downloads always read under
+/tmp/server_files. Parent directories in the VM are not created (`vmctl exec NAME -- mkdir -p DIR`).")]
+pub struct CpArgs {
+    /// `LOCAL` or `NAME:PATH`.
+    pub source: String,
+    /// `NAME:PATH` or `LOCAL`.
+    pub destination: String,
+    #[command(flatten)]
+    pub submit: SubmitArgs,
+}
+
+/// Which way a `cp` goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CpDirection {
+    Upload { local: String, vm: String, path: String },
+    Download { vm: String, path: String, local: String },
+}
+
+/// `NAME:PATH` when the part before the first `:` is a valid VM name.
+fn remote(arg: &str) -> Option<(String, String)> {
+    let (name, path) = arg.split_once(':')?;
+    vm_task_types::validate::check_vm_name("NAME", name).ok()?;
+    Some((name.to_owned(), path.to_owned()))
+}
+
+impl CpArgs {
+    pub fn direction(&self) -> Result<CpDirection, String> {
+        match (remote(&self.source), remote(&self.destination)) {
+            (None, Some((vm, path))) => Ok(CpDirection::Upload { local: self.source.clone(), vm, path }),
+            (Some((vm, path)), None) => Ok(CpDirection::Download { vm, path, local: self.destination.clone() }),
+            (Some(_), Some(_)) => Err("both sides name a VM (NAME:PATH); copy through a local file".into()),
+            (None, None) => Err("neither side names a VM; write one side as NAME:PATH, e.g. my-vm:notes.txt".into()),
+        }
+    }
 }
 
 impl ExecArgs {
@@ -251,6 +302,41 @@ mod tests {
     }
 
     #[test]
+    fn cp_goes_whichever_way_names_a_vm() {
+        let direction = |a: &str, b: &str| {
+            let Command::Cp(args) = parse(&["cp", a, b]).unwrap().command else { panic!() };
+            args.direction()
+        };
+        assert_eq!(
+            direction("./notes.txt", "vm-1:dir/notes.txt"),
+            Ok(CpDirection::Upload { local: "./notes.txt".into(), vm: "vm-1".into(), path: "dir/notes.txt".into() })
+        );
+        assert_eq!(
+            direction("vm-1:/tmp/server_files/out.log", "out.log"),
+            Ok(CpDirection::Download {
+                vm: "vm-1".into(),
+                path: "/tmp/server_files/out.log".into(),
+                local: "out.log".into()
+            })
+        );
+        // A local path with a colon is not a VM unless the part before it is a VM name.
+        assert!(matches!(direction("./a:b", "vm-1:x"), Ok(CpDirection::Upload { .. })));
+        assert!(direction("vm-1:a", "vm-2:b").unwrap_err().contains("both sides"));
+        assert!(direction("a", "b").unwrap_err().contains("NAME:PATH"));
+    }
+
+    #[test]
+    fn exec_takes_a_timeout_within_the_apis_range() {
+        let Command::Exec(args) = parse(&["exec", "vm-1", "--timeout", "90", "--", "sleep", "80"]).unwrap().command
+        else {
+            panic!()
+        };
+        assert_eq!(args.timeout, Some(90));
+        assert!(parse(&["exec", "vm-1", "--timeout", "3601", "--", "true"]).is_err());
+        assert!(parse(&["exec", "vm-1", "--timeout", "0", "--", "true"]).is_err());
+    }
+
+    #[test]
     fn launch_takes_its_config_flags_and_global_flags_anywhere() {
         let cli = parse(&[
             "launch",
@@ -322,6 +408,8 @@ mod tests {
             &["resume", "v"],
             &["snapshot", "v", "--id", "s"],
             &["exec", "v", "--", "true"],
+            &["cp", "local.txt", "v:remote.txt"],
+            &["cp", "v:remote.txt", "local.txt"],
         ]
         .iter()
         .map(|args| parse(args).unwrap().command.operation_kind().unwrap())

@@ -10,11 +10,15 @@ use clap::CommandFactory;
 use serde_json::Value;
 use uuid::Uuid;
 use vm_task_types::{
-    wire::TaskStatusResponse, LaunchVm, Operation, RunCommand, SnapshotVm, TaskStatus, Timestamp, VmConfig, VmRef,
+    wire::TaskStatusResponse, DownloadFiles, FileContent, LaunchVm, Limits, Operation, RunCommand, SnapshotVm,
+    TaskStatus, Timestamp, UploadFiles, VmConfig, VmRef,
 };
 
 use crate::{
-    cli::{Cli, Command, ExecArgs, GlobalArgs, LaunchArgs, LsArgs, SnapshotArgs, SubmitArgs, TasksArgs, VmArgs},
+    cli::{
+        Cli, Command, CpArgs, CpDirection, ExecArgs, GlobalArgs, LaunchArgs, LsArgs, SnapshotArgs, SubmitArgs,
+        TasksArgs, VmArgs,
+    },
     client::{ApiClient, ListQuery, VmsQuery},
     error::{exit, CliError},
     render,
@@ -45,6 +49,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Delete(args) => session.lifecycle(Operation::DeleteVm(vm_ref(&args)), &args.submit).await,
         Command::Snapshot(args) => session.lifecycle(snapshot_operation(&args), &args.submit).await,
         Command::Exec(args) => session.exec(&args).await,
+        Command::Cp(args) => session.cp(&args).await,
         Command::Tasks(args) => session.tasks(&args).await,
         Command::Ls(args) => session.ls(&args).await,
         Command::Task(args) => session.task(args.id).await,
@@ -97,7 +102,62 @@ fn exec_operation(args: &ExecArgs) -> Operation {
         vm_name: args.name.clone(),
         command: args.command_line(),
         blocking: true,
+        timeout_seconds: args.timeout,
         target_server: args.submit.server.clone(),
+    })
+}
+
+/// A path in the VM: the local file's name when PATH is empty or a directory (`vm:` or
+/// `vm:dir/`).
+fn remote_path(path: &str, local: &str) -> String {
+    if path.is_empty() || path.ends_with('/') {
+        let name =
+            std::path::Path::new(local).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        format!("{path}{name}")
+    } else {
+        path.to_owned()
+    }
+}
+
+/// Where a download lands: LOCAL, or the remote file's name inside LOCAL when it is a
+/// directory.
+fn local_target(local: &str, remote: &str) -> std::path::PathBuf {
+    let local = std::path::Path::new(local);
+    match std::path::Path::new(remote).file_name() {
+        Some(name) if local.is_dir() => local.join(name),
+        _ => local.to_path_buf(),
+    }
+}
+
+/// The task a `cp` submits. An upload reads the local file here: it must be UTF-8 text within
+/// the API's limit, checked before anything is sent.
+fn cp_operation(direction: &CpDirection, submit: &SubmitArgs) -> Result<Operation, CliError> {
+    Ok(match direction {
+        CpDirection::Upload { local, vm, path } => {
+            let bytes = std::fs::read(local).map_err(|e| CliError::Local(format!("cannot read {local}: {e}")))?;
+            let content = String::from_utf8(bytes).map_err(|_| {
+                CliError::Local(format!(
+                    "{local} is not UTF-8 text; a VM file's content travels as text: encode it first (e.g. `base64 {local} > {local}.b64`)"
+                ))
+            })?;
+            if content.len() > Limits::UPLOAD_MAX_BYTES {
+                return Err(CliError::Local(format!(
+                    "{local} is {} bytes; a copy holds at most {} bytes: split it, or compress it and copy the base64",
+                    content.len(),
+                    Limits::UPLOAD_MAX_BYTES
+                )));
+            }
+            Operation::UploadFiles(UploadFiles {
+                vm_name: vm.clone(),
+                files: vec![FileContent { path: remote_path(path, local), content }],
+                target_server: submit.server.clone(),
+            })
+        }
+        CpDirection::Download { vm, path, .. } => Operation::DownloadFiles(DownloadFiles {
+            vm_name: vm.clone(),
+            paths: vec![path.clone()],
+            target_server: submit.server.clone(),
+        }),
     })
 }
 
@@ -206,6 +266,36 @@ impl Session<'_> {
         }
         failure(status.status, status.task_id, status.error.clone())?;
         Ok(exec_exit_code(&status))
+    }
+
+    /// `cp LOCAL NAME:PATH` uploads, `cp NAME:PATH LOCAL` downloads; content byte for byte.
+    async fn cp(&mut self, args: &CpArgs) -> Result<u8, CliError> {
+        let direction = args.direction().map_err(CliError::Local)?;
+        let operation = cp_operation(&direction, &args.submit)?;
+        let Some(status) = self.submit(operation, &args.submit).await? else { return Ok(exit::OK) };
+        failure(status.status, status.task_id, status.error.clone())?;
+        match direction {
+            CpDirection::Upload { local, vm, path } => {
+                if !self.json {
+                    writeln!(self.out, "{local} -> {vm}:{}", remote_path(&path, &local))?;
+                }
+            }
+            CpDirection::Download { vm, path, local } => {
+                let files = status.result.as_ref().and_then(|r| r.files.as_ref());
+                let content =
+                    files.and_then(|f| f.first()).map(|f| f.content.as_str()).ok_or_else(|| CliError::Protocol {
+                        url: format!("task {}", status.task_id),
+                        reason: "the result holds no file".into(),
+                    })?;
+                let target = local_target(&local, &path);
+                std::fs::write(&target, content)
+                    .map_err(|e| CliError::Local(format!("cannot write {}: {e}", target.display())))?;
+                if !self.json {
+                    writeln!(self.out, "{vm}:{path} -> {} ({} bytes)", target.display(), content.len())?;
+                }
+            }
+        }
+        Ok(exit::OK)
     }
 
     async fn tasks(&mut self, args: &TasksArgs) -> Result<u8, CliError> {

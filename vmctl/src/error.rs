@@ -56,6 +56,9 @@ pub enum CliError {
     Interrupted { task_id: Uuid },
     #[error("cannot write the output: {0}")]
     Output(String),
+    /// A local file or argument `cp` cannot use, said with what to do.
+    #[error("{0}")]
+    Local(String),
 }
 
 /// A local URL is most likely the dev stack not running; any other, a wrong setting or network.
@@ -80,7 +83,9 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::TaskFailed { .. } => exit::TASK_FAILED,
-            Self::NoToken | Self::BadUrl { .. } | Self::DotEnv { .. } | Self::Rejected { .. } => exit::USAGE,
+            Self::NoToken | Self::BadUrl { .. } | Self::DotEnv { .. } | Self::Rejected { .. } | Self::Local(_) => {
+                exit::USAGE
+            }
             Self::Unreachable { .. } | Self::ServerError { .. } | Self::Protocol { .. } | Self::Output(_) => {
                 exit::UNAVAILABLE
             }

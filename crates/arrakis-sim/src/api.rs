@@ -593,33 +593,77 @@ async fn cmd(sim: &Simulator, name: &str, body: &[u8]) -> Reply {
 }
 
 /// Runs a guest command to completion, sleeping in real (scaled) time, as long as the same
-/// boot of the same VM is alive. `None` when the guest went away first.
-async fn run_program(
+/// boot of the same VM is alive and nobody kills it. `None` when the guest went away first.
+/// Background children it starts run as their own tasks.
+/// A guest process run to its end: its output and exit status, `None` if the guest went away.
+type ProcessFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Option<(String, i32)>> + Send>>;
+
+fn run_program(sim: Simulator, name: String, incarnation: u64, boot_gen: u64, program: Program) -> ProcessFuture {
+    // Boxed: a process spawns its children with this same function.
+    Box::pin(run_process(sim, name, incarnation, boot_gen, program))
+}
+
+async fn run_process(
     sim: Simulator,
     name: String,
     incarnation: u64,
     boot_gen: u64,
     mut program: Program,
 ) -> Option<(String, i32)> {
+    /// A sleeping process looks for signals this often (real time).
+    const SIGNAL_CHECK: Duration = Duration::from_millis(50);
+    let command = program_label(&program);
     loop {
-        let step = {
+        let (step, children) = {
             let mut world = sim.world();
             let vm = world.vms.get_mut(&name).filter(|vm| vm.incarnation == incarnation && vm.boot_gen == boot_gen)?;
-            program.run(&mut vm.fs)
+            let pid = program.register(&mut vm.procs, &command);
+            if let Some(signal) = vm.procs.pending_signal(pid) {
+                vm.procs.exit(pid, 128 + signal);
+                return Some((program.output().to_string(), 128 + signal));
+            }
+            let step = program.run_with(&mut vm.fs, &mut vm.procs);
+            if let Step::Done(code) = step {
+                vm.procs.exit(pid, code);
+            }
+            (step, program.take_spawned())
         };
+        for child in children {
+            tokio::spawn(run_program(sim.clone(), name.clone(), incarnation, boot_gen, child));
+        }
         match step {
             Step::Done(code) => return Some((program.output().to_string(), code)),
             Step::Sleep(d) => {
                 let scale = sim.config().time_scale;
                 let scaled =
                     Duration::try_from_secs_f64(d.as_secs_f64() * scale).unwrap_or(crate::config::DEFAULT_HANG);
-                tokio::select! {
-                    _ = sleep(scaled) => {}
-                    _ = sim.inner.shutdown.cancelled() => return None,
+                let until = tokio::time::Instant::now() + scaled;
+                // Sleep in slices so that a kill ends the process promptly.
+                while tokio::time::Instant::now() < until {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until.min(tokio::time::Instant::now() + SIGNAL_CHECK)) => {}
+                        _ = sim.inner.shutdown.cancelled() => return None,
+                    }
+                    let world = sim.world();
+                    let signalled = world
+                        .vms
+                        .get(&name)
+                        .filter(|vm| vm.incarnation == incarnation && vm.boot_gen == boot_gen)
+                        .map(|vm| vm.procs.pending_signal(program.pid()).is_some());
+                    match signalled {
+                        None => return None,
+                        Some(true) => break,
+                        Some(false) => {}
+                    }
                 }
             }
         }
     }
+}
+
+/// The command line a process shows (`/_sim/state`): the agent's `bash -c` text.
+fn program_label(program: &Program) -> String {
+    program.label().to_string()
 }
 
 async fn upload(sim: &Simulator, name: &str, body: &[u8]) -> Reply {

@@ -33,7 +33,7 @@ pub use config::{parse_duration, parse_latencies, parse_ops, ConfigPatch, Config
 pub use control::FailNextRequest;
 pub use server::{serve, spawn, spawn_on, SimHandle};
 pub use sim::Simulator;
-pub use sim::{Failure, LogEntry, SnapshotView, StateView, VmView, INJECTED_FAULT};
+pub use sim::{Failure, LogEntry, ProcessView, SnapshotView, StateView, VmView, INJECTED_FAULT};
 
 impl Simulator {
     /// The whole HTTP surface: Arrakis's routes plus `/_sim/`.

@@ -7,6 +7,13 @@
 //! joined by `;`, `&&`, `||` and newlines, quoting, `>`/`>>`/`2>`/`2>&1` redirects, `$?`, and a
 //! handful of builtins. Anything it does not model fails loudly with exit status 2 instead of
 //! doing something subtly different from bash.
+//!
+//! Processes: every running command has a pid and a process group in the VM's [`Processes`].
+//! A command ending in `&` runs as a background child (same group, `$!` is its pid); `$$` is
+//! the shell's own pid; `wait [PID]` waits for a child and takes its status; `setsid CMD`
+//! makes the command a group leader (as a non-leader, setsid does not fork, so the pid stays);
+//! `nohup CMD` runs CMD; `kill [-SIG] [--] PID|-PGID` signals a process or a whole group, which
+//! ends with status 128 + signal. Background children outlive the call that started them.
 
 use std::time::Duration;
 
@@ -132,6 +139,8 @@ enum Redirect {
 struct Simple {
     argv: Vec<String>,
     redirects: Vec<Redirect>,
+    /// Ended by a single `&`: runs as a background child.
+    background: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +149,8 @@ enum Token {
     /// A newline separates commands like `;`, but blank lines are fine.
     Newline,
     Semi,
+    /// A single `&`: the command before it runs in the background.
+    Amp,
     And,
     Or,
     Redir {
@@ -257,7 +268,7 @@ fn lex(src: &str) -> Result<Vec<Token>, ParseError> {
                     tokens.push(Token::And);
                     i += 1;
                 } else {
-                    return Err(unsupported("background jobs (&)"));
+                    tokens.push(Token::Amp);
                 }
             }
             '|' => {
@@ -316,6 +327,10 @@ fn quoted_word(chars: &[char], i: usize) -> bool {
 /// Stands for `$?` inside a parsed word until the command runs (a private-use character, so
 /// no real text collides with it).
 const LAST_STATUS: char = '\u{F8FF}';
+/// Stands for `$!` (the last background child's pid) until its command runs.
+const LAST_CHILD: char = '\u{F8FE}';
+/// Stands for `$$` (the shell's pid) until its command runs.
+const OWN_PID: char = '\u{F8FD}';
 
 /// Lexes `$?` (expanded when its command runs); a lone `$` stays literal. Returns characters
 /// consumed.
@@ -323,6 +338,14 @@ fn expand_dollar(chars: &[char], i: usize, word: &mut String) -> Result<usize, P
     match chars.get(i + 1) {
         Some('?') => {
             word.push(LAST_STATUS);
+            Ok(2)
+        }
+        Some('!') => {
+            word.push(LAST_CHILD);
+            Ok(2)
+        }
+        Some('$') => {
+            word.push(OWN_PID);
             Ok(2)
         }
         Some(c) if c.is_ascii_alphanumeric() || matches!(c, '_' | '{' | '(') => {
@@ -339,7 +362,7 @@ fn parse(src: &str) -> Result<Vec<(Connector, Simple)>, ParseError> {
     let tokens = lex(src)?;
     let mut out = Vec::new();
     let mut connector = Connector::Always;
-    let mut current = Simple { argv: Vec::new(), redirects: Vec::new() };
+    let mut current = Simple::empty();
     let mut iter = tokens.into_iter();
     let syntax = |tok: &str| ParseError(format!("bash: -c: line 1: syntax error near unexpected token `{tok}'\n"));
     while let Some(tok) = iter.next() {
@@ -351,12 +374,18 @@ fn parse(src: &str) -> Result<Vec<(Connector, Simple)>, ParseError> {
             },
             Token::Dup { fd, to } => current.redirects.push(Redirect::Dup { fd, to }),
             Token::Newline if current.is_empty() => {}
-            Token::Semi | Token::And | Token::Or if current.is_empty() => {
+            Token::Semi | Token::And | Token::Or | Token::Amp if current.is_empty() => {
                 return Err(syntax(match tok {
                     Token::And => "&&",
                     Token::Or => "||",
+                    Token::Amp => "&",
                     _ => ";",
                 }));
+            }
+            Token::Amp => {
+                current.background = true;
+                out.push((connector, std::mem::replace(&mut current, Simple::empty())));
+                connector = Connector::Always;
             }
             Token::Newline | Token::Semi | Token::And | Token::Or => {
                 out.push((connector, std::mem::replace(&mut current, Simple::empty())));
@@ -380,7 +409,7 @@ fn parse(src: &str) -> Result<Vec<(Connector, Simple)>, ParseError> {
 
 impl Simple {
     fn empty() -> Self {
-        Self { argv: Vec::new(), redirects: Vec::new() }
+        Self { argv: Vec::new(), redirects: Vec::new(), background: false }
     }
 
     fn is_empty(&self) -> bool {
@@ -394,6 +423,10 @@ struct Frame {
     source: String,
     commands: Option<Vec<(Connector, Simple)>>,
     pc: usize,
+    /// Where its commands' stdout and stderr go unless they redirect: the caller's, or the
+    /// files a redirect on `bash FILE > out` named.
+    stdout: Target,
+    stderr: Target,
 }
 
 /// What one builtin asks of the interpreter.
@@ -402,6 +435,88 @@ enum Flow {
     Sleep(Duration),
     Exit(i32),
     Nested(String),
+    /// `wait`: the child has not ended yet; run this command again after a while.
+    Waiting,
+}
+
+/// How long a `wait` sleeps between looks at its child.
+const WAIT_POLL: Duration = Duration::from_millis(50);
+
+/// Signal numbers `kill` knows, by name.
+const SIGNALS: [(&str, i32); 5] = [("HUP", 1), ("INT", 2), ("KILL", 9), ("TERM", 15), ("STOP", 19)];
+
+/// One guest process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    pub pgid: u32,
+    /// The command line, for assertions.
+    pub command: String,
+    /// A signal sent to it that it has not died of yet.
+    pub signal: Option<i32>,
+}
+
+/// A VM's processes: the running ones, and the exit statuses `wait` may still collect.
+#[derive(Debug, Clone, Default)]
+pub struct Processes {
+    last_pid: u32,
+    running: std::collections::BTreeMap<u32, Process>,
+    exited: std::collections::BTreeMap<u32, i32>,
+}
+
+impl Processes {
+    /// Registers a new process, in `pgid`'s group or (`None`) leading its own.
+    pub fn spawn(&mut self, pgid: Option<u32>, command: &str) -> u32 {
+        // Low pids belong to the guest's init and services.
+        self.last_pid = self.last_pid.max(300) + 1;
+        let pid = self.last_pid;
+        let process = Process { pid, pgid: pgid.unwrap_or(pid), command: command.to_string(), signal: None };
+        self.running.insert(pid, process);
+        pid
+    }
+
+    /// Records that `pid` ended with `code`.
+    pub fn exit(&mut self, pid: u32, code: i32) {
+        if self.running.remove(&pid).is_some() {
+            self.exited.insert(pid, code);
+        }
+    }
+
+    /// The signal `pid` has been sent, if any.
+    pub fn pending_signal(&self, pid: u32) -> Option<i32> {
+        self.running.get(&pid).and_then(|p| p.signal)
+    }
+
+    /// Sends `signal` to process `target`, or to group `-target`; false when none matched.
+    pub fn kill(&mut self, target: i64, signal: i32) -> bool {
+        let mut hit = false;
+        for process in self.running.values_mut() {
+            let matches =
+                if target < 0 { i64::from(process.pgid) == -target } else { i64::from(process.pid) == target };
+            if matches {
+                process.signal = Some(signal);
+                hit = true;
+            }
+        }
+        hit
+    }
+
+    /// Running processes, by pid.
+    pub fn running(&self) -> impl Iterator<Item = &Process> {
+        self.running.values()
+    }
+
+    /// Every process dies (the guest stopped or rebooted); pids keep counting up.
+    pub fn clear(&mut self) {
+        self.running.clear();
+        self.exited.clear();
+    }
+
+    fn set_group(&mut self, pid: u32, pgid: u32) {
+        if let Some(process) = self.running.get_mut(&pid) {
+            process.pgid = pgid;
+        }
+    }
 }
 
 /// A running guest command: call [`Program::run`] until it returns [`Step::Done`].
@@ -412,18 +527,66 @@ pub struct Program {
     last: i32,
     cwd: String,
     hostname: String,
+    /// Its pid and process group once registered ([`Program::register`]); 0 before.
+    pid: u32,
+    pgid: u32,
+    /// `$!`.
+    last_child: Option<u32>,
+    label: String,
+    /// Output targets for the frame a `bash FILE` about to nest will push.
+    nested_targets: Option<(Target, Target)>,
+    /// Background children started since the executor last took them.
+    spawned: Vec<Program>,
 }
 
 impl Program {
     /// A program for `bash -c <cmd>` in the agent's directory, on the VM named `hostname`.
     pub fn new(cmd: &str, hostname: &str) -> Self {
         Self {
-            frames: vec![Frame { source: cmd.to_string(), commands: None, pc: 0 }],
+            frames: vec![Frame {
+                source: cmd.to_string(),
+                commands: None,
+                pc: 0,
+                stdout: Target::Output,
+                stderr: Target::Output,
+            }],
             output: String::new(),
             last: 0,
             cwd: SERVER_FILES.to_string(),
             hostname: hostname.to_string(),
+            pid: 0,
+            pgid: 0,
+            last_child: None,
+            label: cmd.to_string(),
+            nested_targets: None,
+            spawned: Vec::new(),
         }
+    }
+
+    /// Registers the program as a new process leading its own group (the agent's `bash -c`);
+    /// a background child is registered by its parent. Returns its pid.
+    pub fn register(&mut self, procs: &mut Processes, command: &str) -> u32 {
+        if self.pid == 0 {
+            self.pid = procs.spawn(None, command);
+            self.pgid = self.pid;
+        }
+        self.pid
+    }
+
+    /// Its command line: the agent's `bash -c` text, or a background child's words.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Its pid (0 until registered).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Background children it started since the last call; each is registered already and
+    /// runs on its own.
+    pub fn take_spawned(&mut self) -> Vec<Program> {
+        std::mem::take(&mut self.spawned)
     }
 
     /// Combined stdout and stderr so far.
@@ -431,8 +594,16 @@ impl Program {
         &self.output
     }
 
-    /// Runs commands until the script ends or a `sleep` needs real time to pass.
+    /// Runs commands until the script ends or a `sleep` needs real time to pass, with no
+    /// other processes around (unit tests).
     pub fn run(&mut self, fs: &mut GuestFs) -> Step {
+        let mut procs = Processes::default();
+        self.register(&mut procs, "");
+        self.run_with(fs, &mut procs)
+    }
+
+    /// [`Program::run`] among the VM's processes: background children, `wait` and `kill`.
+    pub fn run_with(&mut self, fs: &mut GuestFs, procs: &mut Processes) -> Step {
         loop {
             let Some(frame) = self.frames.last_mut() else {
                 return Step::Done(self.last);
@@ -462,8 +633,27 @@ impl Program {
             if !run {
                 continue;
             }
-            match self.exec(&simple, fs) {
+            if simple.background {
+                let command = simple.argv.join(" ");
+                let child_pid = procs.spawn(Some(self.pgid), &command);
+                let mut child = Program::new(&command, &self.hostname);
+                child.frames[0].commands = Some(vec![(Connector::Always, Simple { background: false, ..simple })]);
+                child.cwd = self.cwd.clone();
+                child.last = self.last;
+                (child.pid, child.pgid) = (child_pid, self.pgid);
+                self.spawned.push(child);
+                self.last_child = Some(child_pid);
+                self.last = 0;
+                continue;
+            }
+            match self.exec(&simple, fs, procs) {
                 Flow::Status(code) => self.last = code,
+                Flow::Waiting => {
+                    if let Some(frame) = self.frames.last_mut() {
+                        frame.pc -= 1;
+                    }
+                    return Step::Sleep(WAIT_POLL);
+                }
                 Flow::Sleep(d) => {
                     self.last = 0;
                     return Step::Sleep(d);
@@ -477,16 +667,20 @@ impl Program {
                         self.output.push_str("bash: maximum nesting level exceeded\n");
                         self.last = 2;
                     } else {
-                        self.frames.push(Frame { source, commands: None, pc: 0 });
+                        let (stdout, stderr) = self.nested_targets.take().unwrap_or((Target::Output, Target::Output));
+                        self.frames.push(Frame { source, commands: None, pc: 0, stdout, stderr });
                     }
                 }
             }
         }
     }
 
-    fn exec(&mut self, cmd: &Simple, fs: &mut GuestFs) -> Flow {
+    fn exec(&mut self, cmd: &Simple, fs: &mut GuestFs, procs: &mut Processes) -> Flow {
         let status = self.last.to_string();
-        let expand = |w: &String| w.replace(LAST_STATUS, &status);
+        let last_child = self.last_child.map(|pid| pid.to_string()).unwrap_or_default();
+        let own_pid = self.pid.to_string();
+        let expand =
+            |w: &String| w.replace(LAST_STATUS, &status).replace(LAST_CHILD, &last_child).replace(OWN_PID, &own_pid);
         let cmd = Simple {
             argv: cmd.argv.iter().map(expand).collect(),
             redirects: cmd
@@ -499,9 +693,11 @@ impl Program {
                     dup => dup.clone(),
                 })
                 .collect(),
+            background: false,
         };
-        let mut out_target = Target::Output;
-        let mut err_target = Target::Output;
+        let frame = self.frames.last();
+        let mut out_target = frame.map_or(Target::Output, |f| f.stdout.clone());
+        let mut err_target = frame.map_or(Target::Output, |f| f.stderr.clone());
         for redirect in &cmd.redirects {
             match redirect {
                 Redirect::ToFile { fd, path, append } => {
@@ -539,10 +735,10 @@ impl Program {
         let mut stdout = String::new();
         let mut stderr = String::new();
         let flow = match cmd.argv.split_first() {
-            Some((name, args)) => self.builtin(name, args, fs, &mut stdout, &mut stderr),
+            Some((name, args)) => self.builtin(name, args, fs, procs, &mut stdout, &mut stderr),
             None => Flow::Status(0),
         };
-        for (text, target) in [(stdout, out_target), (stderr, err_target)] {
+        for (text, target) in [(stdout, out_target.clone()), (stderr, err_target.clone())] {
             match target {
                 Target::Output => self.output.push_str(&text),
                 Target::Discard => {}
@@ -552,12 +748,54 @@ impl Program {
                 }
             }
         }
+        if matches!(flow, Flow::Nested(_)) {
+            self.nested_targets = Some((out_target, err_target));
+        }
         flow
     }
 
-    fn builtin(&mut self, name: &str, args: &[String], fs: &mut GuestFs, out: &mut String, err: &mut String) -> Flow {
+    fn builtin(
+        &mut self,
+        name: &str,
+        args: &[String],
+        fs: &mut GuestFs,
+        procs: &mut Processes,
+        out: &mut String,
+        err: &mut String,
+    ) -> Flow {
         let cwd = self.cwd.clone();
         match name {
+            "setsid" | "nohup" => match args.split_first() {
+                Some((command, rest)) => {
+                    if name == "setsid" {
+                        self.pgid = self.pid;
+                        procs.set_group(self.pid, self.pid);
+                    }
+                    self.builtin(command, rest, fs, procs, out, err)
+                }
+                None => {
+                    err.push_str(&format!("{name}: missing operand\n"));
+                    Flow::Status(if name == "nohup" { 125 } else { 1 })
+                }
+            },
+            "wait" => match args.first() {
+                None => Flow::Status(0),
+                Some(arg) => match arg.parse::<u32>() {
+                    Ok(pid) if procs.running.contains_key(&pid) => Flow::Waiting,
+                    Ok(pid) => match procs.exited.get(&pid) {
+                        Some(code) => Flow::Status(*code),
+                        None => {
+                            err.push_str(&format!("bash: wait: pid {pid} is not a child of this shell\n"));
+                            Flow::Status(127)
+                        }
+                    },
+                    Err(_) => {
+                        err.push_str(&format!("bash: wait: `{arg}': not a pid or valid job spec\n"));
+                        Flow::Status(2)
+                    }
+                },
+            },
+            "kill" => kill(args, procs, err),
             "true" | ":" => Flow::Status(0),
             "false" => Flow::Status(1),
             "echo" => {
@@ -734,6 +972,53 @@ impl Program {
     }
 }
 
+/// `kill [-SIG | -s SIG | -N] [--] TARGET...`: a positive target is a pid, a negative one a
+/// process group.
+fn kill(args: &[String], procs: &mut Processes, err: &mut String) -> Flow {
+    let mut signal = 15;
+    let mut rest = args;
+    let by_name = |name: &str| {
+        let name = name.trim_start_matches("SIG");
+        SIGNALS.iter().find(|(n, _)| *n == name).map(|(_, number)| *number).or_else(|| name.parse().ok())
+    };
+    match rest.first().map(String::as_str) {
+        Some("-s") => match rest.get(1).and_then(|n| by_name(n)) {
+            Some(number) => (signal, rest) = (number, &rest[2..]),
+            None => {
+                err.push_str("bash: kill: invalid signal specification\n");
+                return Flow::Status(1);
+            }
+        },
+        Some(flag) if flag.starts_with('-') && flag != "--" && flag.len() > 1 && by_name(&flag[1..]).is_some() => {
+            signal = by_name(&flag[1..]).unwrap_or(15);
+            rest = &rest[1..];
+        }
+        _ => {}
+    }
+    if rest.first().map(String::as_str) == Some("--") {
+        rest = &rest[1..];
+    }
+    if rest.is_empty() {
+        err.push_str("kill: usage: kill [-s sigspec | -n signum | -sigspec] pid | jobspec ... or kill -l [sigspec]\n");
+        return Flow::Status(2);
+    }
+    let mut status = 0;
+    for target in rest {
+        match target.parse::<i64>() {
+            Ok(n) if n != 0 && procs.kill(n, signal) => {}
+            Ok(_) => {
+                err.push_str(&format!("bash: kill: ({target}) - No such process\n"));
+                status = 1;
+            }
+            Err(_) => {
+                err.push_str(&format!("bash: kill: {target}: arguments must be process or job IDs\n"));
+                status = 1;
+            }
+        }
+    }
+    Flow::Status(status)
+}
+
 fn sleep_duration(args: &[String], err: &mut String) -> Flow {
     if args.is_empty() {
         err.push_str("sleep: missing operand\nTry 'sleep --help' for more information.\n");
@@ -905,5 +1190,105 @@ mod tests {
         assert_eq!(code, 2);
         assert_eq!(run("echo ok; echo 'x").1, 2);
         assert_eq!(run("printf '%s-%s\\n' a b").0, "a-b\n");
+    }
+
+    /// Runs `cmd` and every background child it starts, round-robin (sleeps take no time),
+    /// killing `kill_after` steps in whatever `kill` names then; returns the VM's state.
+    fn run_processes(fs: &mut GuestFs, procs: &mut Processes, cmd: &str, max_steps: usize) -> (String, i32) {
+        let mut main = Program::new(cmd, "vm");
+        let main_pid = main.register(procs, cmd);
+        let mut others: Vec<Program> = Vec::new();
+        let mut main_done = None;
+        for _ in 0..max_steps {
+            if main_done.is_none() {
+                match main.run_with(fs, procs) {
+                    Step::Done(code) => {
+                        procs.exit(main_pid, code);
+                        main_done = Some(code);
+                    }
+                    Step::Sleep(_) => {}
+                }
+                others.extend(main.take_spawned());
+            }
+            let mut still = Vec::new();
+            for mut child in std::mem::take(&mut others) {
+                if let Some(signal) = procs.pending_signal(child.pid()) {
+                    procs.exit(child.pid(), 128 + signal);
+                    continue;
+                }
+                let step = child.run_with(fs, procs);
+                let spawned = child.take_spawned();
+                match step {
+                    Step::Done(code) => procs.exit(child.pid(), code),
+                    Step::Sleep(_) => still.push(child),
+                }
+                still.extend(spawned);
+            }
+            others = still;
+            if let (Some(code), true) = (main_done, others.is_empty()) {
+                return (main.output().to_string(), code);
+            }
+        }
+        (main.output().to_string(), main_done.unwrap_or(-1))
+    }
+
+    const DETACHED: &str =
+        "setsid bash /tmp/job.sh > /tmp/job.out 2>&1 & echo $! > /tmp/job.pid; wait $!; echo $? > /tmp/job.exit";
+
+    #[test]
+    fn a_detached_job_records_its_pid_output_and_exit_status() {
+        let mut fs = GuestFs::new("vm");
+        fs.write("/tmp/job.sh", "echo started; sleep 1; echo done; exit 3", false).unwrap();
+        let mut procs = Processes::default();
+        let (out, code) = run_processes(&mut fs, &mut procs, DETACHED, 100);
+        assert_eq!((out.as_str(), code), ("", 0));
+        assert_eq!(fs.read("/tmp/job.out").unwrap(), "started\ndone\n");
+        assert_eq!(fs.read("/tmp/job.exit").unwrap(), "3\n", "wait took the child's status");
+        let pid: u32 = fs.read("/tmp/job.pid").unwrap().trim().parse().unwrap();
+        assert!(pid > 300, "$! is the child's pid: {pid}");
+        assert_eq!(procs.running().count(), 0, "everything ended");
+    }
+
+    #[test]
+    fn killing_a_group_stops_the_job_and_its_waiter_records_the_signal() {
+        let mut fs = GuestFs::new("vm");
+        fs.write("/tmp/job.sh", "echo started; sleep 100; echo never", false).unwrap();
+        let mut procs = Processes::default();
+        // Start it: a few steps, and it sleeps.
+        let mut main = Program::new(DETACHED, "vm");
+        let main_pid = main.register(&mut procs, DETACHED);
+        assert!(matches!(main.run_with(&mut fs, &mut procs), Step::Sleep(_)), "the waiter waits");
+        let mut child = main.take_spawned().pop().expect("one background child");
+        assert!(matches!(child.run_with(&mut fs, &mut procs), Step::Sleep(_)), "the job sleeps");
+        let pid = child.pid();
+        assert_eq!(fs.read("/tmp/job.pid").unwrap(), format!("{pid}\n"));
+        let group: Vec<(u32, u32)> = procs.running().map(|p| (p.pid, p.pgid)).collect();
+        assert_eq!(group, vec![(main_pid, main_pid), (pid, pid)], "setsid made the job its own group leader");
+
+        let (out, code) = run_processes(&mut fs, &mut procs, &format!("kill -TERM -- -{pid}"), 10);
+        assert_eq!((out.as_str(), code), ("", 0));
+        assert_eq!(procs.pending_signal(pid), Some(15));
+        assert_eq!(procs.pending_signal(main_pid), None, "the waiter is in another group");
+        procs.exit(pid, 128 + 15);
+        assert_eq!(main.run_with(&mut fs, &mut procs), Step::Done(0));
+        assert_eq!(fs.read("/tmp/job.exit").unwrap(), "143\n");
+        assert_eq!(fs.read("/tmp/job.out").unwrap(), "started\n", "what ran so far");
+
+        let (out, code) = run_processes(&mut fs, &mut procs, &format!("kill {pid}"), 10);
+        assert_eq!(code, 1);
+        assert_eq!(out, format!("bash: kill: ({pid}) - No such process\n"));
+    }
+
+    #[test]
+    fn own_pid_nohup_and_wait_errors_behave_like_bash() {
+        let mut fs = GuestFs::new("vm");
+        let mut procs = Processes::default();
+        let (out, code) = run_processes(&mut fs, &mut procs, "echo $$; nohup echo hi; wait 99999; echo $?", 20);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].parse::<u32>().unwrap() > 300, "{out}");
+        assert_eq!(&lines[1..], ["hi", "bash: wait: pid 99999 is not a child of this shell", "127"]);
+        assert_eq!(code, 0);
+        assert_eq!(run("echo a &").0, "", "a background child's output is not the caller's");
+        assert_eq!(run("& echo").1, 2, "`&` with no command is a syntax error");
     }
 }

@@ -322,6 +322,11 @@ impl Simulator {
                     cid: vm.cid,
                     restored: vm.restored,
                     files: vm.fs.file_paths(),
+                    processes: vm
+                        .procs
+                        .running()
+                        .map(|p| ProcessView { pid: p.pid, pgid: p.pgid, command: p.command.clone() })
+                        .collect(),
                 }
             })
             .collect();
@@ -394,6 +399,18 @@ pub struct VmView {
     pub restored: bool,
     /// Absolute paths of the guest's files.
     pub files: Vec<String>,
+    /// The guest's running commands, by pid.
+    #[serde(default)]
+    pub processes: Vec<ProcessView>,
+}
+
+/// One running guest command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessView {
+    pub pid: u32,
+    pub pgid: u32,
+    pub command: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::fs::GuestFs;
+use crate::{fs::GuestFs, shell::Processes};
 
 /// What Go prints for the CHV client's response body reader (`%v` of a `NopCloser`); its
 /// value is an address, so any fixed text is as good as the real one.
@@ -86,6 +86,8 @@ pub struct Vm {
     pub incarnation: u64,
     /// Bumped when guest processes die (stop, cold boot), ending background commands.
     pub boot_gen: u64,
+    /// The guest's running commands (see [`crate::shell`]).
+    pub procs: Processes,
 }
 
 impl Vm {
@@ -248,6 +250,7 @@ impl World {
                 VmStatus::Stopped => {
                     vm.fs.clear_tmp();
                     vm.boot_gen += 1;
+                    vm.procs.clear();
                     StartKind::ColdBooted
                 }
             };
@@ -295,6 +298,7 @@ impl World {
             fs: GuestFs::new(name),
             incarnation: self.next_incarnation(),
             boot_gen: 0,
+            procs: Processes::default(),
         })
     }
 
@@ -357,6 +361,7 @@ impl World {
             fs: snap.fs,
             incarnation: self.next_incarnation(),
             boot_gen: 0,
+            procs: Processes::default(),
         };
         let info = vm.wire();
         self.vms.insert(name.to_string(), vm);
@@ -374,6 +379,7 @@ impl World {
         }
         vm.status = VmStatus::Stopped;
         vm.boot_gen += 1;
+        vm.procs.clear();
         Ok(())
     }
 

@@ -77,7 +77,16 @@ pub fn handle<S: HostStore>(
                 queue.release(id, &request, now)?
             };
             let lease_expires_at = task.claim.as_ref().map(|c| c.lease_expires_at);
-            Ok(Reply::json(200, &LeaseResponse { success: true, task_id: id, status: task.status, lease_expires_at }))
+            Ok(Reply::json(
+                200,
+                &LeaseResponse {
+                    success: true,
+                    task_id: id,
+                    status: task.status,
+                    lease_expires_at,
+                    cancel_requested: false,
+                },
+            ))
         }),
         ("PUT", ["tasks", id, "status"]) => task_id(id).and_then(|id| {
             let report: FencedReport = parse(body)?;

@@ -552,7 +552,21 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         let event = match update.status {
             TaskStatus::Completed => TimelineEvent::Completed,
             TaskStatus::Failed => TimelineEvent::Failed,
-            other @ (TaskStatus::Pending | TaskStatus::Processing | TaskStatus::Cancelled) => {
+            // A long command the client cancelled while it ran: the daemon stopped it in the
+            // guest. Only with the client's intent on record (DELETE wrote it).
+            TaskStatus::Cancelled => match self.tasks.cancel_intent(id).await? {
+                Some(intent) => {
+                    task.error = Some(intent.message);
+                    TimelineEvent::Cancelled
+                }
+                None => {
+                    return Err(AppError::conflict(
+                        "a daemon reports cancelled only for a task its client asked to cancel",
+                        task.status,
+                    ))
+                }
+            },
+            other @ (TaskStatus::Pending | TaskStatus::Processing) => {
                 return Err(AppError::conflict(format!("a daemon cannot report {other}"), task.status))
             }
         };
@@ -575,6 +589,7 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
                 return Ok(Response::json(200, &status_response(&task, "task was already cancelled")))
             }
             TaskStatus::Pending => {}
+            TaskStatus::Processing if is_long_command(&task) => return self.cancel_running(task).await,
             other => return Err(not_cancellable(id, other)),
         }
         let intent = CancelIntent { at: self.clock.now(), message: "cancelled by client".into() };
@@ -633,6 +648,27 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             task.timeline.sort_by_key(|e| e.at);
         }
         Ok(())
+    }
+
+    /// Cancels a long command while it runs: the intent goes on record, and the daemon holding
+    /// the claim learns of it from its next heartbeat's answer, stops the command in the guest
+    /// and reports the task `cancelled` with the output so far. 202: the outcome follows.
+    async fn cancel_running(&self, task: Task) -> Result<Response, AppError> {
+        let id = task.id;
+        if self.tasks.cancel_intent(id).await?.is_none() {
+            let intent = CancelIntent { at: self.clock.now(), message: "cancelled by client while running".into() };
+            paced(&self.clock, || self.tasks.put_cancel_intent(id, &intent)).await?;
+        }
+        Ok(Response::json(
+            202,
+            &serde_json::json!({
+                "success": true,
+                "taskId": id,
+                "status": "cancel_requested",
+                "message": "the command is running; the daemon stops it in the guest at its next heartbeat \
+                            and the task ends cancelled with the output so far; read the task for the outcome",
+            }),
+        ))
     }
 
     /// The cancel won: the record becomes cancelled and the buffer entry goes.
@@ -723,8 +759,20 @@ enum Idempotency {
     Replay(Box<Task>),
 }
 
+/// A `run_command` that outlives one Arrakis call: the only kind a client can cancel while
+/// it runs, because the daemon watches it and can stop it.
+pub(crate) fn is_long_command(task: &Task) -> bool {
+    matches!(&task.operation, Operation::RunCommand(cmd) if cmd.is_long())
+}
+
 fn not_cancellable(id: Uuid, status: TaskStatus) -> AppError {
-    AppError::conflict(format!("task {id} is {status}; only a pending task can be cancelled"), status)
+    AppError::conflict(
+        format!(
+            "task {id} is {status}; only a pending task can be cancelled, or a running command with \
+             timeoutSeconds over 30"
+        ),
+        status,
+    )
 }
 
 fn created_response(status: u16, task: &Task) -> Response {

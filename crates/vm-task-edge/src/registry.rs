@@ -123,6 +123,6 @@ fn implied_state(kind: OperationKind) -> Option<VmState> {
         OperationKind::StopVm => Some(VmState::Stopped),
         OperationKind::PauseVm => Some(VmState::Paused),
         OperationKind::DeleteVm => Some(VmState::Deleted),
-        OperationKind::RunCommand => None,
+        OperationKind::RunCommand | OperationKind::UploadFiles | OperationKind::DownloadFiles => None,
     }
 }

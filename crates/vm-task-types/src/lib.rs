@@ -11,7 +11,10 @@ pub mod time;
 pub mod validate;
 pub mod wire;
 
-pub use operation::{LaunchVm, Operation, OperationKind, RunCommand, SnapshotVm, VmConfig, VmRef};
+pub use operation::{
+    DownloadFiles, FileContent, LaunchVm, Operation, OperationKind, RunCommand, SnapshotVm, UploadFiles, VmConfig,
+    VmRef,
+};
 pub use status::{TaskStatus, TransitionError};
 pub use task::{Claim, PortForward, Task, TaskResult, TaskSummary, TimelineEntry, TimelineEvent, VmState};
 pub use time::Timestamp;

@@ -1,4 +1,4 @@
-//! The seven VM operations, each with its own typed payload.
+//! The VM operations, each with its own typed payload.
 //!
 //! On the wire an operation is `{"type": "<kind>", "payload": {...}}` with camelCase keys, as
 //! in the original system. [`Operation::parse`] turns a request body into an operation with
@@ -19,6 +19,8 @@ pub enum Operation {
     ResumeVm(VmRef),
     SnapshotVm(SnapshotVm),
     RunCommand(RunCommand),
+    UploadFiles(UploadFiles),
+    DownloadFiles(DownloadFiles),
 }
 
 /// The operation's name without its payload, as it appears in `type`.
@@ -32,10 +34,12 @@ pub enum OperationKind {
     ResumeVm,
     SnapshotVm,
     RunCommand,
+    UploadFiles,
+    DownloadFiles,
 }
 
 impl OperationKind {
-    pub const ALL: [OperationKind; 7] = [
+    pub const ALL: [OperationKind; 9] = [
         Self::LaunchVm,
         Self::DeleteVm,
         Self::StopVm,
@@ -43,6 +47,8 @@ impl OperationKind {
         Self::ResumeVm,
         Self::SnapshotVm,
         Self::RunCommand,
+        Self::UploadFiles,
+        Self::DownloadFiles,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +60,8 @@ impl OperationKind {
             Self::ResumeVm => "resume_vm",
             Self::SnapshotVm => "snapshot_vm",
             Self::RunCommand => "run_command",
+            Self::UploadFiles => "upload_files",
+            Self::DownloadFiles => "download_files",
         }
     }
 
@@ -71,12 +79,15 @@ impl OperationKind {
             Self::ResumeVm => "VM resume",
             Self::SnapshotVm => "VM snapshot",
             Self::RunCommand => "run command",
+            Self::UploadFiles => "file upload",
+            Self::DownloadFiles => "file download",
         }
     }
 
-    /// Whether the operation changes the VM's lifecycle state (everything but `run_command`).
+    /// Whether the operation changes the VM's lifecycle state (everything but commands and
+    /// files).
     pub fn changes_vm_state(self) -> bool {
-        !matches!(self, Self::RunCommand)
+        !matches!(self, Self::RunCommand | Self::UploadFiles | Self::DownloadFiles)
     }
 }
 
@@ -146,12 +157,62 @@ pub struct RunCommand {
     pub command: String,
     #[serde(default = "default_blocking")]
     pub blocking: bool,
+    /// How long the command may run, 1 to 3,600 s (absent: 30, Arrakis's own limit). Above
+    /// 30 the daemon runs it detached in the guest and watches it ([`RunCommand::is_long`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_server: Option<String>,
 }
 
 fn default_blocking() -> bool {
     true
+}
+
+impl RunCommand {
+    /// Arrakis's proxy ends a blocking command call after this long (BEHAVIOR §2.9).
+    pub const ARRAKIS_LIMIT_SECONDS: u64 = 30;
+
+    /// The command's time limit in seconds.
+    pub fn timeout(&self) -> u64 {
+        self.timeout_seconds.unwrap_or(Self::ARRAKIS_LIMIT_SECONDS)
+    }
+
+    /// Whether the command outlives one Arrakis call: the daemon runs it detached, watches
+    /// it, and a client may cancel it while it runs.
+    pub fn is_long(&self) -> bool {
+        self.blocking && self.timeout() > Self::ARRAKIS_LIMIT_SECONDS
+    }
+}
+
+/// One file of `upload_files`: text content, written verbatim (Arrakis does not decode it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileContent {
+    /// Relative paths land in `/tmp/server_files`; absolute ones are used as given.
+    pub path: String,
+    pub content: String,
+}
+
+/// Payload of `upload_files`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UploadFiles {
+    pub vm_name: String,
+    pub files: Vec<FileContent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_server: Option<String>,
+}
+
+/// Payload of `download_files`. Every path resolves under `/tmp/server_files`, absolute
+/// ones included (Arrakis's rule, BEHAVIOR §2.11).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DownloadFiles {
+    pub vm_name: String,
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_server: Option<String>,
 }
 
 impl Operation {
@@ -164,6 +225,8 @@ impl Operation {
             Self::ResumeVm(_) => OperationKind::ResumeVm,
             Self::SnapshotVm(_) => OperationKind::SnapshotVm,
             Self::RunCommand(_) => OperationKind::RunCommand,
+            Self::UploadFiles(_) => OperationKind::UploadFiles,
+            Self::DownloadFiles(_) => OperationKind::DownloadFiles,
         }
     }
 
@@ -173,6 +236,8 @@ impl Operation {
             Self::DeleteVm(p) | Self::StopVm(p) | Self::PauseVm(p) | Self::ResumeVm(p) => &p.vm_name,
             Self::SnapshotVm(p) => &p.vm_name,
             Self::RunCommand(p) => &p.vm_name,
+            Self::UploadFiles(p) => &p.vm_name,
+            Self::DownloadFiles(p) => &p.vm_name,
         }
     }
 
@@ -183,6 +248,8 @@ impl Operation {
             Self::DeleteVm(p) | Self::StopVm(p) | Self::PauseVm(p) | Self::ResumeVm(p) => p.target_server.as_deref(),
             Self::SnapshotVm(p) => p.target_server.as_deref(),
             Self::RunCommand(p) => p.target_server.as_deref(),
+            Self::UploadFiles(p) => p.target_server.as_deref(),
+            Self::DownloadFiles(p) => p.target_server.as_deref(),
         }
     }
 
@@ -219,6 +286,8 @@ impl Operation {
             OperationKind::ResumeVm => Operation::ResumeVm(from_payload(kind, payload)?),
             OperationKind::SnapshotVm => Operation::SnapshotVm(from_payload(kind, payload)?),
             OperationKind::RunCommand => Operation::RunCommand(from_payload(kind, payload)?),
+            OperationKind::UploadFiles => Operation::UploadFiles(from_payload(kind, payload)?),
+            OperationKind::DownloadFiles => Operation::DownloadFiles(from_payload(kind, payload)?),
         };
         op.validate()?;
         Ok(op)
@@ -254,7 +323,20 @@ impl Operation {
                     validate::check_snapshot_id("payload.snapshotId", id)?;
                 }
             }
-            Self::RunCommand(p) => validate::check_command("payload.command", &p.command)?,
+            Self::RunCommand(p) => {
+                validate::check_command("payload.command", &p.command)?;
+                if let Some(secs) = p.timeout_seconds {
+                    validate::check_timeout("payload.timeoutSeconds", secs)?;
+                    if !p.blocking {
+                        return Err(FieldError::new(
+                            "payload.timeoutSeconds",
+                            "applies only to blocking commands; a non-blocking command returns at once",
+                        ));
+                    }
+                }
+            }
+            Self::UploadFiles(p) => validate::check_upload(&p.files)?,
+            Self::DownloadFiles(p) => validate::check_download(&p.paths)?,
             Self::DeleteVm(_) | Self::StopVm(_) | Self::PauseVm(_) | Self::ResumeVm(_) => {}
         }
         Ok(())
@@ -296,7 +378,7 @@ mod tests {
     }
 
     #[test]
-    fn accepts_all_seven_operations() {
+    fn accepts_every_operation() {
         let bodies = [
             json!({"type": "launch_vm", "payload": {"vmName": "v"}}),
             json!({"type": "delete_vm", "payload": {"vmName": "v"}}),
@@ -305,9 +387,28 @@ mod tests {
             json!({"type": "resume_vm", "payload": {"vmName": "v"}}),
             json!({"type": "snapshot_vm", "payload": {"vmName": "v", "snapshotId": "s1"}}),
             json!({"type": "run_command", "payload": {"vmName": "v", "command": "echo hi"}}),
+            json!({"type": "upload_files", "payload": {"vmName": "v", "files": [{"path": "a.txt", "content": "hi"}]}}),
+            json!({"type": "download_files", "payload": {"vmName": "v", "paths": ["a.txt"]}}),
         ];
         let kinds: Vec<OperationKind> = bodies.into_iter().map(|b| parse(b).unwrap().kind()).collect();
         assert_eq!(kinds, OperationKind::ALL.to_vec());
+    }
+
+    #[test]
+    fn long_commands_are_those_past_arrakis_limit() {
+        let command = |extra: Value| {
+            let mut payload = json!({"vmName": "v", "command": "sleep 90"});
+            payload.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            let Operation::RunCommand(cmd) = parse(json!({"type": "run_command", "payload": payload})).unwrap() else {
+                panic!()
+            };
+            cmd
+        };
+        assert_eq!(command(json!({})).timeout(), 30);
+        assert!(!command(json!({})).is_long());
+        assert!(!command(json!({"timeoutSeconds": 30})).is_long());
+        assert!(command(json!({"timeoutSeconds": 31})).is_long());
+        assert_eq!(command(json!({"timeoutSeconds": 3600})).timeout(), 3600);
     }
 
     #[test]
@@ -346,6 +447,68 @@ mod tests {
                 "must not start",
             ),
             (json!({"type": "stop_vm", "payload": {"vmName": "v"}, "extra": 1}), "extra", "unknown top-level"),
+            (
+                json!({"type": "run_command", "payload": {"vmName": "v", "command": "ls", "timeoutSeconds": 0}}),
+                "payload.timeoutSeconds",
+                "from 1 to 3600",
+            ),
+            (
+                json!({"type": "run_command", "payload": {"vmName": "v", "command": "ls", "timeoutSeconds": 3601}}),
+                "payload.timeoutSeconds",
+                "from 1 to 3600",
+            ),
+            (
+                json!({"type": "run_command", "payload": {"vmName": "v", "command": "ls", "timeoutSeconds": -1}}),
+                "payload",
+                "invalid value",
+            ),
+            (
+                json!({"type": "run_command", "payload": {"vmName": "v", "command": "ls", "blocking": false, "timeoutSeconds": 60}}),
+                "payload.timeoutSeconds",
+                "only to blocking",
+            ),
+            (json!({"type": "upload_files", "payload": {"vmName": "v", "files": []}}), "payload.files", "at least one"),
+            (json!({"type": "upload_files", "payload": {"vmName": "v"}}), "payload", "missing field `files`"),
+            (
+                json!({"type": "upload_files", "payload": {"vmName": "v", "files": [{"path": "", "content": ""}]}}),
+                "payload.files[0].path",
+                "must not be empty",
+            ),
+            (
+                json!({"type": "upload_files", "payload": {"vmName": "v", "files": [{"path": "a", "content": 3}]}}),
+                "payload",
+                "invalid type",
+            ),
+            (
+                json!({"type": "upload_files", "payload": {"vmName": "v", "files": [{"path": "a", "content": "x".repeat(48 * 1024 + 1)}]}}),
+                "payload.files",
+                "at most 49152 bytes",
+            ),
+            (
+                json!({"type": "upload_files", "payload": {"vmName": "v", "files": [{"path": "d/", "content": ""}]}}),
+                "payload.files[0].path",
+                "directory",
+            ),
+            (
+                json!({"type": "download_files", "payload": {"vmName": "v", "paths": []}}),
+                "payload.paths",
+                "at least one",
+            ),
+            (
+                json!({"type": "download_files", "payload": {"vmName": "v", "paths": ["a,b"]}}),
+                "payload.paths[0]",
+                "','",
+            ),
+            (
+                json!({"type": "download_files", "payload": {"vmName": "v", "paths": ["ok", "../etc/passwd"]}}),
+                "payload.paths[1]",
+                "'..'",
+            ),
+            (
+                json!({"type": "download_files", "payload": {"vmName": "v", "paths": vec!["a"; 65]}}),
+                "payload.paths",
+                "at most 64",
+            ),
         ];
         for (body, field, needle) in cases {
             let err = parse(body.clone()).unwrap_err();

@@ -6,6 +6,8 @@
 //!     │  └─lease expired / released
 //!     ├──▶ cancelled   (client, before any claim)
 //!     └──▶ failed      (dead-lettered, or attempts exhausted)
+//!   processing ──▶ cancelled  (a long command the client cancelled, stopped in the guest by
+//!                              the daemon holding the claim)
 //! ```
 //! `completed`, `failed` and `cancelled` are terminal: nothing leaves them.
 
@@ -47,7 +49,10 @@ impl TaskStatus {
     /// Whether `self → to` is a legal transition.
     pub fn can_become(self, to: TaskStatus) -> bool {
         use TaskStatus::*;
-        matches!((self, to), (Pending, Processing | Cancelled | Failed) | (Processing, Completed | Failed | Pending))
+        matches!(
+            (self, to),
+            (Pending, Processing | Cancelled | Failed) | (Processing, Completed | Failed | Pending | Cancelled)
+        )
     }
 
     /// [`can_become`](Self::can_become) as a `Result`, for `?`.
@@ -86,6 +91,7 @@ mod tests {
             (Processing, Completed),
             (Processing, Failed),
             (Processing, Pending),
+            (Processing, Cancelled),
         ];
         for from in TaskStatus::ALL {
             for to in TaskStatus::ALL {

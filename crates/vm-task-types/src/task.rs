@@ -231,6 +231,9 @@ pub struct TaskResult {
     /// `run_command`: the exit code when Arrakis reports one (0 on success).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// `download_files`: each requested path with its content, in request order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<Vec<crate::FileContent>>,
     /// Set when the operation's effect was already in place (deleting a VM that is gone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,

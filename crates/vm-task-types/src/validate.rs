@@ -32,6 +32,19 @@ impl Limits {
     pub const SERVERS_PER_POLL_MAX: usize = 32;
     /// Page size of `GET /vm/tasks` when `limit` is absent.
     pub const LIST_LIMIT_DEFAULT: usize = 50;
+    /// Longest `run_command` `timeoutSeconds`.
+    pub const COMMAND_TIMEOUT_MAX_SECS: u64 = 3600;
+    /// Most files in one `upload_files` or paths in one `download_files`.
+    pub const FILES_MAX: usize = 64;
+    /// Longest file path in `upload_files` / `download_files`, in bytes.
+    pub const FILE_PATH_MAX: usize = 1024;
+    /// Total `content` bytes of one `upload_files`. The request body (64 KiB) must also hold
+    /// the JSON around it, so content that needs many escapes meets the 413 first.
+    pub const UPLOAD_MAX_BYTES: usize = 48 * 1024;
+    /// Total content bytes one `download_files` may bring back: its result travels in the
+    /// daemon's report, which the API caps at 64 KiB of JSON. A download over it ends
+    /// `failed` saying so (never truncated: a copy must arrive whole or not at all).
+    pub const DOWNLOAD_MAX_BYTES: usize = 48 * 1024;
 }
 
 /// A problem with one field of a request, named by its JSON path (`payload.vmName`).
@@ -101,6 +114,87 @@ pub fn check_command(field: &str, value: &str) -> Result<(), FieldError> {
     }
     if value.contains('\0') {
         return Err(FieldError::new(field, "must not contain NUL bytes"));
+    }
+    Ok(())
+}
+
+/// `run_command`'s `timeoutSeconds`: 1 to [`Limits::COMMAND_TIMEOUT_MAX_SECS`].
+pub fn check_timeout(field: &str, secs: u64) -> Result<(), FieldError> {
+    if !(1..=Limits::COMMAND_TIMEOUT_MAX_SECS).contains(&secs) {
+        return Err(FieldError::new(
+            field,
+            format!("must be from 1 to {} seconds, got {secs}", Limits::COMMAND_TIMEOUT_MAX_SECS),
+        ));
+    }
+    Ok(())
+}
+
+/// A guest file path: non-empty (Arrakis would skip it silently), bounded, NUL-free, naming
+/// a file rather than a directory.
+fn check_file_path(field: &str, path: &str) -> Result<(), FieldError> {
+    if path.is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if path.len() > Limits::FILE_PATH_MAX {
+        return Err(FieldError::new(field, format!("must be at most {} bytes", Limits::FILE_PATH_MAX)));
+    }
+    if path.contains('\0') {
+        return Err(FieldError::new(field, "must not contain NUL bytes"));
+    }
+    if path.ends_with('/') {
+        return Err(FieldError::new(field, format!("names a directory ({path:?}); give a file path")));
+    }
+    Ok(())
+}
+
+fn check_file_count(field: &str, count: usize) -> Result<(), FieldError> {
+    if count == 0 {
+        return Err(FieldError::new(field, "must name at least one file"));
+    }
+    if count > Limits::FILES_MAX {
+        return Err(FieldError::new(field, format!("must name at most {} files, got {count}", Limits::FILES_MAX)));
+    }
+    Ok(())
+}
+
+/// `upload_files`: 1 to [`Limits::FILES_MAX`] files with valid paths, and at most
+/// [`Limits::UPLOAD_MAX_BYTES`] of content in all.
+pub fn check_upload(files: &[crate::operation::FileContent]) -> Result<(), FieldError> {
+    check_file_count("payload.files", files.len())?;
+    for (i, file) in files.iter().enumerate() {
+        check_file_path(&format!("payload.files[{i}].path"), &file.path)?;
+    }
+    let total: usize = files.iter().map(|f| f.content.len()).sum();
+    if total > Limits::UPLOAD_MAX_BYTES {
+        return Err(FieldError::new(
+            "payload.files",
+            format!("content must total at most {} bytes, got {total}", Limits::UPLOAD_MAX_BYTES),
+        ));
+    }
+    Ok(())
+}
+
+/// `download_files`: 1 to [`Limits::FILES_MAX`] paths of `[A-Za-z0-9._/-]` without a `..`
+/// segment. Arrakis pastes the list unescaped into the guest's URL, joined by commas, and
+/// resolves every path under `/tmp/server_files` (BEHAVIOR §2.11): other characters would
+/// break the request, and `..` would leave that directory.
+pub fn check_download(paths: &[String]) -> Result<(), FieldError> {
+    check_file_count("payload.paths", paths.len())?;
+    for (i, path) in paths.iter().enumerate() {
+        let field = format!("payload.paths[{i}]");
+        check_file_path(&field, path)?;
+        if let Some(bad) = path.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))) {
+            return Err(FieldError::new(
+                field,
+                format!("contains {bad:?}; download paths may use only letters, digits, '.', '_', '-' and '/'"),
+            ));
+        }
+        if path.split('/').any(|segment| segment == "..") {
+            return Err(FieldError::new(
+                field,
+                "must not contain a '..' segment; downloads read under /tmp/server_files",
+            ));
+        }
     }
     Ok(())
 }

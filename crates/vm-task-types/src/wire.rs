@@ -310,6 +310,10 @@ pub struct LeaseResponse {
     pub status: TaskStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_expires_at: Option<Timestamp>,
+    /// Heartbeats of a long command: the client asked to cancel it, so the daemon stops it
+    /// in the guest and reports it `cancelled`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
 }
 
 /// `GET /tasks/all`.

@@ -280,6 +280,19 @@ fn outcome(operation: &Operation) -> TaskResult {
         Operation::PauseVm(_) => state(VmState::Paused),
         Operation::DeleteVm(_) => state(VmState::Deleted),
         Operation::SnapshotVm(p) => TaskResult { snapshot_id: p.snapshot_id.clone(), ..state(VmState::Running) },
+        Operation::UploadFiles(_) => state(VmState::Running),
+        Operation::DownloadFiles(p) => TaskResult {
+            files: Some(
+                p.paths
+                    .iter()
+                    .map(|path| vm_task_types::FileContent {
+                        path: path.clone(),
+                        content: format!("content of {path}\n"),
+                    })
+                    .collect(),
+            ),
+            ..state(VmState::Running)
+        },
         Operation::RunCommand(p) => {
             let code = p.command.strip_prefix("exit ").and_then(|n| n.trim().parse().ok()).unwrap_or(0);
             TaskResult {

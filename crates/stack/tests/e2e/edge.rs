@@ -137,7 +137,7 @@ async fn every_operation_round_trips_through_both_workers() {
             OperationKind::ResumeVm => Some(state(VmState::Running)),
             OperationKind::StopVm => Some(state(VmState::Stopped)),
             OperationKind::DeleteVm => Some(state(VmState::Deleted)),
-            OperationKind::SnapshotVm => None,
+            OperationKind::SnapshotVm | OperationKind::UploadFiles | OperationKind::DownloadFiles => None,
         };
         let done = if created.kind == failing {
             api.report(id, claim.claim_id, TaskStatus::Failed, None, Some(failure)).await.unwrap()

@@ -153,9 +153,17 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         task.updated_at = self.clock.now();
         task.gen += 1;
         self.save(&task).await?;
+        // Only a long command can be stopped while it runs; only its heartbeats pay the read.
+        let cancel_requested = crate::api::is_long_command(&task) && self.tasks.cancel_intent(id).await?.is_some();
         Ok(Response::json(
             200,
-            &LeaseResponse { success: true, task_id: id, status: task.status, lease_expires_at: Some(expires) },
+            &LeaseResponse {
+                success: true,
+                task_id: id,
+                status: task.status,
+                lease_expires_at: Some(expires),
+                cancel_requested,
+            },
         ))
     }
 
@@ -174,7 +182,13 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         self.ring(&task.target_server).await?;
         Ok(Response::json(
             200,
-            &LeaseResponse { success: true, task_id: id, status: task.status, lease_expires_at: None },
+            &LeaseResponse {
+                success: true,
+                task_id: id,
+                status: task.status,
+                lease_expires_at: None,
+                cancel_requested: false,
+            },
         ))
     }
 
