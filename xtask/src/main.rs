@@ -23,7 +23,8 @@ const WORKERS: [&str; 2] = ["api-worker", "consumer-worker"];
 const HELP: &str = "\
 cargo xtask <command>
 
-  setup              install pinned tools: wasm32 target, wasm-bindgen-cli, worker-build, npm packages
+  setup              install pinned tools: wasm32 target, wasm-bindgen-cli, worker-build, npm packages,
+                     and Debian's chromium for the dashboard's browser test (as root, when missing)
   build-worker NAME  build one worker to wasm (api-worker | consumer-worker); skipped when up to date
   build              setup, then build both workers and the native binaries (daemon, simulator, vmctl)
   --mode kv|durable  (dev, e2e, bench) the workers' DISPATCH_MODE on the stacks they start
@@ -163,6 +164,8 @@ fn setup(root: &Path) -> Result<()> {
         run(Command::new("cargo").args(["install", "worker-build", "--version", WORKER_BUILD_VERSION, "--locked"]))?;
     }
 
+    install_chromium()?;
+
     // npm ci wipes node_modules: run it only when package-lock.json changed since the last one,
     // so that running stacks (which load wrangler from node_modules) are not disturbed.
     let wanted = fs::read(root.join("package-lock.json")).context("package-lock.json is missing")?;
@@ -175,6 +178,29 @@ fn setup(root: &Path) -> Result<()> {
         fs::write(&stamp_path, &stamp)?;
     }
     Ok(())
+}
+
+/// The dashboard's browser test drives Debian's `chromium` headless. Installed with apt when
+/// missing and running as root (CI runs `.ci/run` as root on a fresh machine); otherwise a
+/// note, and that one test fails saying what is missing.
+fn install_chromium() -> Result<()> {
+    if Path::new("/usr/bin/chromium").exists() {
+        return Ok(());
+    }
+    let root = output(Command::new("id").arg("-u")).as_deref() == Some("0");
+    if !root || output(Command::new("apt-get").arg("--version")).is_none() {
+        eprintln!(
+            "note: /usr/bin/chromium is missing; the dashboard's browser test needs it (apt-get install chromium)"
+        );
+        return Ok(());
+    }
+    let candidate = output(Command::new("apt-cache").args(["policy", "chromium"])).unwrap_or_default();
+    if !candidate.contains("Candidate:") || candidate.contains("Candidate: (none)") {
+        run(Command::new("apt-get").args(["update"]))?;
+    }
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends", "chromium"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 /// FNV-1a: a stable fingerprint for change detection (not for security).

@@ -141,6 +141,7 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
                 }),
                 None => Err(AppError::NotFound("no OpenAPI document is bundled".into())),
             },
+            ApiRoute::Dashboard => Ok(crate::dashboard::response()),
             ApiRoute::Stats => Ok(Response::json(200, &self.stats())),
             ApiRoute::CreateTask => self.create_task(request, caller).await,
             ApiRoute::ListTasks => self.list_tasks(request).await,

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod bad_input;
 pub mod consumer;
 pub mod counting;
+pub mod dashboard;
 mod error;
 pub mod http;
 mod intents;

@@ -14,6 +14,7 @@ pub const API_ROUTES: RouteTable = &[
     ("GET", "/health"),
     ("GET", "/"),
     ("GET", "/openapi.json"),
+    ("GET", "/dashboard"),
     ("GET", "/stats"),
     ("POST", "/vm/tasks"),
     ("GET", "/vm/tasks"),
@@ -41,7 +42,7 @@ pub const CONSUMER_ROUTES: RouteTable = &[
 /// Which token a route needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Auth {
-    /// None: health and index.
+    /// None: health, index, OpenAPI document, dashboard page.
     Public,
     /// A client token (`API_TOKENS`).
     Client,
@@ -57,6 +58,7 @@ pub(crate) enum ApiRoute {
     Health,
     Index,
     OpenApi,
+    Dashboard,
     Stats,
     CreateTask,
     ListTasks,
@@ -79,6 +81,7 @@ impl ApiRoute {
             [] => vec![("GET", Index)],
             ["health"] => vec![("GET", Health)],
             ["openapi.json"] => vec![("GET", OpenApi)],
+            ["dashboard"] => vec![("GET", Dashboard)],
             ["stats"] => vec![("GET", Stats)],
             ["vms"] => vec![("GET", ListVms)],
             ["vm", "tasks"] => vec![("POST", CreateTask), ("GET", ListTasks)],
@@ -100,7 +103,8 @@ impl ApiRoute {
     pub(crate) fn auth(&self) -> Auth {
         use ApiRoute::*;
         match self {
-            Health | Index | OpenApi => Auth::Public,
+            // The page holds no data: every call it makes carries the client token.
+            Health | Index | OpenApi | Dashboard => Auth::Public,
             Stats | CreateTask | ListTasks | GetTask { .. } | CancelTask { .. } | VmStatus { .. } | ListVms => {
                 Auth::Client
             }
@@ -117,6 +121,7 @@ impl ApiRoute {
             Health => ("GET", "/health"),
             Index => ("GET", "/"),
             OpenApi => ("GET", "/openapi.json"),
+            Dashboard => ("GET", "/dashboard"),
             Stats => ("GET", "/stats"),
             CreateTask => ("POST", "/vm/tasks"),
             ListTasks => ("GET", "/vm/tasks"),

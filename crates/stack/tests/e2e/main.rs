@@ -17,6 +17,7 @@
 mod bad_input;
 mod cancel_race;
 mod daemon;
+mod dashboard;
 mod edge;
 mod faults;
 mod fuzz;
