@@ -317,7 +317,6 @@ pub struct DaemonRules {
     pub resend_commands_on_reclaim: bool,
 }
 
-
 struct Sim {
     rules: DaemonRules,
     now: u64,
