@@ -47,6 +47,8 @@ fn config(env: &Env) -> Result<ApiConfig, String> {
         cursor_secret: setting(env, "CURSOR_SECRET").into_bytes(),
         wait_poll_ms: ApiConfig::wait_poll_ms(&setting(env, "WAIT_POLL_MS"))?,
         openapi: Some(OPENAPI),
+        // Unset or unparsable: the edge's default (HOST_LIVE_SECS_DEFAULT).
+        host_live_secs: setting(env, "HOST_LIVE_SECONDS").trim().parse().unwrap_or(0),
         started_at: vm_task_types::Timestamp(STARTED_AT.load(Relaxed)),
     })
 }

@@ -71,6 +71,12 @@ pub struct Cli {
     #[arg(long, env = "MAX_CONCURRENCY", default_value_t = 8)]
     pub max_concurrency: usize,
 
+    /// How often a poll carries this host's report for the host registry (`GET /hosts`):
+    /// host name, version, concurrency, servers, tasks in flight, Arrakis reachable. Each
+    /// report costs two KV writes per server name; 0 never reports.
+    #[arg(long, env = "HOST_REPORT_SECONDS", default_value_t = 120)]
+    pub host_report_seconds: u64,
+
     /// Lease asked for on each claim, renewed by heartbeat every third of it.
     #[arg(long, env = "LEASE_SECONDS", default_value_t = 180)]
     pub lease_seconds: u64,
@@ -153,6 +159,8 @@ pub struct Config {
     pub images: ImagePolicy,
     pub max_output_bytes: usize,
     pub max_concurrency: usize,
+    /// `None`: never report to the host registry.
+    pub host_report_every: Option<Duration>,
     pub lease: Duration,
     pub poll_wait: Duration,
     pub poll_backoff_min: Duration,
@@ -329,6 +337,7 @@ impl Cli {
             images,
             max_output_bytes,
             max_concurrency: self.max_concurrency,
+            host_report_every: Some(secs(self.host_report_seconds)).filter(|d| !d.is_zero()),
             lease: secs(self.lease_seconds),
             poll_wait: secs(self.poll_wait_seconds),
             poll_backoff_min: Duration::from_millis(positive("POLL_BACKOFF_MIN_MS", self.poll_backoff_min_ms)?),
@@ -345,7 +354,7 @@ impl Cli {
     }
 }
 
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())

@@ -140,6 +140,51 @@ pub struct EdgeClient {
     push: Arc<PushChannel>,
     /// Numbers the bells of pushed listings, so the loop sees each as new.
     pushes: Arc<AtomicU64>,
+    /// What polls report to the host registry, and when.
+    host: Arc<HostReporter>,
+}
+
+/// The daemon's report for the host registry, carried by a poll every `HOST_REPORT_SECONDS`
+/// (see the edge's `hosts` module). Tasks in flight are the claims this process holds: added
+/// on a claim, removed on a final report or a release.
+#[derive(Debug)]
+struct HostReporter {
+    every: Option<Duration>,
+    host_name: String,
+    concurrency: usize,
+    arrakis: Option<arrakis_client::ArrakisClient>,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    held: std::sync::Mutex<std::collections::HashSet<Uuid>>,
+}
+
+impl HostReporter {
+    /// The report's query pairs when one is due, else `None`.
+    async fn due(&self, consumer_id: &str) -> Option<Vec<(&'static str, String)>> {
+        let every = self.every?;
+        {
+            let mut last = self.last.lock().expect("not poisoned");
+            if last.is_some_and(|at| at.elapsed() < every) {
+                return None;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let arrakis = match &self.arrakis {
+            Some(client) => match tokio::time::timeout(Duration::from_secs(2), client.health()).await {
+                Ok(Ok(_)) => "up",
+                _ => "down",
+            },
+            None => "down",
+        };
+        let in_flight = self.held.lock().expect("not poisoned").len();
+        Some(vec![
+            ("consumerId", consumer_id.to_owned()),
+            ("hostName", self.host_name.clone()),
+            ("version", env!("CARGO_PKG_VERSION").to_owned()),
+            ("concurrency", self.concurrency.to_string()),
+            ("inFlight", in_flight.to_string()),
+            ("arrakis", arrakis.to_owned()),
+        ])
+    }
 }
 
 impl EdgeClient {
@@ -160,6 +205,14 @@ impl EdgeClient {
             durable: Arc::default(),
             push: Arc::default(),
             pushes: Arc::default(),
+            host: Arc::new(HostReporter {
+                every: config.host_report_every,
+                host_name: crate::config::host_name(),
+                concurrency: config.max_concurrency,
+                arrakis: arrakis_client::ArrakisClient::new(&config.arrakis_url).ok(),
+                last: std::sync::Mutex::new(None),
+                held: std::sync::Mutex::new(std::collections::HashSet::new()),
+            }),
         })
     }
 
@@ -320,8 +373,12 @@ impl Edge for EdgeClient {
             }
         }
         let mut url = self.consumer.join("tasks/ready").expect("static path");
+        let report = self.host.due(&self.consumer_id).await;
         {
             let mut q = url.query_pairs_mut();
+            for (name, value) in report.iter().flatten() {
+                q.append_pair(name, value);
+            }
             q.append_pair("server", &servers.join(","));
             // A list call costs the same for 1 key or 1000: take the biggest page.
             q.append_pair("limit", "1000");
@@ -353,7 +410,10 @@ impl Edge for EdgeClient {
             buffered_at: Some(task.buffered_at),
         };
         match self.send::<ClaimResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await {
-            Ok(claim) => Ok(ClaimOutcome::Claimed(Box::new(claim))),
+            Ok(claim) => {
+                self.host.held.lock().expect("not poisoned").insert(id);
+                Ok(ClaimOutcome::Claimed(Box::new(claim)))
+            }
             Err(EdgeError::Refused { status: 409, body }) => match (body.current_status, body.lease_expires_at) {
                 (Some(status), _) if status.is_terminal() => Ok(ClaimOutcome::Finished(status)),
                 (_, Some(until)) => Ok(ClaimOutcome::Held(Duration::from_millis(until.millis_since(wall_clock())))),
@@ -378,11 +438,15 @@ impl Edge for EdgeClient {
     async fn release(&self, id: Uuid, claim_id: Uuid, reason: &str) -> Result<(), EdgeError> {
         let url = self.consumer.join(&format!("tasks/{id}/release")).expect("uuid path");
         let body = LeaseRequest { claim_id, lease_seconds: None, reason: Some(reason.to_owned()) };
+        self.host.held.lock().expect("not poisoned").remove(&id);
         self.send::<LeaseResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await.map(drop)
     }
 
     async fn report(&self, id: Uuid, update: &UpdateStatusRequest) -> Result<(), EdgeError> {
         let url = self.api.join(&format!("vm/tasks/{id}/status")).expect("uuid path");
+        if update.status.is_terminal() {
+            self.host.held.lock().expect("not poisoned").remove(&id);
+        }
         self.send::<serde_json::Value>(Method::PUT, url, Some(update), Duration::from_secs(15)).await.map(drop)
     }
 
@@ -455,5 +519,60 @@ mod tests {
             .expect("the daemon never connected to an https URL")
             .unwrap();
         assert_eq!(first, 0x16, "the first byte of a TLS handshake record");
+    }
+
+    /// The host registry's report rides on a poll once per `HOST_REPORT_SECONDS`, not on
+    /// every poll, and counts the claims this process holds.
+    #[tokio::test]
+    async fn a_poll_carries_the_host_report_once_per_interval() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let config = Cli::parse_from([
+            "local-consumer",
+            "--consumer-worker-url",
+            &url,
+            "--api-worker-url",
+            &url,
+            "--consumer-token",
+            "t",
+            "--consumer-id",
+            "rack-7",
+            "--server-names",
+            "a,b",
+            "--arrakis-url",
+            "http://127.0.0.1:9",
+        ])
+        .validate()
+        .unwrap();
+        let edge = EdgeClient::new(&config).unwrap();
+        let server = tokio::spawn(async move {
+            let mut request_lines = Vec::new();
+            for _ in 0..2 {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                socket.set_nodelay(true).unwrap();
+                let mut buf = vec![0u8; 4096];
+                let n = socket.read(&mut buf).await.unwrap();
+                let head = String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().to_owned();
+                request_lines.push(head);
+                let body = r#"{"success":true,"tasks":[],"count":0,"bell":"0","listComplete":true}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                socket.write_all(answer.as_bytes()).await.unwrap();
+            }
+            request_lines
+        });
+        edge.host.held.lock().unwrap().insert(Uuid::nil());
+        let servers = ["a".to_owned(), "b".to_owned()];
+        edge.ready(&servers, None, Duration::ZERO, false).await.unwrap();
+        edge.ready(&servers, None, Duration::ZERO, false).await.unwrap();
+        let lines = server.await.unwrap();
+        let first = &lines[0];
+        for part in ["consumerId=rack-7", "hostName=", "version=", "concurrency=8", "inFlight=1", "arrakis=down"] {
+            assert!(first.contains(part), "{part} missing from {first}");
+        }
+        assert!(!lines[1].contains("hostName="), "the second poll within the interval reports nothing: {}", lines[1]);
     }
 }

@@ -69,6 +69,8 @@ pub enum Command {
     Vm(VmNameArg),
     /// List VMs in the registry by name (server, state, ip, last task).
     Ls(LsArgs),
+    /// List the hosts serving each server name, and whether they are live.
+    Hosts(HostsArgs),
     /// Print a shell completion script (e.g. `vmctl completions bash > ~/.local/share/bash-completion/completions/vmctl`).
     Completions {
         #[arg(value_enum)]
@@ -263,6 +265,13 @@ pub struct LsArgs {
     /// Only VMs in this state (running, paused, stopped, deleted).
     #[arg(long, value_parser = ["running", "paused", "stopped", "deleted", "RUNNING", "PAUSED", "STOPPED", "DELETED"])]
     pub state: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HostsArgs {
+    /// Only hosts serving this server name.
+    #[arg(long)]
+    pub server: Option<String>,
 }
 
 #[derive(Debug, Args)]

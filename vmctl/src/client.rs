@@ -10,8 +10,8 @@ use serde_json::Value;
 use uuid::Uuid;
 use vm_task_types::{
     wire::{
-        CreateTaskResponse, ErrorBody, ListTasksResponse, ListVmsResponse, TaskDetailResponse, TaskStatusResponse,
-        VmStatusResponse,
+        CreateTaskResponse, ErrorBody, ListHostsResponse, ListTasksResponse, ListVmsResponse, TaskDetailResponse,
+        TaskStatusResponse, VmStatusResponse,
     },
     Operation, OperationKind, TaskStatus,
 };
@@ -143,6 +143,13 @@ impl ApiClient {
     /// `GET /vms?limit=&cursor=&server=&state=`.
     pub async fn vms(&self, query: &VmsQuery) -> Result<Answer<ListVmsResponse>, CliError> {
         let (_, answer) = self.call(Method::GET, &["vms"], &query.pairs(), None, 0).await?;
+        Ok(answer)
+    }
+
+    /// `GET /hosts?server=`.
+    pub async fn hosts(&self, server: Option<&str>) -> Result<Answer<ListHostsResponse>, CliError> {
+        let query: Vec<(&str, String)> = server.map(|s| ("server", s.to_owned())).into_iter().collect();
+        let (_, answer) = self.call(Method::GET, &["hosts"], &query, None, 0).await?;
         Ok(answer)
     }
 

@@ -52,6 +52,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Cp(args) => session.cp(&args).await,
         Command::Tasks(args) => session.tasks(&args).await,
         Command::Ls(args) => session.ls(&args).await,
+        Command::Hosts(args) => session.hosts(args.server.as_deref()).await,
         Command::Task(args) => session.task(args.id).await,
         Command::Watch(args) => session.watch(args.id).await,
         Command::Cancel(args) => session.cancel(args.id).await,
@@ -334,6 +335,15 @@ impl Session<'_> {
             let partial = if page.body.partial { "this page is partial (scan budget); " } else { "" };
             eprintln!("{partial}more: vmctl ls --cursor {c} (with the same filters)");
         }
+        Ok(exit::OK)
+    }
+
+    async fn hosts(&mut self, server: Option<&str>) -> Result<u8, CliError> {
+        let page = self.client.hosts(server).await?;
+        if self.json {
+            return self.print_json(&page.json).map(|()| exit::OK);
+        }
+        write!(self.out, "{}", render::host_list(&page.body.hosts))?;
         Ok(exit::OK)
     }
 

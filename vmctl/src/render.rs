@@ -2,7 +2,7 @@
 //! `--json` output does not pass through here; it prints the API's own JSON.
 
 use vm_task_types::{
-    wire::{ListTasksResponse, TaskStatusResponse, VmStatusResponse, VmSummary},
+    wire::{HostEntry, ListTasksResponse, TaskStatusResponse, VmStatusResponse, VmSummary},
     PortForward, Task, TaskResult, TaskSummary, TimelineEntry, Timestamp, VmState,
 };
 
@@ -230,6 +230,31 @@ pub fn next_page_hint(list: &ListTasksResponse, filtered: bool) -> Option<String
     let partial = if list.partial { "this page is partial (the API's scan budget ran out); " } else { "" };
     let same = if filtered { " (with the same filters)" } else { "" };
     list.cursor.as_ref().map(|c| format!("{partial}more: vmctl tasks --cursor {c}{same}"))
+}
+
+/// `vmctl hosts`.
+pub fn host_list(hosts: &[HostEntry]) -> String {
+    let rows: Vec<Vec<String>> = hosts
+        .iter()
+        .map(|h| {
+            let r = &h.record;
+            vec![
+                r.server.clone(),
+                r.consumer_id.clone(),
+                r.host_name.clone(),
+                if h.live { "yes".into() } else { "no".into() },
+                format!("{}s ago", h.last_seen_secs_ago),
+                format!("{}/{}", r.in_flight, r.concurrency),
+                match r.arrakis_reachable {
+                    Some(true) => "up".into(),
+                    Some(false) => "down".into(),
+                    None => "-".into(),
+                },
+                r.version.clone(),
+            ]
+        })
+        .collect();
+    table(&["SERVER", "CONSUMER", "HOST", "LIVE", "SEEN", "IN FLIGHT", "ARRAKIS", "VERSION"], &rows)
 }
 
 /// `vmctl ls`.

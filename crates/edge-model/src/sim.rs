@@ -377,6 +377,7 @@ impl Sim {
             cursor_secret: b"sim".to_vec(),
             wait_poll_ms: 1000,
             openapi: None,
+            host_live_secs: 0,
             started_at: Timestamp(EPOCH_MS),
         };
         let consumer_config =

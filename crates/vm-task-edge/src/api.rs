@@ -6,8 +6,9 @@ use uuid::Uuid;
 use vm_task_types::{
     validate::{self, parse_task_id},
     wire::{
-        CreateTaskResponse, HealthResponse, ListTasksResponse, ListVmsResponse, StatsResponse, TaskDetailResponse,
-        TaskStatusResponse, UpdateStatusRequest, UpdateStatusResponse, VmStatusResponse, VmSummary,
+        CreateTaskResponse, HealthResponse, HostEntry, ListHostsResponse, ListTasksResponse, ListVmsResponse,
+        StatsResponse, TaskDetailResponse, TaskStatusResponse, UpdateStatusRequest, UpdateStatusResponse,
+        VmStatusResponse, VmSummary,
     },
     FieldError, Limits, Operation, OperationKind, Task, TaskStatus, TaskSummary, TimelineEvent, Timestamp, VmState,
 };
@@ -15,6 +16,7 @@ use vm_task_types::{
 use crate::{
     auth::{self, Caller, Cors, Tokens},
     counting::OpCounters,
+    hosts,
     http::{Request, Response},
     intents::{claim_outcome, CancelIntent, ClaimOutcome},
     listing,
@@ -42,6 +44,9 @@ pub struct ApiConfig {
     pub wait_poll_ms: u64,
     /// Served at `/openapi.json`.
     pub openapi: Option<&'static str>,
+    /// `HOST_LIVE_SECONDS`: a host seen within this is live; 0 means
+    /// [`HOST_LIVE_SECS_DEFAULT`](crate::HOST_LIVE_SECS_DEFAULT).
+    pub host_live_secs: u64,
     /// When this isolate started, for `/stats`.
     pub started_at: Timestamp,
 }
@@ -77,6 +82,9 @@ pub struct ApiService<'a, S, B, Q, C, I> {
 const VM_LIST_LIMIT_MAX: usize = 200;
 /// KV reads one `GET /vms` spends folding unsettled VMs (the invocation's limit is 1,000).
 const VM_LIST_READS_MAX: usize = 400;
+
+/// KV list operations `GET /hosts` may spend (1,000 records each).
+const HOST_LIST_PAGES_MAX: usize = 5;
 
 /// A query parameter, `None` when absent or empty.
 fn nonempty_param<'r>(request: &'r Request, name: &str) -> Option<&'r str> {
@@ -159,6 +167,7 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             }
             ApiRoute::VmStatus { vm_name } => self.vm_status(&vm_name).await,
             ApiRoute::ListVms => self.list_vms(request).await,
+            ApiRoute::ListHosts => self.list_hosts(request).await,
         }
     }
 
@@ -220,7 +229,7 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             None => None,
         };
         if let Some(Idempotency::Replay(task)) = idempotency {
-            return Ok(created_response(200, &task));
+            return Ok(created_response(200, &task, Vec::new()));
         }
         let now = self.clock.now();
         let id = self.ids.task_id(now);
@@ -268,7 +277,14 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         // the window out; should it still fail, the next submission for the VM rewrites it,
         // and per-VM order holds through creation order in the daemon's listing meanwhile.
         let _ = self.note_in_registry(&task, registry).await;
-        Ok(created_response(202, &task))
+        // One read: when a host last reported for the server (a failed read warns of nothing).
+        let warnings = match hosts::last_seen(&self.buffer.kv, &task.target_server).await {
+            Ok(seen) => hosts::unserved_warning(seen, &task.target_server, self.clock.now(), self.host_live_secs())
+                .into_iter()
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        Ok(created_response(202, &task, warnings))
     }
 
     /// Notes a queued task in its VM's registry entry.
@@ -472,6 +488,33 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
                 scanned: filtered.then_some(scan.scanned),
             },
         ))
+    }
+
+    /// `GET /hosts?server=`: the host registry with liveness ([`crate::hosts`]).
+    async fn list_hosts(&self, request: &Request) -> Result<Response, AppError> {
+        let server = hosts::server_filter(request)?;
+        let records = hosts::list(&self.buffer.kv, server, HOST_LIST_PAGES_MAX).await?;
+        let now = self.clock.now();
+        let live_secs = self.host_live_secs();
+        let hosts: Vec<HostEntry> = records
+            .into_iter()
+            .map(|record| HostEntry {
+                live: hosts::is_live(record.last_seen, now, live_secs),
+                last_seen_secs_ago: now.millis_since(record.last_seen) / 1000,
+                record,
+            })
+            .collect();
+        Ok(Response::json(
+            200,
+            &ListHostsResponse { success: true, count: hosts.len(), hosts, live_within_secs: live_secs },
+        ))
+    }
+
+    fn host_live_secs(&self) -> u64 {
+        match self.config.host_live_secs {
+            0 => crate::HOST_LIVE_SECS_DEFAULT,
+            secs => secs,
+        }
     }
 
     /// The listing position in the request's signed `cursor`.
@@ -776,7 +819,7 @@ fn not_cancellable(id: Uuid, status: TaskStatus) -> AppError {
     )
 }
 
-fn created_response(status: u16, task: &Task) -> Response {
+fn created_response(status: u16, task: &Task, warnings: Vec<String>) -> Response {
     let body = CreateTaskResponse {
         success: true,
         task_id: task.id,
@@ -786,6 +829,7 @@ fn created_response(status: u16, task: &Task) -> Response {
         vm_name: task.vm_name().to_owned(),
         target_server: task.target_server.clone(),
         created_at: task.created_at,
+        warnings,
     };
     Response::json(status, &body).with_header("location", &format!("/vm/tasks/{}", task.id))
 }

@@ -20,6 +20,10 @@
 //! - `bell:{server}`: the doorbell, rewritten whenever tasks for `server` are buffered; idle
 //!   daemons read it instead of listing.
 //!
+//! - `host:{server}:{consumerId}`: the host registry ([`crate::hosts`]); empty value; metadata
+//!   = [`HostRecord`](vm_task_types::wire::HostRecord).
+//! - `hostseen:{server}`: when any host last reported for `server`, in ms (the POST's check).
+//!
 //! Server and VM names cannot contain `:` (see `vm_task_types::validate`), so prefixes never
 //! overlap.
 
@@ -32,6 +36,7 @@ const MAX_MS: u64 = 0xFFFF_FFFF_FFFF;
 pub(crate) const TASK_PREFIX: &str = "task:";
 pub(crate) const READY_PREFIX: &str = "ready:";
 pub(crate) const VM_PREFIX: &str = "vm:";
+pub(crate) const HOST_PREFIX: &str = "host:";
 pub(crate) const CURSOR_SECRET: &str = "secret:cursor";
 pub(crate) const SWEEP_STATE: &str = "sweep:state";
 
@@ -75,6 +80,18 @@ pub(crate) fn ready_prefix(server: &str) -> String {
 pub(crate) fn server_of_ready(key: &str) -> Option<&str> {
     let rest = key.strip_prefix(READY_PREFIX)?;
     rest.rsplit_once(':').map(|(server, _)| server)
+}
+
+pub(crate) fn host(server: &str, consumer_id: &str) -> String {
+    format!("host:{server}:{consumer_id}")
+}
+
+pub(crate) fn host_seen(server: &str) -> String {
+    format!("hostseen:{server}")
+}
+
+pub(crate) fn host_prefix(server: &str) -> String {
+    format!("host:{server}:")
 }
 
 pub(crate) fn bell(server: &str) -> String {

@@ -16,6 +16,7 @@ pub mod consumer;
 pub mod counting;
 pub mod dashboard;
 mod error;
+mod hosts;
 pub mod http;
 mod intents;
 mod keys;
@@ -28,6 +29,7 @@ pub mod routes;
 pub mod store;
 
 pub(crate) use error::AppError;
+pub use hosts::HOST_LIVE_SECS_DEFAULT;
 pub use ports::{Clock, Ids, KvKey, KvPage, KvStore, StoreError, TaskQueue};
 
 /// How long a KV write can take to be seen at another location (Cloudflare: "up to 60

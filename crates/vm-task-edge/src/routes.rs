@@ -24,6 +24,7 @@ pub const API_ROUTES: RouteTable = &[
     ("PUT", "/vm/tasks/{id}/status"),
     ("GET", "/vm/{vmName}/status"),
     ("GET", "/vms"),
+    ("GET", "/hosts"),
 ];
 
 pub const CONSUMER_ROUTES: RouteTable = &[
@@ -68,6 +69,7 @@ pub(crate) enum ApiRoute {
     ReportStatus { id: String },
     VmStatus { vm_name: String },
     ListVms,
+    ListHosts,
 }
 
 impl ApiRoute {
@@ -84,6 +86,7 @@ impl ApiRoute {
             ["dashboard"] => vec![("GET", Dashboard)],
             ["stats"] => vec![("GET", Stats)],
             ["vms"] => vec![("GET", ListVms)],
+            ["hosts"] => vec![("GET", ListHosts)],
             ["vm", "tasks"] => vec![("POST", CreateTask), ("GET", ListTasks)],
             // A VM may be named `tasks`: its status is `/vm/tasks/status`, which no task id
             // (a UUID) can be confused with.
@@ -105,9 +108,14 @@ impl ApiRoute {
         match self {
             // The page holds no data: every call it makes carries the client token.
             Health | Index | OpenApi | Dashboard => Auth::Public,
-            Stats | CreateTask | ListTasks | GetTask { .. } | CancelTask { .. } | VmStatus { .. } | ListVms => {
-                Auth::Client
-            }
+            Stats
+            | CreateTask
+            | ListTasks
+            | GetTask { .. }
+            | CancelTask { .. }
+            | VmStatus { .. }
+            | ListVms
+            | ListHosts => Auth::Client,
             GetTaskStatus { .. } => Auth::ConsumerOrClient,
             ReportStatus { .. } => Auth::Consumer,
         }
@@ -131,6 +139,7 @@ impl ApiRoute {
             ReportStatus { .. } => ("PUT", "/vm/tasks/{id}/status"),
             VmStatus { .. } => ("GET", "/vm/{vmName}/status"),
             ListVms => ("GET", "/vms"),
+            ListHosts => ("GET", "/hosts"),
         }
     }
 }

@@ -96,13 +96,13 @@ fn run(edge: &Edge, id: uuid::Uuid, result: Value) {
 }
 
 #[test]
-fn a_submission_reads_only_the_registry_and_the_status_route_still_sees_every_result() {
+fn a_submission_reads_only_the_registry_and_the_host_check_and_the_status_route_still_sees_every_result() {
     let edge = Edge::new();
     let launched = edge.submit(launch("vm-1", "production"));
     run(&edge, launched, json!({"ip": "10.20.1.2", "vmState": "RUNNING"}));
     let reads = edge.counters.snapshot().kv_reads;
     let command = edge.submit(json!({"type": "run_command", "payload": {"vmName": "vm-1", "command": "true"}}));
-    assert_eq!(edge.counters.snapshot().kv_reads - reads, 1, "the registry only, no fold");
+    assert_eq!(edge.counters.snapshot().kv_reads - reads, 2, "the registry and the host check, no fold");
     run(&edge, command, json!({"exitCode": 0}));
 
     // More lifecycle tasks than the registry remembers unfolded: the oldest are folded to
@@ -166,7 +166,7 @@ fn tasks_list_newest_first_from_metadata_with_signed_cursors() {
 }
 
 #[test]
-fn a_task_costs_five_kv_reads_when_the_daemon_sends_the_buffering_time() {
+fn a_task_costs_six_kv_reads_when_the_daemon_sends_the_buffering_time() {
     let edge = Edge::new();
     let id = edge.submit(launch("vm-1", "production"));
     edge.deliver();
@@ -187,8 +187,9 @@ fn a_task_costs_five_kv_reads_when_the_daemon_sends_the_buffering_time() {
     let claim: ClaimResponse = claim.json_body().unwrap();
     assert_eq!(claim.task.event_at("buffered"), Some(entry.buffered_at));
     edge.report(id, claim.claim_id, json!({"status": "completed"}));
-    // POST: registry; buffering: none; ready: doorbell; claim: task, cancel intent; report: task.
-    assert_eq!(edge.counters.snapshot().kv_reads, 5);
+    // POST: registry, host check; buffering: none; ready: doorbell; claim: task, cancel
+    // intent; report: task.
+    assert_eq!(edge.counters.snapshot().kv_reads, 6);
 }
 
 #[test]

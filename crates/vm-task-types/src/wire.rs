@@ -43,6 +43,55 @@ pub struct CreateTaskResponse {
     pub vm_name: String,
     pub target_server: String,
     pub created_at: Timestamp,
+    /// Things the client should know that did not stop the task being queued, e.g. that no
+    /// live host serves `targetServer`. Absent when there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// What a daemon says about itself on a poll (`/tasks/ready` query parameters `consumerId`,
+/// `hostName`, `version`, `concurrency`, `inFlight`, `arrakis`), and what the host registry
+/// keeps per server name and consumer, with when it was seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostRecord {
+    /// The server name this record is for.
+    pub server: String,
+    pub consumer_id: String,
+    pub host_name: String,
+    pub version: String,
+    /// `MAX_CONCURRENCY`: tasks the daemon runs at once.
+    pub concurrency: u32,
+    /// Every server name the daemon serves (cut short if it would not fit KV metadata).
+    pub servers: Vec<String>,
+    /// Tasks running when it reported.
+    pub in_flight: u32,
+    /// Whether its Arrakis answered a health check when it reported; absent if not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrakis_reachable: Option<bool>,
+    pub last_seen: Timestamp,
+}
+
+/// One row of `GET /hosts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostEntry {
+    #[serde(flatten)]
+    pub record: HostRecord,
+    /// Seen within the deployment's `HOST_LIVE_SECONDS`.
+    pub live: bool,
+    pub last_seen_secs_ago: u64,
+}
+
+/// `GET /hosts?server=`: the host registry, by server name then consumer id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListHostsResponse {
+    pub success: bool,
+    pub hosts: Vec<HostEntry>,
+    pub count: usize,
+    /// A host is live when seen within this many seconds (`HOST_LIVE_SECONDS`).
+    pub live_within_secs: u64,
 }
 
 /// `GET /vm/tasks/:id/status`.

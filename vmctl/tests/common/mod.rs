@@ -222,6 +222,7 @@ async fn create(State(state): Shared, headers: HeaderMap, body: Bytes) -> Respon
         vm_name: task.vm_name().to_owned(),
         target_server: task.target_server.clone(),
         created_at: task.created_at,
+        warnings: Vec::new(),
     };
     state.tasks.push(task);
     (StatusCode::ACCEPTED, Json(response)).into_response()

@@ -12,6 +12,7 @@ use vm_task_types::{
 use super::{parse_bounded, ConsumerService};
 use crate::{
     auth::Caller,
+    hosts,
     http::{Request, Response},
     keys, AppError, Clock, Ids, KvStore,
 };
@@ -49,13 +50,17 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
                 return Err(AppError::invalid_field(FieldError::new("hot", format!("must be 0 or 1, got {other:?}"))))
             }
         };
+        // The daemon's report about itself, every few minutes (see `crate::hosts`).
+        let mut ops = match hosts::report_in(request, &servers, self.clock.now())? {
+            Some(report) => hosts::record(&self.buffer.kv, &report).await,
+            None => 0,
+        };
         let mut interval =
             if hot { HOT_BELL_CHECK_MS.min(self.config.bell_check_ms) } else { self.config.bell_check_ms };
         let deadline = self.clock.now().plus_millis(wait_ms);
         // Each check reads every server's bell, and the answer lists every server's prefix;
         // the poll answers (unchanged) before a check would leave no room for that listing.
         let per_check = servers.len().max(1) as u64;
-        let mut ops = 0;
         loop {
             let bell = self.bells(&servers).await?;
             ops += per_check;

@@ -64,6 +64,7 @@ impl Edge {
                 cursor_secret: b"test-secret".to_vec(),
                 wait_poll_ms: 250,
                 openapi: None,
+                host_live_secs: 0,
                 started_at: vm_task_types::Timestamp(START_MS),
             },
             consumer_config: ConsumerConfig {
