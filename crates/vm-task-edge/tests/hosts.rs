@@ -34,8 +34,10 @@ fn post_warnings(edge: &Edge, server: &str, vm: &str) -> Vec<String> {
 #[test]
 fn a_reporting_poll_registers_one_live_record_per_server_which_goes_stale() {
     let edge = Edge::new();
+    let writes = edge.counters.snapshot().kv_writes;
     let (status, _) = poll(&edge, "production,staging", Some(REPORT));
     assert_eq!(status, 200);
+    assert_eq!(edge.counters.snapshot().kv_writes - writes, 4, "a record and a last-seen time per server name");
     let listed = hosts(&edge, "");
     assert_eq!(listed["count"], 2, "{listed}");
     let first = &listed["hosts"][0];
@@ -67,6 +69,7 @@ fn a_reporting_poll_registers_one_live_record_per_server_which_goes_stale() {
 fn a_poll_without_a_report_writes_nothing() {
     let edge = Edge::new();
     poll(&edge, "production", None);
+    assert_eq!(edge.counters.snapshot().kv_writes, 0);
     assert!(edge.buffer.keys().iter().all(|k| !k.starts_with("host:")), "{:?}", edge.buffer.keys());
     assert_eq!(hosts(&edge, "")["count"], 0);
 }
