@@ -20,6 +20,7 @@ mod daemon;
 mod dashboard;
 mod edge;
 mod faults;
+mod files_and_long_commands;
 mod fuzz;
 mod service;
 mod soak;

@@ -12,31 +12,31 @@ use stack::{repo_root, Stack, StackOptions};
 use crate::support::*;
 
 #[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Run {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
     }
 
-    fn expect_code(self, code: i32) -> Self {
+    pub(crate) fn expect_code(self, code: i32) -> Self {
         assert_eq!(self.code, code, "{self:#?}");
         self
     }
 }
 
-fn binary() -> PathBuf {
+pub(crate) fn binary() -> PathBuf {
     let path = StackOptions::default().resolved_bin_dir(&repo_root()).join("vmctl");
     assert!(path.exists(), "{} is missing: run `cargo xtask build`", path.display());
     path
 }
 
 /// `vmctl ARGS` with the stack's URL and token in an otherwise empty environment.
-async fn vmctl(stack: &Stack, args: &[&str]) -> Run {
+pub(crate) async fn vmctl(stack: &Stack, args: &[&str]) -> Run {
     run_vmctl(stack.api_url(), stack.client_token().to_owned(), args.iter().map(|a| a.to_string()).collect()).await
 }
 
@@ -61,7 +61,7 @@ async fn run_vmctl(api_url: String, token: String, args: Vec<String>) -> Run {
     }
 }
 
-fn task_id(run: &Run) -> String {
+pub(crate) fn task_id(run: &Run) -> String {
     let id = run.stdout.trim();
     assert!(uuid::Uuid::parse_str(id).is_ok(), "a task id: {run:#?}");
     id.to_owned()
