@@ -295,9 +295,11 @@ async fn an_operator_submits_follows_and_cancels_tasks_in_the_dashboard() {
         )
         .await;
 
-    // Hosts: the registry's hosts, or the empty state saying this deployment has none.
+    // Hosts: the daemon has reported to the host registry and shows as live.
     browser.eval("location.hash = '#/hosts'").await;
-    browser.wait_for("document.querySelector('#hosts table, #hosts .empty:not(:empty)') && !document.querySelector('#hosts').innerText.includes('Loading')", Duration::from_secs(20)).await;
+    browser
+        .wait_for("document.querySelector('[data-host=\"production\"] [data-status=live]')", Duration::from_secs(30))
+        .await;
     browser.screenshot("7-hosts").await;
 
     // Back goes to the previous view: routing is by hash.
