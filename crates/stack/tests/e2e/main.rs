@@ -21,6 +21,7 @@ mod dashboard;
 mod edge;
 mod faults;
 mod files_and_long_commands;
+mod finding;
 mod fuzz;
 mod service;
 mod soak;
