@@ -113,6 +113,17 @@ async fn vmctl_drives_the_stack_as_a_user_would() {
     let run = vmctl(&stack, &["vm", "cli-vm"]).await.expect_code(0);
     assert!(run.stdout.contains("RUNNING") && run.stdout.contains("production"), "{run:#?}");
 
+    // ls: the VM list, filtered by server and state on the API's side.
+    let listed =
+        vmctl(&stack, &["--json", "ls", "--server", "production", "--state", "running"]).await.expect_code(0).json();
+    let vms = listed["vms"].as_array().unwrap();
+    assert!(vms.iter().any(|v| v["vmName"] == "cli-vm"), "{listed}");
+    assert!(vms.iter().all(|v| v["server"] == "production" && v["state"] == "RUNNING"), "{listed}");
+    let listed = vmctl(&stack, &["--json", "ls", "--state", "stopped"]).await.expect_code(0).json();
+    assert!(listed["vms"].as_array().unwrap().iter().all(|v| v["vmName"] != "cli-vm"), "{listed}");
+    let run = vmctl(&stack, &["ls"]).await.expect_code(0);
+    assert!(run.stdout.lines().any(|l| l.contains("cli-vm") && l.contains("production")), "{run:#?}");
+
     // A task aimed at a server no daemon serves stays pending until cancelled.
     let orphan = task_id(&vmctl(&stack, &["launch", "cli-orphan", "--server", "nowhere", "--no-wait"]).await);
     let run = vmctl(&stack, &["cancel", &orphan]).await.expect_code(0);
