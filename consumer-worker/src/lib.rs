@@ -64,6 +64,7 @@ fn config(env: &Env) -> (ConsumerConfig, Option<String>) {
         retry_delay_secs: number(env, "QUEUE_RETRY_DELAY_SECONDS", defaults.retry_delay_secs as u64) as u32,
         fault_fail_buffering_vm: Some(setting(env, "FAULT_FAIL_BUFFERING_VM")).filter(|v| !v.is_empty()),
         rebuffer_after_secs: number(env, "REBUFFER_AFTER_SECONDS", defaults.rebuffer_after_secs),
+        kv_propagation_secs: number(env, "KV_PROPAGATION_SECONDS", defaults.kv_propagation_secs),
     };
     (config, problem)
 }

@@ -99,6 +99,8 @@ impl Stack {
             // One location, no propagation delay: the e2e tests use 2 s leases to see expiry
             // quickly (production's floor is 120 s).
             ("MIN_LEASE_SECONDS".to_owned(), "2".to_owned()),
+            // Nothing to wait out on one location: the sweep acts on an expired lease at once.
+            ("KV_PROPAGATION_SECONDS".to_owned(), "0".to_owned()),
         ];
         vars.extend(opts.worker_vars.iter().cloned());
         let configs = wrangler::write_configs(&root, &dir, &vars)?;

@@ -63,6 +63,11 @@ pub struct ConsumerConfig {
     /// have lost its queue message (or its entry), and is buffered by the sweep; an entry
     /// unclaimed this long gets its doorbell rung again.
     pub rebuffer_after_secs: u64,
+    /// `KV_PROPAGATION_SECONDS`: how long a KV write may take to be seen at another location
+    /// ([`crate::KV_PROPAGATION_SECS`] in production). The sweep waits this long past a
+    /// lease's end before it acts on it. The local stack, one strongly consistent location,
+    /// sets 0.
+    pub kv_propagation_secs: u64,
 }
 
 impl Default for ConsumerConfig {
@@ -80,6 +85,7 @@ impl Default for ConsumerConfig {
             retry_delay_secs: 5,
             fault_fail_buffering_vm: None,
             rebuffer_after_secs: 60,
+            kv_propagation_secs: crate::KV_PROPAGATION_SECS,
         }
     }
 }

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use vm_task_types::{wire::BufferedTask, TaskStatus, TaskSummary, TimelineEvent, Timestamp};
 
 use super::ConsumerService;
-use crate::{keys, store::paced, AppError, Clock, Ids, KvStore, QueueMessage, KV_PROPAGATION_SECS};
+use crate::{keys, store::paced, AppError, Clock, Ids, KvStore, QueueMessage};
 
 /// KV operations one sweep run may spend, under the 1,000 of an invocation.
 pub(crate) const SWEEP_OP_BUDGET: u64 = 900;
@@ -89,6 +89,7 @@ struct Horizon {
     now: Timestamp,
     rebuffer_after_ms: u64,
     max_queued_ms: u64,
+    propagation_secs: u64,
 }
 
 /// The plan for a task. `entry` is `None` when it has no entry, and `missing_known` says
@@ -105,7 +106,9 @@ fn plan(summary: &TaskSummary, entry: Option<&BufferedTask>, missing_known: bool
         }
         TaskStatus::Pending if age > at.max_queued_ms => Plan::FailUnclaimed,
         TaskStatus::Processing
-            if summary.lease_expires_at.is_none_or(|until| lease_ended_everywhere(until, at.now)) =>
+            if summary
+                .lease_expires_at
+                .is_none_or(|until| lease_ended_everywhere(until, at.now, at.propagation_secs)) =>
         {
             Plan::ExpireLease
         }
@@ -129,8 +132,8 @@ fn plan(summary: &TaskSummary, entry: Option<&BufferedTask>, missing_known: bool
 /// any location) is visible to any read made now, so a record that still reads `processing`
 /// under this lease is not a stale copy of a task that finished. Acting sooner let a sweep
 /// reading a cached `processing` write `pending` over `completed`.
-fn lease_ended_everywhere(until: Timestamp, now: Timestamp) -> bool {
-    until.plus_secs(KV_PROPAGATION_SECS) <= now
+fn lease_ended_everywhere(until: Timestamp, now: Timestamp, propagation_secs: u64) -> bool {
+    until.plus_secs(propagation_secs) <= now
 }
 
 /// Operations left to spend in this run.
@@ -155,6 +158,7 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             now: self.clock.now(),
             rebuffer_after_ms: self.config.rebuffer_after_secs * 1000,
             max_queued_ms: self.config.max_queued_secs * 1000,
+            propagation_secs: self.config.kv_propagation_secs,
         };
         let mut ring: BTreeSet<String> = BTreeSet::new();
         let mut next = state.clone();
@@ -261,7 +265,9 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
                         report.failed += 1;
                     }
                     (Plan::ExpireLease, TaskStatus::Processing)
-                        if task.claim.as_ref().is_none_or(|c| lease_ended_everywhere(c.lease_expires_at, now)) =>
+                        if task.claim.as_ref().is_none_or(|c| {
+                            lease_ended_everywhere(c.lease_expires_at, now, self.config.kv_propagation_secs)
+                        }) =>
                     {
                         self.expire_lease(&mut task, now);
                         if task.attempts >= self.config.max_attempts {
@@ -315,7 +321,12 @@ mod tests {
 
     use super::*;
 
-    const AT: Horizon = Horizon { now: Timestamp(1_000_000), rebuffer_after_ms: 60_000, max_queued_ms: 600_000 };
+    const AT: Horizon = Horizon {
+        now: Timestamp(1_000_000),
+        rebuffer_after_ms: 60_000,
+        max_queued_ms: 600_000,
+        propagation_secs: crate::KV_PROPAGATION_SECS,
+    };
 
     fn summary(status: TaskStatus, created_ms_ago: u64, lease_until: Option<u64>) -> TaskSummary {
         TaskSummary {
