@@ -86,9 +86,11 @@ const VM_LIST_READS_MAX: usize = 400;
 /// KV list operations `GET /hosts` may spend (1,000 records each).
 const HOST_LIST_PAGES_MAX: usize = 5;
 
-/// A query parameter, `None` when absent or empty.
-fn nonempty_param<'r>(request: &'r Request, name: &str) -> Option<&'r str> {
-    request.query_param(name).filter(|v| !v.is_empty())
+/// A filter parameter as sent. An empty value is not "no filter": its validator refuses it
+/// with a 400, as `openapi.json` says (minimum lengths, enums); leave a filter out to match
+/// everything (found by schemathesis).
+fn filter_param<'r>(request: &'r Request, name: &str) -> Option<&'r str> {
+    request.query_param(name)
 }
 
 /// Longest a cancel waits for a claim in flight to decide.
@@ -361,7 +363,7 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
     async fn list_tasks(&self, request: &Request) -> Result<Response, AppError> {
         let limit =
             listing::limit_param(request.query_param("limit"), Limits::LIST_LIMIT_DEFAULT, Limits::LIST_LIMIT_MAX)?;
-        let status = match nonempty_param(request, "status") {
+        let status = match filter_param(request, "status") {
             None => None,
             Some(raw) => Some(TaskStatus::parse(raw).ok_or_else(|| {
                 let known: Vec<&str> = TaskStatus::ALL.iter().map(|s| s.as_str()).collect();
@@ -371,7 +373,7 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
                 ))
             })?),
         };
-        let kind = match nonempty_param(request, "type") {
+        let kind = match filter_param(request, "type") {
             None => None,
             Some(raw) => Some(OperationKind::parse(raw).ok_or_else(|| {
                 let known: Vec<&str> = OperationKind::ALL.iter().map(|k| k.as_str()).collect();
@@ -381,11 +383,11 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
                 ))
             })?),
         };
-        let vm_name = nonempty_param(request, "vmName");
+        let vm_name = filter_param(request, "vmName");
         if let Some(name) = vm_name {
             validate::check_vm_name("vmName", name)?;
         }
-        let server = nonempty_param(request, "targetServer");
+        let server = filter_param(request, "targetServer");
         if let Some(name) = server {
             validate::check_server_name("targetServer", name)?;
         }
@@ -427,11 +429,11 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
     /// [`VM_LIST_READS_MAX`] reads per request; VMs past that are answered `settled: false`.
     async fn list_vms(&self, request: &Request) -> Result<Response, AppError> {
         let limit = listing::limit_param(request.query_param("limit"), Limits::LIST_LIMIT_DEFAULT, VM_LIST_LIMIT_MAX)?;
-        let server = nonempty_param(request, "server");
+        let server = filter_param(request, "server");
         if let Some(name) = server {
             validate::check_server_name("server", name)?;
         }
-        let state = match nonempty_param(request, "state") {
+        let state = match filter_param(request, "state") {
             None => None,
             Some(raw) => Some(VmState::from_arrakis(&raw.to_ascii_uppercase()).ok_or_else(|| {
                 AppError::invalid_field(FieldError::new(

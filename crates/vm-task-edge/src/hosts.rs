@@ -26,9 +26,6 @@ const METADATA_BYTES_MAX: usize = 1_000;
 /// The daemon's report in a poll's query, or `None` when the poll carries none (`hostName`
 /// absent). `servers` are the poll's, already checked against the caller's token.
 pub(crate) fn report_in(request: &Request, servers: &[String], now: Timestamp) -> Result<Option<HostRecord>, AppError> {
-    if request.query_param("hostName").is_none() {
-        return Ok(None);
-    }
     let text = |name: &str, required: bool| -> Result<String, AppError> {
         let value = request.query_param(name).unwrap_or("");
         let bad =
@@ -57,6 +54,17 @@ pub(crate) fn report_in(request: &Request, servers: &[String], now: Timestamp) -
             )))
         }
     };
+    // Every report field is checked whenever it is sent, also on a poll that carries no
+    // report, so a malformed one is a 400 as `openapi.json` says (found by schemathesis).
+    for name in ["consumerId", "hostName", "version"] {
+        if request.query_param(name).is_some() {
+            text(name, false)?;
+        }
+    }
+    let (concurrency, in_flight) = (number("concurrency")?, number("inFlight")?);
+    if request.query_param("hostName").is_none() {
+        return Ok(None);
+    }
     if servers.is_empty() {
         return Err(AppError::invalid_field(FieldError::new("server", "is required with `hostName`")));
     }
@@ -65,9 +73,9 @@ pub(crate) fn report_in(request: &Request, servers: &[String], now: Timestamp) -
         consumer_id: text("consumerId", true)?,
         host_name: text("hostName", true)?,
         version: text("version", false)?,
-        concurrency: number("concurrency")?,
+        concurrency,
         servers: servers.to_vec(),
-        in_flight: number("inFlight")?,
+        in_flight,
         arrakis_reachable,
         last_seen: now,
     }))
@@ -148,7 +156,7 @@ pub(crate) fn unserved_warning(
 
 /// Validates `GET /hosts?server=`.
 pub(crate) fn server_filter(request: &Request) -> Result<Option<&str>, AppError> {
-    match request.query_param("server").filter(|s| !s.is_empty()) {
+    match request.query_param("server") {
         None => Ok(None),
         Some(server) => {
             validate::check_server_name("server", server)?;

@@ -154,7 +154,10 @@ fn bad_filters_and_limits_are_400s_naming_the_parameter() {
         ("/vm/tasks?status=done", "status"),
         ("/vm/tasks?type=reboot_vm", "type"),
         ("/vm/tasks?vmName=a:b", "vmName"),
-        ("/vm/tasks?targetServer=", ""),
+        // An empty filter is refused, as the OpenAPI document says: leave it out to match all.
+        ("/vm/tasks?targetServer=", "targetServer"),
+        ("/vm/tasks?status=", "status"),
+        ("/vms?server=", "server"),
         ("/vm/tasks?targetServer=x%2Fy", "targetServer"),
         ("/vms?state=exploded", "state"),
         ("/vms?server=a:b", "server"),
@@ -163,10 +166,6 @@ fn bad_filters_and_limits_are_400s_naming_the_parameter() {
         ("/vms?cursor=forged", "cursor"),
     ] {
         let (status, body) = get(&edge, path);
-        if field.is_empty() {
-            assert_eq!(status, 200, "an empty filter is no filter: {path}");
-            continue;
-        }
         assert_eq!(status, 400, "{path}: {body}");
         assert_eq!(body["field"], field, "{path}: {body}");
     }
