@@ -481,44 +481,47 @@ fn truncate(text: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use clap::Parser;
     use tokio::io::AsyncReadExt;
 
     use super::*;
     use crate::config::Cli;
 
-    /// Deployed workers are served over https only. The workspace's reqwest was once built
-    /// without TLS, so the daemon refused every `https://` URL before connecting.
-    #[tokio::test]
-    async fn the_daemon_speaks_tls_to_https_workers() {
+    /// The daemon's settings with both worker URLs at `url`, plus `extra` flags.
+    fn config_at(url: &str, extra: &[&str]) -> Config {
+        let mut args =
+            vec!["local-consumer", "--consumer-worker-url", url, "--api-worker-url", url, "--consumer-token", "t"];
+        args.extend_from_slice(extra);
+        Cli::parse_from(args).validate().unwrap()
+    }
+
+    /// A listener on 127.0.0.1 and the first byte its first connection sends: 0x16 opens a
+    /// TLS handshake record. Fails the test if nothing connects within 5 s.
+    pub(crate) async fn first_byte_listener() -> (u16, impl std::future::Future<Output = u8>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
-        let config = Cli::parse_from([
-            "local-consumer",
-            "--consumer-worker-url",
-            &url,
-            "--api-worker-url",
-            &url,
-            "--consumer-token",
-            "t",
-        ])
-        .validate()
-        .unwrap();
-        let edge = EdgeClient::new(&config).unwrap();
-        let first_byte = tokio::spawn(async move {
+        let port = listener.local_addr().unwrap().port();
+        let first = tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.unwrap();
             let mut first = [0u8; 1];
             socket.read_exact(&mut first).await.unwrap();
             first[0]
         });
+        let first = async move {
+            tokio::time::timeout(Duration::from_secs(5), first).await.expect("nothing connected").unwrap()
+        };
+        (port, first)
+    }
+
+    /// Deployed workers are served over https only. The workspace's reqwest was once built
+    /// without TLS, so the daemon refused every `https://` URL before connecting.
+    #[tokio::test]
+    async fn the_daemon_speaks_tls_to_https_workers() {
+        let (port, first_byte) = first_byte_listener().await;
+        let edge = EdgeClient::new(&config_at(&format!("https://127.0.0.1:{port}"), &[])).unwrap();
         // No TLS server answers, so the call fails; what matters is what the client sent.
         let _ = edge.health().await;
-        let first = tokio::time::timeout(Duration::from_secs(5), first_byte)
-            .await
-            .expect("the daemon never connected to an https URL")
-            .unwrap();
-        assert_eq!(first, 0x16, "the first byte of a TLS handshake record");
+        assert_eq!(first_byte.await, 0x16, "the first byte of a TLS handshake record");
     }
 
     /// The host registry's report rides on a poll once per `HOST_REPORT_SECONDS`, not on
@@ -528,23 +531,10 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
-        let config = Cli::parse_from([
-            "local-consumer",
-            "--consumer-worker-url",
+        let config = config_at(
             &url,
-            "--api-worker-url",
-            &url,
-            "--consumer-token",
-            "t",
-            "--consumer-id",
-            "rack-7",
-            "--server-names",
-            "a,b",
-            "--arrakis-url",
-            "http://127.0.0.1:9",
-        ])
-        .validate()
-        .unwrap();
+            &["--consumer-id", "rack-7", "--server-names", "a,b", "--arrakis-url", "http://127.0.0.1:9"],
+        );
         let edge = EdgeClient::new(&config).unwrap();
         let server = tokio::spawn(async move {
             let mut request_lines = Vec::new();

@@ -148,30 +148,17 @@ async fn serve(channel: &PushChannel, socket: Socket) -> String {
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::AsyncReadExt;
-
     use super::*;
+    use crate::edge::tests::first_byte_listener;
 
     /// Deployed workers answer `wss://` only: the push socket must speak TLS, as the daemon's
     /// HTTP does (the socket was once built without TLS support and failed before connecting).
     #[tokio::test]
     async fn the_push_socket_speaks_tls_to_https_workers() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url =
-            Url::parse(&format!("wss://127.0.0.1:{}/hosts/production/connect", listener.local_addr().unwrap().port()))
-                .unwrap();
-        let first_byte = tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut first = [0u8; 1];
-            socket.read_exact(&mut first).await.unwrap();
-            first[0]
-        });
+        let (port, first_byte) = first_byte_listener().await;
+        let url = Url::parse(&format!("wss://127.0.0.1:{port}/hosts/production/connect")).unwrap();
         // No TLS server answers, so the connection fails; what matters is what was sent.
         let _ = tokio::time::timeout(Duration::from_secs(5), connect(&url, "t")).await;
-        let first = tokio::time::timeout(Duration::from_secs(5), first_byte)
-            .await
-            .expect("the push socket never connected to a wss URL")
-            .unwrap();
-        assert_eq!(first, 0x16, "the first byte of a TLS handshake record");
+        assert_eq!(first_byte.await, 0x16, "the first byte of a TLS handshake record");
     }
 }
