@@ -1,33 +1,15 @@
 //! The executor against the in-process Arrakis simulator: failures the real server has
 //! (zombie boots, transient 500s) and what the task's record says about them.
 
-use std::{path::PathBuf, time::Duration};
+mod against_sim;
 
-use arrakis_client::ArrakisClient;
+use std::time::Duration;
+
+use against_sim::executor;
 use arrakis_sim::{Failure, Op, SimConfig, INJECTED_FAULT};
-use local_consumer::{
-    executor::{Attempts, BootDefaults, Executor, Outcome, RetryPolicy},
-    images::ImagePolicy,
-    metrics::Metrics,
-    retry::Jitter,
-};
+use local_consumer::executor::{Attempts, Outcome};
 use serde_json::json;
 use vm_task_types::Task;
-
-fn executor(url: &str) -> Executor {
-    Executor {
-        arrakis: ArrakisClient::new(url).unwrap(),
-        defaults: BootDefaults {
-            kernel: "vmlinux.bin".into(),
-            rootfs: "rootfs.img".into(),
-            initramfs: "initramfs.cpio.gz".into(),
-        },
-        images: ImagePolicy::new([PathBuf::from("/opt/arrakis")]),
-        retry: RetryPolicy { retries: 3, base: Duration::from_millis(1), cap: Duration::from_millis(5) },
-        jitter: Jitter::seeded(1),
-        metrics: Metrics::new(),
-    }
-}
 
 fn launch(vm: &str) -> Task {
     launch_with(vm, json!({}))

@@ -4,35 +4,17 @@
 //! daemon that restarts mid-command watching the job the previous one started instead of
 //! running it again.
 
-use std::{path::PathBuf, time::Duration};
+mod against_sim;
 
-use arrakis_client::ArrakisClient;
+use std::time::Duration;
+
+use against_sim::executor;
 use arrakis_sim::SimConfig;
-use local_consumer::{
-    executor::{Attempts, BootDefaults, Executor, Outcome, RetryPolicy, TIMED_OUT_EXIT_CODE},
-    images::ImagePolicy,
-    metrics::Metrics,
-    retry::Jitter,
-};
+use local_consumer::executor::{Attempts, Outcome, TIMED_OUT_EXIT_CODE};
 use serde_json::{json, Value};
 use vm_task_types::Task;
 
 const TASK_ID: &str = "01937a2e-7000-7000-8000-0000000000aa";
-
-fn executor(url: &str) -> Executor {
-    Executor {
-        arrakis: ArrakisClient::new(url).unwrap(),
-        defaults: BootDefaults {
-            kernel: "vmlinux.bin".into(),
-            rootfs: "rootfs.img".into(),
-            initramfs: "initramfs.cpio.gz".into(),
-        },
-        images: ImagePolicy::new([PathBuf::from("/opt/arrakis")]),
-        retry: RetryPolicy { retries: 3, base: Duration::from_millis(1), cap: Duration::from_millis(5) },
-        jitter: Jitter::seeded(1),
-        metrics: Metrics::new(),
-    }
-}
 
 /// A claimed task; the long command's limit counts from its `claimed` entry (now).
 fn task(kind: &str, payload: Value) -> Task {
