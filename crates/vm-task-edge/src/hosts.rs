@@ -44,7 +44,7 @@ pub(crate) fn report_in(request: &Request, servers: &[String], now: Timestamp) -
             .map_err(|_| AppError::invalid_field(FieldError::new(name, format!("must be a whole number, got {raw:?}"))))
     };
     let arrakis_reachable = match request.query_param("arrakis") {
-        None | Some("") => None,
+        None => None,
         Some("up") => Some(true),
         Some("down") => Some(false),
         Some(other) => {

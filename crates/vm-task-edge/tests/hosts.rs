@@ -102,6 +102,10 @@ fn bad_reports_are_400s_naming_the_parameter() {
         ("hostName=h&consumerId=c&concurrency=lots", "concurrency"),
         ("hostName=h&consumerId=c&inFlight=-1", "inFlight"),
         ("hostName=h&consumerId=c&arrakis=maybe", "arrakis"),
+        // Empty is not one of the document's values either (schemathesis sent `arrakis=`).
+        ("hostName=h&consumerId=c&arrakis=", "arrakis"),
+        ("arrakis=", "arrakis"),
+        ("hot=", "hot"),
         ("hostName=h%01&consumerId=c", "hostName"),
     ] {
         let (status, body) = poll(&edge, "production", Some(report));
