@@ -111,11 +111,14 @@ async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<
     let (method, path) = (request.method.clone(), request.path.clone());
     let durable = if durable_mode(&env) {
         let queues = DurableQueues(env.durable_object(HOST_QUEUE)?);
+        let host_registry = CountingKv::new(WorkerKv(env.kv(TASK_BUFFER)?), &COUNTERS);
         let front = ConsumerFront {
             tasks: &service.tasks,
             queues: &queues,
             consumer_tokens: &config.consumer_tokens,
             max_wait_secs: config.max_wait_secs,
+            host_registry: &host_registry,
+            now: WorkerClock.now(),
         };
         front.handle(&request).await
     } else {
@@ -174,11 +177,14 @@ async fn hand_off_batch(
     bodies: &[Value],
 ) -> worker::Result<Vec<Delivery>> {
     let queues = DurableQueues(env.durable_object(HOST_QUEUE)?);
+    let host_registry = CountingKv::new(WorkerKv(env.kv(TASK_BUFFER)?), &COUNTERS);
     let front = ConsumerFront {
         tasks: &service.tasks,
         queues: &queues,
         consumer_tokens: &config.consumer_tokens,
         max_wait_secs: config.max_wait_secs,
+        host_registry: &host_registry,
+        now: WorkerClock.now(),
     };
     let retry = Delivery::Retry { delay_secs: config.retry_delay_secs };
     let handoffs = bodies.iter().map(|body| async {
@@ -204,11 +210,14 @@ async fn hand_off_batch(
 async fn reconcile(env: &Env, config: &ConsumerConfig) -> worker::Result<()> {
     let service = service(env, config)?;
     let queues = DurableQueues(env.durable_object(HOST_QUEUE)?);
+    let host_registry = CountingKv::new(WorkerKv(env.kv(TASK_BUFFER)?), &COUNTERS);
     let front = ConsumerFront {
         tasks: &service.tasks,
         queues: &queues,
         consumer_tokens: &config.consumer_tokens,
         max_wait_secs: config.max_wait_secs,
+        host_registry: &host_registry,
+        now: WorkerClock.now(),
     };
     let recovered = front
         .reconcile(WorkerClock.now(), config.rebuffer_after_secs, config.max_queued_secs + 86_400, 900)

@@ -5,12 +5,14 @@
 //! without `?wait`, anything about a task already finished).
 //!
 //! Consumer worker: the long poll `GET /tasks/ready` waits on the objects of the daemon's
-//! servers instead of doorbells; claim, heartbeat and release go to the task's object (the
+//! servers instead of doorbells (and writes the host report it may carry, like the KV mode); claim, heartbeat and release go to the task's object (the
 //! server from `?server=`, else from the task record). API worker: `DELETE` and the daemon's
 //! status report go to the task's object; `GET ?wait=` waits on the object, which holds the
 //! live task and is never stale.
 
-use vm_task_edge::{auth::Tokens, http::Request, http::Response, store::TaskStore, KvStore, QueueMessage};
+use vm_task_edge::{
+    auth::Tokens, http::Request, http::Response, record_host_report, store::TaskStore, KvStore, QueueMessage,
+};
 use vm_task_types::{
     validate::{check_server_name, parse_task_id},
     wire::{BufferedTask, ErrorBody, ReadyTasksResponse, TaskDetailResponse, TaskStatusResponse},
@@ -64,6 +66,11 @@ pub struct ConsumerFront<'a, S, Q> {
     pub queues: &'a Q,
     pub consumer_tokens: &'a Tokens,
     pub max_wait_secs: u64,
+    /// Where host reports go (`TASK_BUFFER`, as in the KV mode): a poll's report is written
+    /// here by the worker, never through an object.
+    pub host_registry: &'a S,
+    /// The request's time (a report's `lastSeen`).
+    pub now: Timestamp,
 }
 
 impl<S: KvStore, Q: HostQueues> ConsumerFront<'_, S, Q> {
@@ -190,6 +197,8 @@ impl<S: KvStore, Q: HostQueues> ConsumerFront<'_, S, Q> {
             let message = "is required with `wait` or `since`, and always in the durable dispatch mode";
             return Err(invalid(FieldError::new("server", message)));
         }
+        // The daemon's report about itself, every few minutes, as in the KV mode.
+        record_host_report(self.host_registry, request, &servers, self.now).await.map_err(Response::from)?;
         let wait_secs = match query(request, "wait") {
             None => 0,
             Some(raw) => raw.parse::<u64>().ok().filter(|n| *n <= self.max_wait_secs).ok_or_else(|| {

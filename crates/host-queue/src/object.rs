@@ -10,14 +10,14 @@
 //! | `POST /tasks/{id}/claim` | `ClaimRequest` | [`crate::ClaimGranted`] |
 //! | `POST /tasks/{id}/heartbeat`, `/release` | [`FencedLease`] | `LeaseResponse` |
 //! | `PUT /tasks/{id}/status` | [`FencedReport`] | `UpdateStatusResponse` |
-//! | `POST /tasks/{id}/cancel` | [`CancelRequest`] | `UpdateStatusResponse` |
+//! | `POST /tasks/{id}/cancel` | [`CancelRequest`] | `UpdateStatusResponse`; 202 `cancel_requested` for a running long command |
 
 use serde::{de::DeserializeOwned, Serialize};
 use uuid::Uuid;
 use vm_task_types::{
     validate::check_segment,
     wire::{ClaimRequest, LeaseResponse, TaskDetailResponse, UpdateStatusResponse},
-    Task, Timestamp,
+    Task, TaskStatus, Timestamp,
 };
 
 use crate::{
@@ -84,7 +84,7 @@ pub fn handle<S: HostStore>(
                     task_id: id,
                     status: task.status,
                     lease_expires_at,
-                    cancel_requested: false,
+                    cancel_requested: *op == "heartbeat" && queue.cancel_requested(id),
                 },
             ))
         }),
@@ -97,7 +97,20 @@ pub fn handle<S: HostStore>(
         ("POST", ["tasks", id, "cancel"]) => task_id(id).and_then(|id| {
             let request: CancelRequest = parse(body)?;
             let task = queue.cancel(id, &request, now)?;
-            Ok(Reply::json(200, &status_reply(&task, "task cancelled")))
+            if task.status == TaskStatus::Cancelled {
+                return Ok(Reply::json(200, &status_reply(&task, "task cancelled")));
+            }
+            // A running long command: the same 202 as the KV mode's.
+            Ok(Reply::json(
+                202,
+                &serde_json::json!({
+                    "success": true,
+                    "taskId": id,
+                    "status": "cancel_requested",
+                    "message": "the command is running; the daemon stops it in the guest at its next heartbeat \
+                                and the task ends cancelled with the output so far; read the task for the outcome",
+                }),
+            ))
         }),
         _ => Err(Refusal::not_found_path(method, path)),
     };

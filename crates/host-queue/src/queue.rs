@@ -4,7 +4,8 @@
 //! enqueue ─▶ pending ──claim (fence n)──▶ processing ──report(n)──▶ completed | failed
 //!              │  ▲                          │
 //!              │  └── release(n) / lease alarm┘ (attempt counted; out of attempts → failed)
-//!              ├──cancel──▶ cancelled   (only while pending: atomic with claims)
+//!              ├──cancel──▶ cancelled   (while pending: atomic with claims)
+//!   processing (long command) ──cancel──▶ cancel requested ──daemon's report──▶ cancelled
 //!              └──alarm───▶ failed      (never claimed within max_queued_secs)
 //! ```
 //!
@@ -21,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 use vm_task_types::{
     wire::{BufferedTask, ClaimRequest, UpdateStatusRequest},
-    Claim, Task, TaskStatus, TimelineEntry, TimelineEvent, Timestamp,
+    Claim, Operation, Task, TaskStatus, TimelineEntry, TimelineEvent, Timestamp,
 };
 
 use crate::{
@@ -46,6 +47,8 @@ struct Mirror {
 }
 
 const FENCE_COUNTER: &str = "fence";
+/// The error of a long command cancelled while it ran, as in the KV mode.
+const RUNNING_CANCEL_MESSAGE: &str = "cancelled by client while running";
 /// Timeline actors, as in the KV mode: the consumer worker buffers, the sweeper ends leases.
 const WORKER: &str = "consumer-worker";
 const OBJECT: &str = "sweeper";
@@ -150,7 +153,7 @@ impl<S: HostStore> HostQueue<S> {
         let note = format!("buffered for server {}", task.target_server);
         task.record(now.max(task.created_at), WORKER, TimelineEvent::Buffered, None, note);
         let mirrored_gen = task.gen - 1;
-        let entry = StoredEntry { task, fence: 0, mirrored_gen, finished_at: None };
+        let entry = StoredEntry { task, fence: 0, mirrored_gen, finished_at: None, cancel_requested: None };
         self.newly_ready.insert(entry.task.id);
         self.version += 1;
         self.put(entry);
@@ -228,6 +231,11 @@ impl<S: HostStore> HostQueue<S> {
         Ok(reply)
     }
 
+    /// Whether the client asked to cancel this running long command (a heartbeat's answer).
+    pub fn cancel_requested(&self, id: Uuid) -> bool {
+        self.entries.get(&id).is_some_and(|e| e.cancel_requested.is_some() && !e.task.status.is_terminal())
+    }
+
     pub fn heartbeat(&mut self, id: Uuid, request: &FencedLease, now: Timestamp) -> Result<Task, Refusal> {
         self.expire_if_due(id, now);
         let lease = self.lease_secs(request.lease.lease_seconds);
@@ -251,6 +259,11 @@ impl<S: HostStore> HostQueue<S> {
         entry.task.attempts = entry.task.attempts.saturating_sub(1);
         let reason = request.lease.reason.clone().unwrap_or_else(|| "released by its consumer".into());
         entry.task.record(now, &actor, TimelineEvent::Released, Some(TaskStatus::Pending), reason);
+        if self.cancel_standing(&mut entry, now) {
+            let task = entry.task.clone();
+            self.finish(entry, now);
+            return Ok(task);
+        }
         let task = entry.task.clone();
         self.put(entry);
         self.became_ready(id);
@@ -280,6 +293,14 @@ impl<S: HostStore> HostQueue<S> {
         let event = match update.status {
             TaskStatus::Completed => TimelineEvent::Completed,
             TaskStatus::Failed => TimelineEvent::Failed,
+            // A long command its client cancelled while it ran, stopped in the guest.
+            TaskStatus::Cancelled if entry.cancel_requested.is_some() => TimelineEvent::Cancelled,
+            TaskStatus::Cancelled => {
+                return Err(Refusal::conflict(
+                    "a daemon reports cancelled only for a task its client asked to cancel".into(),
+                    task.status,
+                ))
+            }
             other => return Err(Refusal::conflict(format!("a daemon cannot report {other}"), task.status)),
         };
         if let Err(e) = task.status.check_transition(update.status) {
@@ -299,13 +320,19 @@ impl<S: HostStore> HostQueue<S> {
         }
         entry.task.result = update.result.clone().or(entry.task.result.take());
         entry.task.error = update.error.clone().or(entry.task.error.take());
+        if update.status == TaskStatus::Cancelled {
+            entry.task.error = entry.cancel_requested.clone();
+        }
         let message = update.message.clone().or_else(|| update.error.clone()).unwrap_or_default();
         entry.task.record(now, &consumer, event, Some(update.status), message);
         self.finish(entry, now);
         Ok((self.entries[&id].task.clone(), true))
     }
 
-    /// A client's cancel. `Ok` means the task is cancelled and will never be claimed.
+    /// A client's cancel. `Ok` with a `cancelled` task: it is cancelled and will never be
+    /// claimed. `Ok` with a `processing` task: a long command that is running; the cancel is on
+    /// record, its daemon learns of it from its next heartbeat's answer, stops the command in the
+    /// guest and reports `cancelled` (a lease that ends first ends the task `cancelled` too).
     pub fn cancel(&mut self, id: Uuid, request: &CancelRequest, now: Timestamp) -> Result<Task, Refusal> {
         let mut entry = match self.entries.get(&id) {
             Some(entry) => entry.clone(),
@@ -316,7 +343,13 @@ impl<S: HostStore> HostQueue<S> {
                     let known =
                         Mirror { written_at: Some(task.updated_at), refused_at: None, status: Some(task.status) };
                     self.mirrors.insert(id, known);
-                    StoredEntry { task: task.clone(), fence: 0, mirrored_gen: task.gen, finished_at: None }
+                    StoredEntry {
+                        task: task.clone(),
+                        fence: 0,
+                        mirrored_gen: task.gen,
+                        finished_at: None,
+                        cancel_requested: None,
+                    }
                 }
                 _ => return Err(Refusal::not_found(id)),
             },
@@ -324,8 +357,22 @@ impl<S: HostStore> HostQueue<S> {
         match entry.task.status {
             TaskStatus::Cancelled => return Ok(entry.task),
             TaskStatus::Pending => {}
+            TaskStatus::Processing if is_long_command(&entry.task) => {
+                if entry.cancel_requested.is_none() {
+                    entry.cancel_requested = Some(RUNNING_CANCEL_MESSAGE.into());
+                    entry.task.record(now, "client", TimelineEvent::CancelRequested, None, RUNNING_CANCEL_MESSAGE);
+                    self.put(entry.clone());
+                }
+                return Ok(entry.task);
+            }
             other => {
-                return Err(Refusal::conflict(format!("task {id} is {other} and can no longer be cancelled"), other))
+                return Err(Refusal::conflict(
+                    format!(
+                        "task {id} is {other}; only a pending task can be cancelled, or a running command with \
+                         timeoutSeconds over 30"
+                    ),
+                    other,
+                ))
             }
         }
         entry.task.error = Some(request.message.clone());
@@ -471,13 +518,24 @@ impl<S: HostStore> HostQueue<S> {
             entry.task.attempts, self.config.max_attempts
         );
         entry.task.record(now, OBJECT, TimelineEvent::LeaseExpired, Some(TaskStatus::Pending), note);
-        if entry.task.attempts >= self.config.max_attempts {
+        if self.cancel_standing(&mut entry, now) {
+            self.finish(entry, now);
+        } else if entry.task.attempts >= self.config.max_attempts {
             self.give_up(&mut entry, now);
             self.finish(entry, now);
         } else {
             self.put(entry);
             self.became_ready(id);
         }
+    }
+
+    /// A task back from a claim (released, lease ended) whose client asked to cancel it while
+    /// it ran: cancelled now rather than run again. Returns whether it was.
+    fn cancel_standing(&self, entry: &mut StoredEntry, now: Timestamp) -> bool {
+        let Some(message) = entry.cancel_requested.clone() else { return false };
+        entry.task.error = Some(message.clone());
+        entry.task.record(now, "client", TimelineEvent::Cancelled, Some(TaskStatus::Cancelled), message);
+        true
     }
 
     fn give_up(&self, entry: &mut StoredEntry, now: Timestamp) {
@@ -520,6 +578,11 @@ impl<S: HostStore> HostQueue<S> {
             .unwrap_or(self.config.lease_default_secs)
             .clamp(self.config.lease_min_secs, self.config.lease_max_secs)
     }
+}
+
+/// Only a long command can be stopped while it runs (the daemon runs it as a guest job).
+fn is_long_command(task: &Task) -> bool {
+    matches!(&task.operation, Operation::RunCommand(command) if command.is_long())
 }
 
 fn granted(task: Task, claim: &Claim, fence: u64) -> ClaimGranted {

@@ -26,6 +26,10 @@ pub struct StoredEntry {
     /// When the task became terminal; the entry is purged a while after (see `retain_secs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Timestamp>,
+    /// The client's cancel of this running long command, waiting for its daemon to stop it
+    /// (the heartbeat's answer says so); the message becomes the task's error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_requested: Option<String>,
 }
 
 /// Rows read and written so far, the units Durable Object SQLite storage is billed in.

@@ -82,6 +82,8 @@ impl HostQueues for Objects {
 struct Edge {
     invocation: Invocation,
     tasks: MemoryKv,
+    /// `TASK_BUFFER`: the host registry in this mode.
+    hosts: MemoryKv,
     queue: MemoryQueue,
     clock: ManualClock,
     objects: Objects,
@@ -103,6 +105,7 @@ impl Edge {
                 clock: clock.clone(),
             },
             tasks,
+            hosts: MemoryKv::with_production_limits(&invocation),
             invocation,
             queue: MemoryQueue::new(),
             clock,
@@ -135,7 +138,7 @@ impl Edge {
                 None => {
                     let service = ApiService {
                         tasks: TaskStore::new(self.tasks.clone()),
-                        buffer: BufferStore::new(MemoryKv::new()),
+                        buffer: BufferStore::new(self.hosts.clone()),
                         queue: CountingQueue::new(self.queue.clone(), &self.counters),
                         clock: self.clock.clone(),
                         ids: self.ids.clone(),
@@ -156,6 +159,8 @@ impl Edge {
             queues: &self.objects,
             consumer_tokens: &self.consumer_tokens,
             max_wait_secs: 30,
+            host_registry: &self.hosts,
+            now: self.clock.now(),
         };
         block_on(front.handle(&request)).expect("a durable-mode consumer route")
     }
@@ -177,6 +182,8 @@ impl Edge {
                 queues: &self.objects,
                 consumer_tokens: &self.consumer_tokens,
                 max_wait_secs: 30,
+                host_registry: &self.hosts,
+                now: self.clock.now(),
             };
             assert_eq!(block_on(front.hand_off(&message)), Handoff::Done);
         }
@@ -327,6 +334,8 @@ fn the_cron_hands_a_task_whose_queue_message_was_lost_to_its_object() {
         queues: &edge.objects,
         consumer_tokens: &edge.consumer_tokens,
         max_wait_secs: 30,
+        host_registry: &edge.hosts,
+        now: edge.clock.now(),
     };
     let kept = messages.iter().find(|m| m.task_id == delivered).unwrap();
     assert_eq!(block_on(front.hand_off(kept)), Handoff::Done);
@@ -371,4 +380,122 @@ fn bad_claim_bodies_are_refused_like_the_kv_modes() {
     assert_eq!((missing.status, body["code"].as_str()), (400, Some("invalid_body")));
     assert!(body["error"].as_str().unwrap().contains("missing field `consumerId`"), "{body}");
     assert_eq!(edge.live_status(id), TaskStatus::Pending, "no refused claim took the task");
+}
+
+impl Edge {
+    fn submit_body(&self, body: Value) -> Uuid {
+        let r = self.api(Request::new("POST", "/vm/tasks").bearer(CLIENT).json_body(&body));
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        r.json_body::<Value>().unwrap()["taskId"].as_str().unwrap().parse().unwrap()
+    }
+
+    fn heartbeat(&self, id: Uuid, claim_id: Uuid) -> Value {
+        let body = json!({"claimId": claim_id, "leaseSeconds": 30});
+        let r = self.consumer(
+            Request::new("POST", &format!("/tasks/{id}/heartbeat?server=production")).bearer(CONSUMER).json_body(&body),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json_body().unwrap()
+    }
+
+    fn report(&self, id: Uuid, body: Value) -> Response {
+        self.api(Request::new("PUT", &format!("/vm/tasks/{id}/status")).bearer(CONSUMER).json_body(&body))
+    }
+}
+
+fn command(vm: &str, timeout: u64) -> Value {
+    json!({"type": "run_command", "payload": {
+        "vmName": vm, "command": "sleep 600", "timeoutSeconds": timeout, "targetServer": "production"
+    }})
+}
+
+/// Was a 409 before: the object refused any cancel of a processing task, so a running long
+/// command could not be stopped in the durable mode.
+#[test]
+fn a_running_long_command_is_cancelled_through_the_heartbeat_and_the_daemons_report() {
+    let edge = Edge::new();
+    let id = edge.submit_body(command("vm-1", 600));
+    edge.deliver();
+    let claim: ClaimResponse = edge.claim(id, 1).json_body().unwrap();
+    assert_eq!(edge.heartbeat(id, claim.claim_id).get("cancelRequested"), None, "no cancel asked yet");
+
+    let asked = edge.cancel(id);
+    let body: Value = asked.json_body().unwrap();
+    assert_eq!((asked.status, body["status"].as_str()), (202, Some("cancel_requested")), "{body}");
+    assert_eq!(edge.live_status(id), TaskStatus::Processing, "the daemon decides when the guest stopped");
+    assert_eq!(edge.cancel(id).status, 202, "asking again changes nothing");
+    assert_eq!(edge.heartbeat(id, claim.claim_id)["cancelRequested"], true);
+
+    let stopped = json!({"status": "cancelled", "claimId": claim.claim_id,
+        "result": {"output": "started\n", "exitCode": 143}, "message": "stopped in the guest"});
+    let r = edge.report(id, stopped);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    edge.clock.advance_ms(1_100);
+    edge.objects.alarm("production");
+    let task: Value = edge.api(Request::new("GET", &format!("/vm/tasks/{id}")).bearer(CLIENT)).json_body().unwrap();
+    let task = &task["task"];
+    assert_eq!(task["status"], "cancelled", "{task}");
+    assert_eq!(task["result"]["output"], "started\n", "what ran so far is kept");
+    assert_eq!(task["error"], "cancelled by client while running");
+    let events: Vec<&str> = task["timeline"].as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(events[events.len() - 2..], ["cancel_requested", "cancelled"], "{events:?}");
+}
+
+#[test]
+fn short_commands_stay_uncancellable_once_running_and_no_daemon_reports_cancelled_unasked() {
+    let edge = Edge::new();
+    let short = edge.submit_body(command("vm-1", 30));
+    let long = edge.submit_body(command("vm-2", 600));
+    edge.deliver();
+    let short_claim: ClaimResponse = edge.claim(short, 1).json_body().unwrap();
+    let long_claim: ClaimResponse = edge.claim(long, 2).json_body().unwrap();
+    let refused = edge.cancel(short);
+    assert_eq!(refused.status, 409);
+    assert!(String::from_utf8_lossy(&refused.body).contains("timeoutSeconds over 30"));
+    assert_eq!(edge.heartbeat(short, short_claim.claim_id).get("cancelRequested"), None);
+    let r = edge.report(long, json!({"status": "cancelled", "claimId": long_claim.claim_id}));
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(edge.live_status(long), TaskStatus::Processing);
+}
+
+/// The daemon died after the cancel was asked: the lease ends and the task ends cancelled,
+/// not run again.
+#[test]
+fn a_cancelled_long_commands_lease_ending_cancels_it() {
+    let edge = Edge::new();
+    let id = edge.submit_body(command("vm-1", 600));
+    edge.deliver();
+    edge.claim(id, 1);
+    assert_eq!(edge.cancel(id).status, 202);
+    edge.clock.advance_ms(31_000);
+    edge.objects.alarm("production");
+    assert_eq!(edge.live_status(id), TaskStatus::Cancelled);
+    assert_eq!(edge.kv_status(id), TaskStatus::Cancelled);
+}
+
+/// Was empty before: the durable mode's poll dropped the report, so `GET /hosts` showed no
+/// live host and every POST warned that its server was unserved.
+#[test]
+fn a_polls_host_report_reaches_the_registry_without_waking_an_object() {
+    let edge = Edge::new();
+    let report = "consumerId=host-a&hostName=box-1&version=1.2.3&concurrency=4&inFlight=1&arrakis=up";
+    let r = edge.consumer(Request::new("GET", &format!("/tasks/ready?server=production&{report}")).bearer(CONSUMER));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let hosts: Value = edge.api(Request::new("GET", "/hosts?server=production").bearer(CLIENT)).json_body().unwrap();
+    let host = &hosts["hosts"][0];
+    assert_eq!(
+        (host["hostName"].as_str(), host["live"].as_bool(), host["inFlight"].as_u64()),
+        (Some("box-1"), Some(true), Some(1)),
+        "{hosts}"
+    );
+    let body = json!({"type": "stop_vm", "payload": {"vmName": "vm-1", "targetServer": "production"}});
+    let posted: Value =
+        edge.api(Request::new("POST", "/vm/tasks").bearer(CLIENT).json_body(&body)).json_body().unwrap();
+    assert!(posted.get("warnings").is_none_or(|w| w.as_array().unwrap().is_empty()), "{posted}");
+
+    // Malformed report fields are a 400 naming the field, as in the KV mode.
+    let bad = edge.consumer(
+        Request::new("GET", "/tasks/ready?server=production&consumerId=a&hostName=b&arrakis=sideways").bearer(CONSUMER),
+    );
+    assert_eq!((bad.status, bad.json_body::<Value>().unwrap()["field"].as_str()), (400, Some("arrakis")));
 }

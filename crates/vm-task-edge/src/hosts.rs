@@ -81,6 +81,21 @@ pub(crate) fn report_in(request: &Request, servers: &[String], now: Timestamp) -
     }))
 }
 
+/// The durable mode's poll carries the same report: checked and written exactly as the KV
+/// mode's poll does, by the worker (the host queue objects play no part, so a report wakes no
+/// object). Returns the KV operations spent.
+pub async fn record_from_poll<K: KvStore>(
+    kv: &K,
+    request: &Request,
+    servers: &[String],
+    now: Timestamp,
+) -> Result<u64, AppError> {
+    Ok(match report_in(request, servers, now)? {
+        Some(report) => record(kv, &report).await,
+        None => 0,
+    })
+}
+
 /// Writes the report once per server name; failures are ignored (see the module doc).
 /// Returns the KV operations spent.
 pub(crate) async fn record<K: KvStore>(kv: &K, report: &HostRecord) -> u64 {

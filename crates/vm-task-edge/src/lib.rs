@@ -29,7 +29,7 @@ pub mod routes;
 pub mod store;
 
 pub(crate) use error::AppError;
-pub use hosts::HOST_LIVE_SECS_DEFAULT;
+pub use hosts::{record_from_poll as record_host_report, HOST_LIVE_SECS_DEFAULT};
 pub use ports::{Clock, Ids, KvKey, KvPage, KvStore, StoreError, TaskQueue};
 
 /// How long a KV write can take to be seen at another location (Cloudflare: "up to 60

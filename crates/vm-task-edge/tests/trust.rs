@@ -285,3 +285,31 @@ fn a_task_that_cannot_be_queued_is_failed_with_the_reason_not_lost() {
     let next = edge.submit(launch("vm-1", "production"));
     assert!(edge.detail(next).get("previousTaskId").is_none());
 }
+
+/// `?server=` on a claim, heartbeat or release (the durable mode's daemon names its task's
+/// server there) is checked in the KV mode too, as `openapi.json` documents it: an invalid name
+/// is a 400 naming `server`, a server the token is not bound to a 403, another server's task a
+/// 404; the task's own server is accepted. It was ignored before.
+#[test]
+fn a_named_server_on_claims_and_leases_is_checked() {
+    let mut edge = Edge::new();
+    edge.consumer_config.consumer_tokens = vm_task_edge::auth::Tokens::parse_bound("bound:production|staging").unwrap();
+    let id = edge.submit(launch("vm-1", "production"));
+    edge.deliver();
+    let call = |op: &str, query: &str, body: Value| {
+        edge.consumer_call(Request::new("POST", &format!("/tasks/{id}/{op}{query}")).bearer("bound").json_body(&body))
+    };
+    let claim_body = json!({"consumerId": "host-a", "leaseSeconds": 30});
+    let bad = call("claim", "?server=a%20b", claim_body.clone());
+    assert_eq!((bad.status, bad.json_body::<Value>().unwrap()["field"].as_str()), (400, Some("server")));
+    assert_eq!(call("claim", "?server=elsewhere", claim_body.clone()).status, 403);
+    let claim = call("claim", "?server=production", claim_body);
+    assert_eq!(claim.status, 200, "{}", body_text(&claim));
+    let claim_id = claim.json_body::<Value>().unwrap()["claimId"].clone();
+
+    let lease = json!({"claimId": claim_id, "leaseSeconds": 30});
+    assert_eq!(call("heartbeat", "?server=elsewhere", lease.clone()).status, 403);
+    assert_eq!(call("heartbeat", "?server=production", lease.clone()).status, 200);
+    assert_eq!(call("heartbeat", "?server=staging", lease.clone()).status, 404, "not on that server");
+    assert_eq!(call("release", "?server=production", lease).status, 200);
+}
