@@ -355,8 +355,13 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
         };
         let hot = polling.last_activity.elapsed() < HOT_AFTER_ACTIVITY;
         let shared = self.shared.clone();
+        // A push socket that opens again ends the backoff: the workers answer again.
+        let reconnected = self.shared.edge.reconnected();
         self.poll = Some(Box::pin(async move {
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = reconnected => {}
+            }
             let config = &shared.config;
             let result = shared.edge.ready(&config.server_names, since.as_deref(), config.poll_wait, hot).await;
             (since, result)

@@ -123,6 +123,13 @@ pub trait Edge: Send + Sync + 'static {
     /// A task's status (`None` when the API does not know it), for checking that a VM's
     /// previous task has finished.
     fn task_status(&self, id: Uuid) -> impl Future<Output = Result<Option<TaskStatusResponse>, EdgeError>> + Send;
+
+    /// Resolves when the workers are reachable again by other means than a poll (a push socket
+    /// opened after this call), so a poll backing off can go at once. An edge without such means
+    /// never resolves it.
+    fn reconnected(&self) -> impl Future<Output = ()> + Send + 'static {
+        std::future::pending()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -154,10 +161,26 @@ struct HostReporter {
     concurrency: usize,
     arrakis: Option<arrakis_client::ArrakisClient>,
     last: std::sync::Mutex<Option<std::time::Instant>>,
-    held: std::sync::Mutex<std::collections::HashSet<Uuid>>,
+    /// Claims held, with their task's server (named on heartbeats and releases).
+    held: std::sync::Mutex<std::collections::HashMap<Uuid, String>>,
 }
 
 impl HostReporter {
+    /// How long until the next report is due; zero when it is due now, `Duration::MAX` when
+    /// this daemon never reports.
+    fn due_in(&self) -> Duration {
+        let Some(every) = self.every else { return Duration::MAX };
+        match *self.last.lock().expect("not poisoned") {
+            Some(at) => every.saturating_sub(at.elapsed()),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// The server of a claim this process holds.
+    fn server_of(&self, id: Uuid) -> Option<String> {
+        self.held.lock().expect("not poisoned").get(&id).cloned()
+    }
+
     /// The report's query pairs when one is due, else `None`.
     async fn due(&self, consumer_id: &str) -> Option<Vec<(&'static str, String)>> {
         let every = self.every?;
@@ -211,9 +234,20 @@ impl EdgeClient {
                 concurrency: config.max_concurrency,
                 arrakis: arrakis_client::ArrakisClient::new(&config.arrakis_url).ok(),
                 last: std::sync::Mutex::new(None),
-                held: std::sync::Mutex::new(std::collections::HashSet::new()),
+                held: std::sync::Mutex::new(std::collections::HashMap::new()),
             }),
         })
+    }
+
+    /// `tasks/{id}/{op}` on the consumer worker. In the durable mode it names the task's
+    /// server (`?server=`, known from the claim), so the worker asks that server's object
+    /// without reading the task record and checks a bound token against it.
+    fn lease_url(&self, id: Uuid, op: &str) -> Url {
+        let mut url = self.consumer.join(&format!("tasks/{id}/{op}")).expect("uuid path");
+        if let (true, Some(server)) = (self.durable.load(SeqCst), self.host.server_of(id)) {
+            url.query_pairs_mut().append_pair("server", &server);
+        }
+        url
     }
 
     fn claim_id_for(&self, task: Uuid) -> Uuid {
@@ -330,6 +364,10 @@ impl<T: Edge> Edge for std::sync::Arc<T> {
     fn task_status(&self, id: Uuid) -> impl Future<Output = Result<Option<TaskStatusResponse>, EdgeError>> + Send {
         T::task_status(self, id)
     }
+
+    fn reconnected(&self) -> impl Future<Output = ()> + Send + 'static {
+        T::reconnected(self)
+    }
 }
 
 impl Edge for EdgeClient {
@@ -341,11 +379,18 @@ impl Edge for EdgeClient {
         hot: bool,
     ) -> Result<ReadyTasksResponse, EdgeError> {
         // The durable mode: while every server's socket is open, wait on pushes, not on a long
-        // poll (which would keep the object awake). Full listings stay HTTP.
-        if let (Some(since), true) = (since, self.durable.load(SeqCst)) {
+        // poll (which would keep the object awake). Full listings stay HTTP, and so does the
+        // host report: when one is due it rides a full listing, answered at once (one short
+        // request to each server's object and two KV writes per server, every
+        // HOST_REPORT_SECONDS), instead of a long poll.
+        let mut since = since;
+        if let (Some(bell), true) = (since, self.durable.load(SeqCst)) {
             self.push.start(&self.consumer, &self.token, servers);
-            if self.push.live() {
-                match self.push.next(wait).await {
+            let report_due_in = self.host.due_in();
+            if self.push.live() && report_due_in.is_zero() {
+                since = None;
+            } else if self.push.live() {
+                match self.push.next(wait.min(report_due_in)).await {
                     Some(tasks) => {
                         let n = self.pushes.fetch_add(1, SeqCst) + 1;
                         let bell = format!("push-{n}");
@@ -358,7 +403,7 @@ impl Edge for EdgeClient {
                         });
                     }
                     None if self.push.live() => {
-                        let bell = since.to_owned();
+                        let bell = bell.to_owned();
                         return Ok(ReadyTasksResponse {
                             success: true,
                             count: 0,
@@ -411,7 +456,7 @@ impl Edge for EdgeClient {
         };
         match self.send::<ClaimResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await {
             Ok(claim) => {
-                self.host.held.lock().expect("not poisoned").insert(id);
+                self.host.held.lock().expect("not poisoned").insert(id, task.target_server.clone());
                 Ok(ClaimOutcome::Claimed(Box::new(claim)))
             }
             Err(EdgeError::Refused { status: 409, body }) => match (body.current_status, body.lease_expires_at) {
@@ -429,14 +474,14 @@ impl Edge for EdgeClient {
     }
 
     async fn renew(&self, id: Uuid, claim_id: Uuid, lease: Duration) -> Result<Renewal, EdgeError> {
-        let url = self.consumer.join(&format!("tasks/{id}/heartbeat")).expect("uuid path");
+        let url = self.lease_url(id, "heartbeat");
         let body = LeaseRequest { claim_id, lease_seconds: Some(lease.as_secs()), reason: None };
         let lease = self.send::<LeaseResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await?;
         Ok(Renewal { cancel_requested: lease.cancel_requested })
     }
 
     async fn release(&self, id: Uuid, claim_id: Uuid, reason: &str) -> Result<(), EdgeError> {
-        let url = self.consumer.join(&format!("tasks/{id}/release")).expect("uuid path");
+        let url = self.lease_url(id, "release");
         let body = LeaseRequest { claim_id, lease_seconds: None, reason: Some(reason.to_owned()) };
         self.host.held.lock().expect("not poisoned").remove(&id);
         self.send::<LeaseResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await.map(drop)
@@ -448,6 +493,10 @@ impl Edge for EdgeClient {
             self.host.held.lock().expect("not poisoned").remove(&id);
         }
         self.send::<serde_json::Value>(Method::PUT, url, Some(update), Duration::from_secs(15)).await.map(drop)
+    }
+
+    fn reconnected(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.push.opened()
     }
 
     async fn task_status(&self, id: Uuid) -> Result<Option<TaskStatusResponse>, EdgeError> {
@@ -554,7 +603,7 @@ pub(crate) mod tests {
             }
             request_lines
         });
-        edge.host.held.lock().unwrap().insert(Uuid::nil());
+        edge.host.held.lock().unwrap().insert(Uuid::nil(), "production".into());
         let servers = ["a".to_owned(), "b".to_owned()];
         edge.ready(&servers, None, Duration::ZERO, false).await.unwrap();
         edge.ready(&servers, None, Duration::ZERO, false).await.unwrap();
@@ -564,5 +613,24 @@ pub(crate) mod tests {
             assert!(first.contains(part), "{part} missing from {first}");
         }
         assert!(!lines[1].contains("hostName="), "the second poll within the interval reports nothing: {}", lines[1]);
+    }
+
+    /// In the durable mode a heartbeat and a release name their task's server, so a consumer
+    /// token bound to servers is checked and the worker asks that object without a lookup (they
+    /// were sent without it, so each cost a task record read). The KV mode's routes are unchanged.
+    #[test]
+    fn durable_heartbeats_and_releases_name_the_tasks_server() {
+        let config = config_at("http://127.0.0.1:9", &["--server-names", "production"]);
+        let edge = EdgeClient::new(&config).unwrap();
+        let id = Uuid::from_u128(7);
+        edge.host.held.lock().unwrap().insert(id, "production".into());
+        assert_eq!(edge.lease_url(id, "heartbeat").query(), None, "the KV mode: as before");
+        edge.durable.store(true, SeqCst);
+        for op in ["heartbeat", "release"] {
+            let url = edge.lease_url(id, op);
+            assert!(url.path().ends_with(&format!("/tasks/{id}/{op}")), "{url}");
+            assert_eq!(url.query(), Some("server=production"), "{url}");
+        }
+        assert_eq!(edge.lease_url(Uuid::from_u128(8), "release").query(), None, "not a claim of ours: no guess");
     }
 }

@@ -7,7 +7,8 @@
 //! reports stay HTTP with their usual idempotency, and a full listing every `RELIST_SECONDS`
 //! covers a push that never arrived. While connected the daemon sends no long polls, so an
 //! idle host costs the object nothing but a `ping` every [`PING_EVERY`], which the runtime
-//! answers without waking it.
+//! answers without waking it, and the host report's full listing every `HOST_REPORT_SECONDS`
+//! (see [`crate::edge`]).
 
 use std::{
     sync::{
@@ -23,12 +24,15 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::{client::IntoClientRequest, http::HeaderValue, Message};
 use vm_task_types::wire::{BufferedTask, HostPush};
 
+use crate::retry::{Jitter, RetryPolicy};
+
 /// How often an open socket says `ping` (the object's auto-response answers `pong`).
 pub const PING_EVERY: Duration = Duration::from_secs(20);
-/// First and longest wait before reconnecting: short, so a restarted worker is reached again
-/// within about a second of answering.
-const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Waits before reconnecting: full jitter ([`crate::retry`]) under a ceiling that starts at
+/// 100 ms and doubles to 1 s, so a restarted worker is reached again within about a second of
+/// answering, and daemons that lost it together do not all knock at the same instant.
+const RECONNECT: RetryPolicy =
+    RetryPolicy { retries: u32::MAX, base: Duration::from_millis(100), cap: Duration::from_secs(1) };
 /// A connection that says nothing (not even `pong`) for this long is taken as dead.
 const SILENCE_LIMIT: Duration = Duration::from_secs(3 * PING_EVERY.as_secs());
 
@@ -41,6 +45,9 @@ pub struct PushChannel {
     /// Sockets open now.
     open: AtomicUsize,
     servers: AtomicUsize,
+    /// Counts sockets opened, so a poll backing off from an unreachable worker can stop
+    /// waiting the moment a socket is back ([`PushChannel::opened`]).
+    opens: tokio::sync::watch::Sender<u64>,
 }
 
 impl PushChannel {
@@ -55,6 +62,16 @@ impl PushChannel {
             let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
             let _ = url.set_scheme(scheme);
             tokio::spawn(keep_connected(self.clone(), url, token.to_owned(), server.clone()));
+        }
+    }
+
+    /// Resolves when a socket opens after this call (never, if none does).
+    pub fn opened(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut opens = self.opens.subscribe();
+        async move {
+            if opens.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 
@@ -87,13 +104,15 @@ impl PushChannel {
 }
 
 async fn keep_connected(channel: Arc<PushChannel>, url: Url, token: String, server: String) {
-    let mut backoff = BACKOFF_FIRST;
+    let jitter = Jitter::from_entropy();
+    let mut failures = 0;
     loop {
         match connect(&url, &token).await {
             Ok(socket) => {
                 tracing::info!(%server, "push channel open");
-                backoff = BACKOFF_FIRST;
+                failures = 0;
                 channel.open.fetch_add(1, SeqCst);
+                channel.opens.send_modify(|n| *n += 1);
                 let outcome = serve(&channel, socket).await;
                 channel.open.fetch_sub(1, SeqCst);
                 // Wake a waiting poll so it falls back to HTTP while we reconnect.
@@ -102,8 +121,8 @@ async fn keep_connected(channel: Arc<PushChannel>, url: Url, token: String, serv
             }
             Err(e) => tracing::debug!(%server, "push channel: {e}"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        failures += 1;
+        tokio::time::sleep(RECONNECT.delay(failures, &jitter)).await;
     }
 }
 

@@ -343,13 +343,11 @@ fn test(root: &Path) -> Result<()> {
 /// sweep, a buffered task's cancel window before a daemon polls): skipped in the durable mode,
 /// whose counterparts are `crates/host-queue`'s native tests (lease alarm, cancel atomic with
 /// claims, reconcile of lost messages).
-const KV_MODE_ONLY_TESTS: [&str; 5] = [
+const KV_MODE_ONLY_TESTS: [&str; 4] = [
     "edge::every_operation_round_trips_through_both_workers",
     "edge::an_expired_lease_returns_the_task_to_pending_via_the_cron",
     "edge::tasks_survive_a_wrangler_restart",
     "trust::a_cancelled_buffered_task_never_reaches_the_simulator",
-    // Host reports ride the KV mode's long poll; the push mode does not carry them yet.
-    "finding::hosts_show_the_daemon_live_then_not_after_it_stops_and_unserved_posts_warn",
 ];
 
 fn e2e(mode: &Option<String>) -> Result<()> {

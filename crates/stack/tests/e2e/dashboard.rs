@@ -295,18 +295,12 @@ async fn an_operator_submits_follows_and_cancels_tasks_in_the_dashboard() {
         )
         .await;
 
-    // Hosts: the daemon has reported to the host registry and shows as live. Host reports ride
-    // the KV mode's long poll; the durable mode's push does not carry them yet, so there the
-    // page is only visited (xtask's KV_MODE_ONLY_TESTS skips the registry's own test alike).
+    // Hosts: the daemon has reported to the host registry and shows as live (in both dispatch
+    // modes: the durable mode's daemon sends its report on a full listing).
     browser.eval("location.hash = '#/hosts'").await;
-    if std::env::var("STACK_DISPATCH_MODE").map(|m| m.trim() != "durable").unwrap_or(true) {
-        browser
-            .wait_for(
-                "document.querySelector('[data-host=\"production\"] [data-status=live]')",
-                Duration::from_secs(30),
-            )
-            .await;
-    }
+    browser
+        .wait_for("document.querySelector('[data-host=\"production\"] [data-status=live]')", Duration::from_secs(30))
+        .await;
     browser.screenshot("7-hosts").await;
 
     // Back goes to the previous view: routing is by hash.

@@ -80,28 +80,18 @@ async fn files_go_in_and_out_unchanged_and_long_commands_complete_or_cancel() {
         assert!(Instant::now() < deadline, "the command never started in the guest");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // The durable mode does not yet carry a running command's cancel to its daemon (its
-    // heartbeat has no cancel flag): there the cancel is refused with 409 and the command runs on.
-    if std::env::var("STACK_DISPATCH_MODE").is_ok_and(|mode| mode.trim() == "durable") {
-        let run = vmctl(&stack, &["cancel", &id]).await.expect_code(6);
-        assert!(run.stderr.contains("processing"), "{run:#?}");
-    } else {
-        let asked = Instant::now();
-        let run = vmctl(&stack, &["cancel", &id]).await.expect_code(0);
-        assert!(run.stdout.contains("cancel requested"), "{run:#?}");
-        wait_for_status(&stack, id.parse::<Uuid>().unwrap(), TaskStatus::Cancelled).await;
-        let took = asked.elapsed();
-        let task = vmctl(&stack, &["--json", "task", &id]).await.expect_code(0).json();
-        let task = if task["task"].is_object() { task["task"].clone() } else { task };
-        assert_eq!(task["result"]["output"], "begun\n", "{task}");
-        assert_eq!(task["error"], "cancelled by client while running", "{task}");
-        assert_eq!(
-            guest_processes(&stack, "files-vm").await,
-            Vec::<String>::new(),
-            "nothing left running in the guest"
-        );
-        eprintln!("cancel of a running long command: cancelled {took:?} after the request");
-    }
+    // Both dispatch modes carry the cancel to the daemon through the heartbeat's answer.
+    let asked = Instant::now();
+    let run = vmctl(&stack, &["cancel", &id]).await.expect_code(0);
+    assert!(run.stdout.contains("cancel requested"), "{run:#?}");
+    wait_for_status(&stack, id.parse::<Uuid>().unwrap(), TaskStatus::Cancelled).await;
+    let took = asked.elapsed();
+    let task = vmctl(&stack, &["--json", "task", &id]).await.expect_code(0).json();
+    let task = if task["task"].is_object() { task["task"].clone() } else { task };
+    assert_eq!(task["result"]["output"], "begun\n", "{task}");
+    assert_eq!(task["error"], "cancelled by client while running", "{task}");
+    assert_eq!(guest_processes(&stack, "files-vm").await, Vec::<String>::new(), "nothing left running in the guest");
+    eprintln!("cancel of a running long command: cancelled {took:?} after the request");
 
     // The 90 s command completed with its output and exit code.
     let (output, took) = long.await.unwrap();
