@@ -109,24 +109,32 @@ pub fn run(seed: u64) -> Outcome {
     run_with(seed, &Settings::production())
 }
 
-/// What the world is like: KV's consistency and limits, and the daemon driver's rules.
+/// What the world is like: KV's consistency and limits, the edge's propagation setting, and
+/// the daemon driver's rules.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub kv: KvConfig,
     pub rules: DaemonRules,
+    /// `KV_PROPAGATION_SECONDS` of both workers: production's 60 over production KV, 0 over
+    /// strongly consistent KV (as on the one-location local stack).
+    pub kv_propagation_secs: u64,
 }
 
 impl Settings {
     /// Production as Cloudflare documents it.
     pub fn production() -> Self {
-        Self { kv: KvConfig::production(), rules: DaemonRules::default() }
+        Self {
+            kv: KvConfig::production(),
+            rules: DaemonRules::default(),
+            kv_propagation_secs: vm_task_edge::KV_PROPAGATION_SECS,
+        }
     }
 
     /// KV strongly consistent (every location reads the store, no cache, no lag), with
     /// production's per-key and per-invocation limits, queue behaviour and faults: what the
     /// native tests assume.
     pub fn consistent() -> Self {
-        Self { kv: KvConfig::consistent(), rules: DaemonRules::default() }
+        Self { kv: KvConfig::consistent(), rules: DaemonRules::default(), kv_propagation_secs: 0 }
     }
 }
 
@@ -236,6 +244,8 @@ struct Accepted {
     op: usize,
     accepted_at: u64,
     cancel_ok: bool,
+    /// A DELETE was answered 202 `cancel_requested` (and none 200).
+    cancel_requested: bool,
     claimed_at: Option<u64>,
 }
 
@@ -379,9 +389,13 @@ impl Sim {
             openapi: None,
             host_live_secs: 0,
             started_at: Timestamp(EPOCH_MS),
+            kv_propagation_secs: settings.kv_propagation_secs,
         };
-        let consumer_config =
-            ConsumerConfig { consumer_tokens: Tokens::parse(CONSUMER_TOKEN), ..ConsumerConfig::default() };
+        let consumer_config = ConsumerConfig {
+            consumer_tokens: Tokens::parse(CONSUMER_TOKEN),
+            kv_propagation_secs: settings.kv_propagation_secs,
+            ..ConsumerConfig::default()
+        };
         let mut sim = Self {
             rules: settings.rules,
             now: EPOCH_MS,
@@ -762,6 +776,7 @@ impl Sim {
                     op: op_index,
                     accepted_at: self.now + self.lag,
                     cancel_ok: false,
+                    cancel_requested: false,
                     claimed_at: None,
                 });
                 if op.kind != OperationKind::LaunchVm && self.rng.chance(0.2) {
@@ -826,9 +841,11 @@ impl Sim {
             r.status,
             status_of(&r)
         ));
-        if r.status == 200 {
-            if let Some(a) = self.accepted.get_mut(&task) {
-                a.cancel_ok = true;
+        if let Some(a) = self.accepted.get_mut(&task) {
+            match r.status {
+                200 => a.cancel_ok = true,
+                202 => a.cancel_requested = true,
+                _ => {}
             }
         }
     }
@@ -1126,7 +1143,14 @@ impl Sim {
             }
             Net::Answered(r) if r.status == 409 => {
                 self.trace(format!("{server}@{location}: claim of {} → {} {}", short(task), r.status, status_of(&r)));
-                let until = self.now + 10_000;
+                // Held (`ClaimOutcome::Held`): tried again when the lease (or the wait the
+                // edge names) ends; otherwise in 10 s.
+                let body = r.json_body::<Value>().unwrap_or(Value::Null);
+                let held_until = body
+                    .get("leaseExpiresAt")
+                    .or_else(|| body.get("error").and_then(|e| e.get("leaseExpiresAt")))
+                    .and_then(|v| serde_json::from_value::<Timestamp>(v.clone()).ok());
+                let until = held_until.map_or(self.now + 10_000, |t| t.as_millis().max(self.now) + 250);
                 self.daemons[d].skip_until.insert(task, until);
                 // A terminal 409 is "finished, never again" (`ClaimOutcome::Finished`); a held
                 // 409 is retried after the lease.
@@ -1320,6 +1344,19 @@ impl Sim {
             if self.accepted.get(&call.task).is_some_and(|a| a.cancel_ok) {
                 violations.push(format!(
                     "cancelled-but-ran: task {} ({}) was cancelled with a 200 but reached Arrakis at {} s",
+                    short(call.task),
+                    call.vm,
+                    (call.at - EPOCH_MS) / 1000
+                ));
+            }
+        }
+        // 3b. A cancel answered 202 ends cancelled only if the operation never reached Arrakis;
+        //     otherwise the task ends with the operation's own result.
+        for call in &self.arrakis_log {
+            let requested = self.accepted.get(&call.task).is_some_and(|a| a.cancel_requested && !a.cancel_ok);
+            if requested && self.central_task(call.task).is_some_and(|t| t.status == TaskStatus::Cancelled) {
+                violations.push(format!(
+                    "requested-cancel-ran: task {} ({}) had its cancel answered 202, ended cancelled, but reached Arrakis at {} s",
                     short(call.task),
                     call.vm,
                     (call.at - EPOCH_MS) / 1000

@@ -18,11 +18,11 @@ use crate::{
     counting::OpCounters,
     hosts,
     http::{Request, Response},
-    intents::{claim_outcome, CancelIntent, ClaimOutcome},
+    intents::{claim_outcome, settle_cancel, CancelIntent, CancelSettlement, ClaimOutcome},
     listing,
     registry::{Fold, VmRecord},
     routes::{ApiRoute, API_ROUTES},
-    store::{paced, BufferStore, TaskStore},
+    store::{apply_cancel_settlement, paced, BufferStore, TaskStore},
     AppError, Clock, Ids, KvKey, KvStore, QueueMessage, TaskQueue,
 };
 
@@ -49,6 +49,11 @@ pub struct ApiConfig {
     pub host_live_secs: u64,
     /// When this isolate started, for `/stats`.
     pub started_at: Timestamp,
+    /// `KV_PROPAGATION_SECONDS`, as the consumer worker has it: 0 (one location, the local
+    /// stack, and the default here) answers a pending task's cancel at once through the
+    /// intents; above 0 (production: [`crate::KV_PROPAGATION_SECS`]) a cancel is answered 202
+    /// until it is certain ([`crate::intents`]).
+    pub kv_propagation_secs: u64,
 }
 
 impl ApiConfig {
@@ -638,6 +643,9 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             TaskStatus::Processing if is_long_command(&task) => return self.cancel_running(task).await,
             other => return Err(not_cancellable(id, other)),
         }
+        if self.config.kv_propagation_secs > 0 {
+            return self.cancel_across_locations(task).await;
+        }
         let intent = CancelIntent { at: self.clock.now(), message: "cancelled by client".into() };
         paced(&self.clock, || self.tasks.put_cancel_intent(id, &intent)).await?;
         let Some(claim) = self.tasks.claim_intent(id).await? else {
@@ -672,6 +680,51 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             }
             self.clock.sleep_ms(CANCEL_POLL_MS.min(deadline.millis_since(now))).await;
             task = self.tasks.require(id).await?;
+        }
+    }
+
+    /// A pending task's cancel where a claim may be served at another location
+    /// (`KV_PROPAGATION_SECONDS` > 0): the intent goes on record (once) and the answer is 202
+    /// `cancel_requested` until the cancel is certain ([`crate::intents::settle_cancel`]);
+    /// a DELETE made after that settles it: 200 cancelled, or 409 with what the task became.
+    async fn cancel_across_locations(&self, task: Task) -> Result<Response, AppError> {
+        let id = task.id;
+        let now = self.clock.now();
+        let intent = match self.tasks.cancel_intent(id).await? {
+            Some(intent) => intent,
+            None => {
+                let intent = CancelIntent { at: now, message: "cancelled by client".into() };
+                paced(&self.clock, || self.tasks.put_cancel_intent(id, &intent)).await?;
+                intent
+            }
+        };
+        let propagation = self.config.kv_propagation_secs;
+        match settle_cancel(&task, &intent, now, propagation) {
+            CancelSettlement::Wait { until } => Ok(Response::json(
+                202,
+                &serde_json::json!({
+                    "success": true,
+                    "taskId": id,
+                    "status": "cancel_requested",
+                    "cancelFinalAt": until,
+                    "message": format!(
+                        "no daemon will run the task from now on; one at another location may have claimed it \
+                         before this cancel reached it, which KV shows everywhere within {} s. At {until} the task \
+                         is cancelled unless such a claim took it (then its own result stands); read the task \
+                         for the outcome",
+                        2 * propagation
+                    ),
+                }),
+            )),
+            settlement @ (CancelSettlement::Cancel | CancelSettlement::FailUnknown) => {
+                let task =
+                    apply_cancel_settlement(&self.tasks, &self.buffer, &self.clock, task, &intent, settlement).await?;
+                match task.status {
+                    TaskStatus::Cancelled => Ok(Response::json(200, &status_response(&task, "task cancelled"))),
+                    other => Err(AppError::conflict(task.error.clone().unwrap_or_default(), other)),
+                }
+            }
+            CancelSettlement::ClaimWon(status) => Err(not_cancellable(id, status)),
         }
     }
 

@@ -11,6 +11,19 @@
 //! processing under that claim (it proceeded: 409), or nothing yet (202 `cancel_requested`;
 //! the intent stays, and every later claim yields to it).
 //!
+//! That argument needs reads to see earlier writes, which holds at one location only. Across
+//! locations (`KV_PROPAGATION_SECONDS` = P > 0) a claim at another location may have written
+//! its intent and read no cancel intent before either write reached the other side: both
+//! would win. So there a cancel of a pending task is never answered 200 at once. It writes
+//! its intent and answers 202 `cancel_requested`; the cancel becomes certain [`settle_at`]:
+//! a claim that reads the cancel intent after the intent has propagated (P after it) yields,
+//! so every claim that can still take the task read before then and wrote the record
+//! (`processing`) by then; that write is visible everywhere P later. A read of the record
+//! after 2·P (plus a margin for the write's own trip and the invocation's time) therefore
+//! shows any claim that took the task, and [`settle_cancel`] decides: never claimed means
+//! cancelled (it cannot run any more), claimed means the operation's own result stands. The
+//! daemon's claim, a later DELETE and the sweep settle it, whichever comes first.
+//!
 //! The decisions are pure functions of the record and the intents, tested here.
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +36,13 @@ use vm_task_types::{Task, TaskStatus, Timestamp};
 pub(crate) struct CancelIntent {
     pub(crate) at: Timestamp,
     pub(crate) message: String,
+}
+
+impl CancelIntent {
+    /// The intent's time from its listing metadata, when it was written with it.
+    pub(crate) fn listed_at(metadata: Option<&serde_json::Value>) -> Option<Timestamp> {
+        metadata.and_then(|m| serde_json::from_value(m.get("at")?.clone()).ok())
+    }
 }
 
 /// Written by a claim about to be granted, before it reads the cancel intent.
@@ -46,6 +66,48 @@ pub(crate) enum ClaimOutcome {
     /// The claim decided long ago and the task came back to pending since (released or
     /// expired): it cannot be reading the cancel intent any more.
     Settled,
+}
+
+/// Beyond `2·P`: a write reaches other locations' stores a few seconds after its own (the
+/// cache TTL is what P counts), and the invocations on both sides take time (a paced write
+/// waits a second or two).
+pub(crate) const CANCEL_SETTLE_MARGIN_MS: u64 = 10_000;
+
+/// When a cancel requested at `intent.at` becomes certain with propagation window
+/// `propagation_secs` (P > 0).
+pub(crate) fn settle_at(intent: &CancelIntent, propagation_secs: u64) -> Timestamp {
+    intent.at.plus_secs(2 * propagation_secs).plus_millis(CANCEL_SETTLE_MARGIN_MS)
+}
+
+/// What a standing cancel intent means for the task as read at `now`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CancelSettlement {
+    /// Not certain yet: a claim elsewhere may have taken the task unseen.
+    Wait { until: Timestamp },
+    /// Pending and never attempted: no claim took it and none will. Cancelled.
+    Cancel,
+    /// Pending again after an attempt whose lease ended without a report: it will not run
+    /// again, but the earlier attempt may have reached Arrakis, so it is not "cancelled": it
+    /// fails, saying the outcome is unknown.
+    FailUnknown,
+    /// A claim took the task first (processing or finished): its own result stands.
+    ClaimWon(TaskStatus),
+}
+
+/// Settles a cancel intent against the record read at `now` (`propagation_secs` > 0).
+pub(crate) fn settle_cancel(
+    task: &Task,
+    intent: &CancelIntent,
+    now: Timestamp,
+    propagation_secs: u64,
+) -> CancelSettlement {
+    let until = settle_at(intent, propagation_secs);
+    match task.status {
+        TaskStatus::Pending if now < until => CancelSettlement::Wait { until },
+        TaskStatus::Pending if task.attempts == 0 => CancelSettlement::Cancel,
+        TaskStatus::Pending => CancelSettlement::FailUnknown,
+        status => CancelSettlement::ClaimWon(status),
+    }
 }
 
 /// Reads the claim's decision off the task record.
@@ -101,6 +163,27 @@ mod tests {
         task.record(Timestamp(200), "host-a", TimelineEvent::Released, Some(TaskStatus::Pending), "");
         assert_eq!(claim_outcome(&task, &intent(100)), ClaimOutcome::Settled);
         assert_eq!(claim_outcome(&task, &intent(300)), ClaimOutcome::InFlight, "a newer claim is in flight");
+    }
+
+    #[test]
+    fn across_locations_a_cancel_is_certain_only_two_propagation_windows_after_its_intent() {
+        let intent = CancelIntent { at: Timestamp(1_000_000), message: "cancelled by client".into() };
+        let settle = Timestamp(1_000_000 + 120_000 + CANCEL_SETTLE_MARGIN_MS);
+        assert_eq!(settle_at(&intent, 60), settle);
+        let mut task = pending();
+        assert_eq!(
+            settle_cancel(&task, &intent, Timestamp(settle.0 - 1), 60),
+            CancelSettlement::Wait { until: settle }
+        );
+        assert_eq!(settle_cancel(&task, &intent, settle, 60), CancelSettlement::Cancel);
+        task.attempts = 1; // claimed once, its lease ended, back to pending
+        assert_eq!(settle_cancel(&task, &intent, settle, 60), CancelSettlement::FailUnknown);
+        task.record(Timestamp(1_000_500), "host-a", TimelineEvent::Claimed, Some(TaskStatus::Processing), "");
+        assert_eq!(
+            settle_cancel(&task, &intent, Timestamp(settle.0 - 1), 60),
+            CancelSettlement::ClaimWon(TaskStatus::Processing),
+            "a claim that took the task wins whenever it is seen"
+        );
     }
 
     #[test]

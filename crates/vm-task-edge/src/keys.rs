@@ -60,8 +60,10 @@ pub(crate) fn idempotency(key_hash_hex: &str) -> String {
     format!("idem:{key_hash_hex}")
 }
 
+pub(crate) const CANCEL_PREFIX: &str = "cancel:";
+
 pub(crate) fn cancel_intent(id: Uuid) -> String {
-    format!("cancel:{id}")
+    format!("{CANCEL_PREFIX}{id}")
 }
 
 pub(crate) fn claim_intent(id: Uuid) -> String {

@@ -2,10 +2,10 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 use uuid::Uuid;
-use vm_task_types::{wire::BufferedTask, Task};
+use vm_task_types::{wire::BufferedTask, Task, TaskStatus, TimelineEvent};
 
 use crate::{
-    intents::{CancelIntent, ClaimIntent},
+    intents::{CancelIntent, CancelSettlement, ClaimIntent},
     keys,
     registry::VmRecord,
     AppError, Clock, KvPage, KvStore,
@@ -36,6 +36,42 @@ where
             outcome => return outcome,
         }
     }
+}
+
+/// Carries out a cancel that [`settle_cancel`](crate::intents::settle_cancel) found certain
+/// (`Cancel` or `FailUnknown`): the record becomes terminal at `now` (the moment it became
+/// certain) and the buffer entry goes. Anything else leaves the task as it is.
+pub(crate) async fn apply_cancel_settlement<S: KvStore, B: KvStore>(
+    tasks: &TaskStore<S>,
+    buffer: &BufferStore<B>,
+    clock: &impl Clock,
+    mut task: Task,
+    intent: &CancelIntent,
+    settlement: CancelSettlement,
+) -> Result<Task, AppError> {
+    let now = clock.now();
+    match settlement {
+        CancelSettlement::Cancel => {
+            let note = format!("{} (requested at {}; no claim took the task)", intent.message, intent.at);
+            task.claim = None;
+            task.error = Some(intent.message.clone());
+            task.record(now, "client", TimelineEvent::Cancelled, Some(TaskStatus::Cancelled), note);
+        }
+        CancelSettlement::FailUnknown => {
+            let reason = format!(
+                "cancel requested at {} after attempt {} of the task, whose lease ended without a report: \
+                 it will not run again, and whether that attempt reached Arrakis is unknown",
+                intent.at, task.attempts
+            );
+            task.claim = None;
+            task.error = Some(reason.clone());
+            task.record(now, "client", TimelineEvent::Failed, Some(TaskStatus::Failed), reason);
+        }
+        CancelSettlement::Wait { .. } | CancelSettlement::ClaimWon(_) => return Ok(task),
+    }
+    paced(clock, || tasks.save(&task)).await?;
+    paced(clock, || buffer.remove(&task.target_server, task.id)).await?;
+    Ok(task)
 }
 
 /// `TASK_STORAGE`: task records, the VM registry and idempotency records.
@@ -90,8 +126,29 @@ impl<S: KvStore> TaskStore<S> {
         self.get_json(&keys::cancel_intent(id)).await
     }
 
+    /// The intent, with its time as listing metadata so the sweep finds intents due for
+    /// settling without reading each ([`CancelIntent::listed_at`]).
     pub(crate) async fn put_cancel_intent(&self, id: Uuid, intent: &CancelIntent) -> Result<(), AppError> {
-        self.put_json(&keys::cancel_intent(id), intent).await
+        let text = serde_json::to_string(intent).map_err(|e| AppError::Unavailable(e.to_string()))?;
+        let metadata = serde_json::json!({ "at": intent.at });
+        Ok(self.kv.put(&keys::cancel_intent(id), &text, Some(&metadata)).await?)
+    }
+
+    /// One page of standing cancel intents: task id and the intent's time when listed with it.
+    pub(crate) async fn list_cancel_intents(
+        &self,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<(Uuid, Option<vm_task_types::Timestamp>)>, KvPage), AppError> {
+        let page = self.kv.list(keys::CANCEL_PREFIX, 1000, cursor).await?;
+        let intents = page
+            .keys
+            .iter()
+            .filter_map(|k| {
+                let id = k.name.strip_prefix(keys::CANCEL_PREFIX)?.parse().ok()?;
+                Some((id, CancelIntent::listed_at(k.metadata.as_ref())))
+            })
+            .collect();
+        Ok((intents, page))
     }
 
     pub(crate) async fn drop_cancel_intent(&self, id: Uuid) -> Result<(), AppError> {

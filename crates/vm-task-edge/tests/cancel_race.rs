@@ -10,24 +10,6 @@ use futures::{executor::block_on, future::join};
 use serde_json::{json, Value};
 use vm_task_edge::http::{Request, Response};
 
-/// Yields to the executor `n` times, then runs `future`.
-async fn after_yields<F: std::future::Future>(n: usize, future: F) -> F::Output {
-    for _ in 0..n {
-        let mut yielded = false;
-        futures::future::poll_fn(|cx| {
-            if yielded {
-                std::task::Poll::Ready(())
-            } else {
-                yielded = true;
-                cx.waker().wake_by_ref();
-                std::task::Poll::Pending
-            }
-        })
-        .await;
-    }
-    future.await
-}
-
 /// Runs a cancel and a claim of one pending task together, `cancel_delay` and `claim_delay`
 /// yields late; returns both answers and the final record.
 fn race(cancel_delay: usize, claim_delay: usize) -> (Response, Response, Value) {

@@ -34,7 +34,7 @@ fn drop_entry(edge: &Edge, server: &str, id: Uuid) {
 
 #[test]
 fn a_processing_task_whose_entry_was_removed_is_buffered_again_and_returned_when_its_lease_ends() {
-    let edge = Edge::new();
+    let edge = Edge::new().across_locations(60);
     let id = edge.submit(launch("vm-1", "production"));
     edge.deliver();
     edge.clock.advance_ms(2_000);

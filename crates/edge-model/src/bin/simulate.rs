@@ -11,7 +11,10 @@ const USAGE: &str = "usage: simulate [--consistent] --seed N | --seeds N [--from
   --consistent         KV strongly consistent (one cache-free store) with production's limits
   --command-resend     the daemon driver re-sends a command claimed again after a lost attempt
                        (local-consumer before it failed such commands; --no-command-resend, the
-                       default now, is accepted)";
+                       default now, is accepted)
+  --kv-propagation-secs N  both workers' KV_PROPAGATION_SECONDS (default: 60 over production
+                       KV, 0 with --consistent); 0 over production KV answers cancels at once
+                       (the one-location rule), which the model shows running";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -23,6 +26,9 @@ fn main() -> ExitCode {
         if args.iter().any(|a| a == "--consistent") { Settings::consistent() } else { Settings::production() };
     if args.iter().any(|a| a == "--command-resend") {
         settings.rules.resend_commands_on_reclaim = true;
+    }
+    if let Some(secs) = value("--kv-propagation-secs") {
+        settings.kv_propagation_secs = secs;
     }
     if let Some(seed) = value("--seed") {
         let outcome = sim::run_with(seed, &settings);

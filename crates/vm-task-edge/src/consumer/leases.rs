@@ -17,8 +17,11 @@ use super::{
 use crate::{
     auth::Caller,
     http::{Request, Response},
-    intents::{CancelIntent, ClaimIntent},
-    store::paced,
+    intents::{
+        claim_outcome, settle_cancel, CancelIntent, CancelSettlement, ClaimIntent, ClaimOutcome,
+        CANCEL_SETTLE_MARGIN_MS,
+    },
+    store::{apply_cancel_settlement, paced},
     AppError, Clock, Ids, KvStore,
 };
 
@@ -85,11 +88,23 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             }
         }
         let claim_id = body.claim_id.unwrap_or_else(|| self.ids.random_uuid());
-        // The claim's intent goes first, then the cancel's is read ([`crate::intents`]).
         let intent = ClaimIntent { claim_id, consumer_id: body.consumer_id.clone(), at: now };
-        paced(&self.clock, || self.tasks.put_claim_intent(id, &intent)).await?;
-        if let Some(cancel) = self.tasks.cancel_intent(id).await? {
-            return self.yield_to_cancel(task, &cancel, &body.consumer_id).await;
+        if self.config.kv_propagation_secs > 0 {
+            // Across locations ([`crate::intents`]): the record read here may predate a claim
+            // made elsewhere, and a standing cancel decides only once it is certain.
+            if let Some(refusal) = self.unseen_claim(&task, now).await? {
+                return Err(refusal);
+            }
+            if let Some(cancel) = self.tasks.cancel_intent(id).await? {
+                return self.settle_for_claim(task, &cancel, now).await;
+            }
+            paced(&self.clock, || self.tasks.put_claim_intent(id, &intent)).await?;
+        } else {
+            // The claim's intent goes first, then the cancel's is read ([`crate::intents`]).
+            paced(&self.clock, || self.tasks.put_claim_intent(id, &intent)).await?;
+            if let Some(cancel) = self.tasks.cancel_intent(id).await? {
+                return self.yield_to_cancel(task, &cancel, &body.consumer_id).await;
+            }
         }
         task.attempts += 1;
         let claim = Claim {
@@ -109,6 +124,45 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             200,
             &ClaimResponse { success: true, claim_id: claim.claim_id, lease_expires_at: claim.lease_expires_at, task },
         ))
+    }
+
+    /// A refusal when the last claim's intent is recent and the record read here does not show
+    /// that claim's decision: this location may still hold the record from before it (KV's
+    /// caches), and writing `processing` over it could undo a report made since (production
+    /// model, seeds 1809 and 1822: `completed` overwritten by a re-claim from another
+    /// location). Once the intent is older than the propagation window (and the margin), any
+    /// record write that followed it is visible here: the claim is answered "held" until then.
+    async fn unseen_claim(&self, task: &Task, now: Timestamp) -> Result<Option<AppError>, AppError> {
+        let Some(previous) = self.tasks.claim_intent(task.id).await? else { return Ok(None) };
+        let visible_at = previous.at.plus_secs(self.config.kv_propagation_secs).plus_millis(CANCEL_SETTLE_MARGIN_MS);
+        if now >= visible_at || claim_outcome(task, &previous) != ClaimOutcome::InFlight {
+            return Ok(None);
+        }
+        Ok(Some(AppError::Conflict {
+            message: format!(
+                "task {} was claimed at {} and its record here may not show that claim yet; claim again after {visible_at}",
+                task.id, previous.at
+            ),
+            current_status: Some(task.status),
+            lease_expires_at: Some(visible_at),
+        }))
+    }
+
+    /// A claim (across locations) that found a standing cancel: the task does not run. Once
+    /// the cancel is certain the claim settles it; until then it is answered "held" until the
+    /// moment it will be ([`crate::intents::settle_cancel`]).
+    async fn settle_for_claim(&self, task: Task, cancel: &CancelIntent, now: Timestamp) -> Result<Response, AppError> {
+        let id = task.id;
+        let settlement = settle_cancel(&task, cancel, now, self.config.kv_propagation_secs);
+        if let CancelSettlement::Wait { until } = settlement {
+            return Err(AppError::Conflict {
+                message: format!("task {id} has a cancel request from its client; it will not run here (the cancel is final at {until})"),
+                current_status: Some(task.status),
+                lease_expires_at: Some(until),
+            });
+        }
+        let task = apply_cancel_settlement(&self.tasks, &self.buffer, &self.clock, task, cancel, settlement).await?;
+        Err(AppError::conflict(format!("task {id} is {}; it will not run", task.status), task.status))
     }
 
     /// A client cancelled the task while this claim was being decided: the task becomes

@@ -17,7 +17,12 @@ use uuid::Uuid;
 use vm_task_types::{wire::BufferedTask, TaskStatus, TaskSummary, TimelineEvent, Timestamp};
 
 use super::ConsumerService;
-use crate::{keys, store::paced, AppError, Clock, Ids, KvStore, QueueMessage};
+use crate::{
+    intents::{settle_cancel, CancelSettlement},
+    keys,
+    store::{apply_cancel_settlement, paced},
+    AppError, Clock, Ids, KvStore, QueueMessage,
+};
 
 /// KV operations one sweep run may spend, under the 1,000 of an invocation.
 pub(crate) const SWEEP_OP_BUDGET: u64 = 900;
@@ -53,6 +58,10 @@ pub struct SweepReport {
     /// Whether this run reached the end of the task listing (the next starts from the newest).
     #[serde(default)]
     pub cycle_complete: bool,
+    /// Cancels requested across locations that became certain and were carried out
+    /// (`KV_PROPAGATION_SECONDS` > 0; see [`crate::intents`]).
+    #[serde(default)]
+    pub cancels_settled: usize,
 }
 
 /// Where the next run continues: the listing cursor of the page it was in, and how many keys
@@ -195,6 +204,9 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
             }
             next = SweepState { cursor: page.cursor, skip: 0 };
         }
+        if self.config.kv_propagation_secs > 0 {
+            self.settle_cancels(&mut report, &mut budget).await?;
+        }
         for server in ring {
             if budget.0 < RING_COST + 1 {
                 break;
@@ -209,6 +221,53 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         }
         report.ops = SWEEP_OP_BUDGET - budget.0;
         Ok(report)
+    }
+
+    /// Settles the cancels requested across locations that are certain by now (a pending task
+    /// whose daemon is away has no claim to settle it), and drops the intents of tasks finished
+    /// long enough that every location sees them finished (a claim there reads the record
+    /// first: the intent is no longer what stops it). One list operation covers 1,000 intents;
+    /// only those due cost a read.
+    async fn settle_cancels(&self, report: &mut SweepReport, budget: &mut Budget) -> Result<(), AppError> {
+        let now = self.clock.now();
+        let propagation = self.config.kv_propagation_secs;
+        let mut cursor = None;
+        loop {
+            if budget.0 < 1 + WORST_CASE_PER_TASK + RING_COST + 1 {
+                return Ok(());
+            }
+            let (intents, page) = self.tasks.list_cancel_intents(cursor.as_deref()).await?;
+            budget.spend(1);
+            for (id, at) in intents {
+                // Listed without its time (written before it carried one): read it.
+                if at.is_some_and(|at| now < at.plus_secs(2 * propagation)) {
+                    continue;
+                }
+                if budget.0 < WORST_CASE_PER_TASK + 1 + RING_COST + 1 {
+                    return Ok(());
+                }
+                let Some(intent) = self.tasks.cancel_intent(id).await? else { continue };
+                let Some(task) = self.tasks.load(id).await? else { continue };
+                budget.spend(2);
+                if task.status.is_terminal() {
+                    if now >= task.updated_at.plus_secs(2 * propagation) {
+                        paced(&self.clock, || self.tasks.drop_cancel_intent(id)).await?;
+                        budget.spend(1);
+                    }
+                    continue;
+                }
+                let settlement = settle_cancel(&task, &intent, now, propagation);
+                if matches!(settlement, CancelSettlement::Cancel | CancelSettlement::FailUnknown) {
+                    apply_cancel_settlement(&self.tasks, &self.buffer, &self.clock, task, &intent, settlement).await?;
+                    budget.spend(2);
+                    report.cancels_settled += 1;
+                }
+            }
+            match page.cursor {
+                Some(next) if !page.list_complete => cursor = Some(next),
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Every buffered entry by task id, as far as [`MAX_BUFFER_PAGES`] reach, and whether

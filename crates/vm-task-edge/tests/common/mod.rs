@@ -66,16 +66,29 @@ impl Edge {
                 openapi: None,
                 host_live_secs: 0,
                 started_at: vm_task_types::Timestamp(START_MS),
+                // One location (the in-memory KV is strongly consistent), as on the local
+                // stack; tests of the cross-location rules set both workers' window.
+                kv_propagation_secs: 0,
             },
             consumer_config: ConsumerConfig {
                 consumer_tokens: Tokens::parse(CONSUMER),
                 max_attempts: 3,
                 lease_default_secs: 180,
                 lease_min_secs: 2,
+                kv_propagation_secs: 0,
                 ..ConsumerConfig::default()
             },
             counters: OpCounters::new(),
         }
+    }
+
+    /// Both workers with `KV_PROPAGATION_SECONDS` = `secs`, as deployed across locations
+    /// (production: 60). The in-memory KV stays strongly consistent: these tests check what the
+    /// handlers decide and when, the model (`crates/edge-model`) checks them against stale reads.
+    pub fn across_locations(mut self, secs: u64) -> Self {
+        self.api_config.kv_propagation_secs = secs;
+        self.consumer_config.kv_propagation_secs = secs;
+        self
     }
 
     /// The API worker for one invocation.
@@ -176,4 +189,22 @@ pub fn op(kind: &str, vm: &str) -> Value {
 
 pub fn body_text(r: &Response) -> String {
     String::from_utf8_lossy(&r.body).into_owned()
+}
+
+/// Yields to the executor `n` times, then runs `future`.
+pub async fn after_yields<F: std::future::Future>(n: usize, future: F) -> F::Output {
+    for _ in 0..n {
+        let mut yielded = false;
+        futures::future::poll_fn(|cx| {
+            if yielded {
+                std::task::Poll::Ready(())
+            } else {
+                yielded = true;
+                cx.waker().wake_by_ref();
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+    }
+    future.await
 }
