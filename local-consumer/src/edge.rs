@@ -241,13 +241,19 @@ impl EdgeClient {
 
     /// `tasks/{id}/{op}` on the consumer worker. In the durable mode it names the task's
     /// server (`?server=`, known from the claim), so the worker asks that server's object
-    /// without reading the task record and checks a bound token against it.
+    /// without reading the task record and checks a bound token against it; the status report
+    /// does the same.
     fn lease_url(&self, id: Uuid, op: &str) -> Url {
         let mut url = self.consumer.join(&format!("tasks/{id}/{op}")).expect("uuid path");
+        self.name_server(&mut url, id);
+        url
+    }
+
+    /// Adds `?server=` (the durable mode, a claim of ours) to a request about task `id`.
+    fn name_server(&self, url: &mut Url, id: Uuid) {
         if let (true, Some(server)) = (self.durable.load(SeqCst), self.host.server_of(id)) {
             url.query_pairs_mut().append_pair("server", &server);
         }
-        url
     }
 
     fn claim_id_for(&self, task: Uuid) -> Uuid {
@@ -488,7 +494,8 @@ impl Edge for EdgeClient {
     }
 
     async fn report(&self, id: Uuid, update: &UpdateStatusRequest) -> Result<(), EdgeError> {
-        let url = self.api.join(&format!("vm/tasks/{id}/status")).expect("uuid path");
+        let mut url = self.api.join(&format!("vm/tasks/{id}/status")).expect("uuid path");
+        self.name_server(&mut url, id);
         if update.status.is_terminal() {
             self.host.held.lock().expect("not poisoned").remove(&id);
         }
@@ -615,11 +622,12 @@ pub(crate) mod tests {
         assert!(!lines[1].contains("hostName="), "the second poll within the interval reports nothing: {}", lines[1]);
     }
 
-    /// In the durable mode a heartbeat and a release name their task's server, so a consumer
-    /// token bound to servers is checked and the worker asks that object without a lookup (they
-    /// were sent without it, so each cost a task record read). The KV mode's routes are unchanged.
+    /// In the durable mode a heartbeat, a release and a report name their task's server, so a
+    /// consumer token bound to servers is checked and the worker asks that object without a
+    /// lookup (they were sent without it, so each cost a task record read). The KV mode's
+    /// routes are unchanged.
     #[test]
-    fn durable_heartbeats_and_releases_name_the_tasks_server() {
+    fn durable_heartbeats_releases_and_reports_name_the_tasks_server() {
         let config = config_at("http://127.0.0.1:9", &["--server-names", "production"]);
         let edge = EdgeClient::new(&config).unwrap();
         let id = Uuid::from_u128(7);
@@ -632,5 +640,8 @@ pub(crate) mod tests {
             assert_eq!(url.query(), Some("server=production"), "{url}");
         }
         assert_eq!(edge.lease_url(Uuid::from_u128(8), "release").query(), None, "not a claim of ours: no guess");
+        let mut report = edge.api.join(&format!("vm/tasks/{id}/status")).unwrap();
+        edge.name_server(&mut report, id);
+        assert_eq!(report.query(), Some("server=production"), "{report}");
     }
 }

@@ -7,8 +7,8 @@
 //! Consumer worker: the long poll `GET /tasks/ready` waits on the objects of the daemon's
 //! servers instead of doorbells (and writes the host report it may carry, like the KV mode); claim, heartbeat and release go to the task's object (the
 //! server from `?server=`, else from the task record). API worker: `DELETE` and the daemon's
-//! status report go to the task's object; `GET ?wait=` waits on the object, which holds the
-//! live task and is never stale.
+//! status report go to the task's object (the report straight there when it names the
+//! server); `GET ?wait=` waits on the object, which holds the live task and is never stale.
 
 use vm_task_edge::{
     auth::Tokens, http::Request, http::Response, record_host_report, store::TaskStore, KvStore, QueueMessage,
@@ -281,6 +281,9 @@ impl<S: KvStore, Q: HostQueues> ApiFront<'_, S, Q> {
                 if let Err(refused) = self.consumer_tokens.admit(request, "consumer", None) {
                     return Some(refused);
                 }
+                if let Some(server) = query(request, "server") {
+                    return self.report_to(server, id, request).await;
+                }
                 let (id, task) = self.live_task(id).await?;
                 if let Err(refused) = self.consumer_tokens.admit(request, "consumer", Some(&task.target_server)) {
                     return Some(refused);
@@ -322,6 +325,25 @@ impl<S: KvStore, Q: HostQueues> ApiFront<'_, S, Q> {
         } else {
             json(200, &TaskDetailResponse { success: true, task: live })
         })
+    }
+
+    /// A daemon's report naming the task's server (`?server=`): straight to that object, no
+    /// record read. `None` (a bad task id, or a task the object does not hold: unknown, on
+    /// another server, purged after finishing, or queued before the mode was switched) leaves
+    /// it to the KV mode's handler, which answers those alike in both modes.
+    async fn report_to(&self, server: &str, raw_id: &str, request: &Request) -> Option<Response> {
+        if let Err(e) = check_server_name("server", server) {
+            return Some(invalid(e));
+        }
+        if let Err(refused) = self.consumer_tokens.admit(request, "consumer", Some(server)) {
+            return Some(refused);
+        }
+        let id = parse_task_id("id", raw_id).ok()?;
+        match self.queues.call(server, "PUT", &format!("/tasks/{id}/status"), request.body.clone()).await {
+            Ok(reply) if reply.status == 404 => None,
+            Ok(reply) => Some(from_reply(reply)),
+            Err(e) => Some(unavailable(e)),
+        }
     }
 
     /// The task, when its record exists and is not finished; `None` leaves the request to the

@@ -499,3 +499,43 @@ fn a_polls_host_report_reaches_the_registry_without_waking_an_object() {
     );
     assert_eq!((bad.status, bad.json_body::<Value>().unwrap()["field"].as_str()), (400, Some("arrakis")));
 }
+
+/// A report naming its task's server goes straight to that object: one KV operation fewer
+/// than without (the record read that found the server). A bad or unbound name is refused as in
+/// the KV mode, and a task on another server is the KV mode's 404.
+#[test]
+fn a_report_naming_its_server_skips_the_record_read() {
+    let mut edge = Edge::new();
+    edge.api_config.consumer_tokens = Tokens::parse_bound(&format!("{CONSUMER}:production|staging")).unwrap();
+    let (named, unnamed) = (edge.submit("vm-1"), edge.submit("vm-2"));
+    edge.deliver();
+    let claims: Vec<ClaimResponse> =
+        [(named, 1), (unnamed, 2)].into_iter().map(|(id, claim)| edge.claim(id, claim).json_body().unwrap()).collect();
+    // Every record write due is done, so each report's invocation counts only its own.
+    edge.clock.advance_ms(1_100);
+    edge.objects.alarm("production");
+    let mut ops = Vec::new();
+    for ((id, query), granted) in [(named, "?server=production"), (unnamed, "")].into_iter().zip(claims) {
+        edge.clock.advance_ms(1_100);
+        let body = json!({"status": "completed", "claimId": granted.claim_id});
+        let path = format!("/vm/tasks/{id}/status{query}");
+        let r = edge.api(Request::new("PUT", &path).bearer(CONSUMER).json_body(&body));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        ops.push(edge.invocation.ops());
+        assert_eq!(edge.live_status(id), TaskStatus::Completed);
+    }
+    assert_eq!(ops[0] + 1, ops[1], "KV operations with and without ?server=: {ops:?}");
+
+    let id = edge.submit("vm-3");
+    edge.deliver();
+    let granted: ClaimResponse = edge.claim(id, 3).json_body().unwrap();
+    let body = json!({"status": "completed", "claimId": granted.claim_id});
+    let report = |query: &str| {
+        let path = format!("/vm/tasks/{id}/status{query}");
+        edge.api(Request::new("PUT", &path).bearer(CONSUMER).json_body(&body)).status
+    };
+    assert_eq!(report("?server=a%20b"), 400);
+    assert_eq!(report("?server=elsewhere"), 403);
+    assert_eq!(report("?server=staging"), 404);
+    assert_eq!(edge.live_status(id), TaskStatus::Processing);
+}

@@ -565,9 +565,11 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
 
     async fn update_status(&self, raw_id: &str, request: &Request, caller: &Caller) -> Result<Response, AppError> {
         let id = parse_task_id("id", raw_id)?;
+        let named = caller.named_server(request)?;
         let update: UpdateStatusRequest = request.json()?;
         let mut task = self.tasks.require(id).await?;
         caller.check_server(&task.target_server)?;
+        crate::auth::on_named_server(&task, named)?;
         if !task.is_claimed_by(update.claim_id) {
             return Err(AppError::Conflict {
                 message: format!(

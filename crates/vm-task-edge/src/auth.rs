@@ -32,6 +32,17 @@ impl Caller {
         }
     }
 
+    /// `?server=` on a claim, heartbeat, release or status report: the task's server, named by
+    /// the daemon so the durable mode's workers ask that server's object without reading the
+    /// task record. Both modes check it alike: an invalid name is a 400, a server the caller's
+    /// token is not bound to a 403 (and [`on_named_server`] a task on another server a 404).
+    pub(crate) fn named_server<'r>(&self, request: &'r Request) -> Result<Option<&'r str>, AppError> {
+        let Some(server) = request.query_param("server") else { return Ok(None) };
+        vm_task_types::validate::check_server_name("server", server)?;
+        self.check_server(server)?;
+        Ok(Some(server))
+    }
+
     /// 403 for a consumer token bound to servers: the route spans every server.
     pub(crate) fn check_unbound(&self, what: &str) -> Result<(), AppError> {
         match self {
@@ -236,6 +247,17 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// A task on another server than the one named is not found there (as the durable mode's
+/// object of that server answers).
+pub(crate) fn on_named_server(task: &vm_task_types::Task, named: Option<&str>) -> Result<(), AppError> {
+    match named {
+        Some(server) if server != task.target_server => {
+            Err(AppError::NotFound(format!("task {} is not on server {server:?}", task.id)))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

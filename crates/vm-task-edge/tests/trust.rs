@@ -286,14 +286,15 @@ fn a_task_that_cannot_be_queued_is_failed_with_the_reason_not_lost() {
     assert!(edge.detail(next).get("previousTaskId").is_none());
 }
 
-/// `?server=` on a claim, heartbeat or release (the durable mode's daemon names its task's
-/// server there) is checked in the KV mode too, as `openapi.json` documents it: an invalid name
+/// `?server=` on a claim, heartbeat, release or status report (the durable mode's daemon
+/// names its task's server there) is checked in the KV mode too, as `openapi.json` documents it: an invalid name
 /// is a 400 naming `server`, a server the token is not bound to a 403, another server's task a
 /// 404; the task's own server is accepted. It was ignored before.
 #[test]
 fn a_named_server_on_claims_and_leases_is_checked() {
     let mut edge = Edge::new();
     edge.consumer_config.consumer_tokens = vm_task_edge::auth::Tokens::parse_bound("bound:production|staging").unwrap();
+    edge.api_config.consumer_tokens = edge.consumer_config.consumer_tokens.clone();
     let id = edge.submit(launch("vm-1", "production"));
     edge.deliver();
     let call = |op: &str, query: &str, body: Value| {
@@ -311,5 +312,16 @@ fn a_named_server_on_claims_and_leases_is_checked() {
     assert_eq!(call("heartbeat", "?server=elsewhere", lease.clone()).status, 403);
     assert_eq!(call("heartbeat", "?server=production", lease.clone()).status, 200);
     assert_eq!(call("heartbeat", "?server=staging", lease.clone()).status, 404, "not on that server");
-    assert_eq!(call("release", "?server=production", lease).status, 200);
+
+    // The status report (API worker) alike.
+    let report = |query: &str| {
+        let body = json!({"status": "completed", "claimId": claim_id});
+        let path = format!("/vm/tasks/{id}/status{query}");
+        edge.api_call(Request::new("PUT", &path).bearer("bound").json_body(&body)).status
+    };
+    assert_eq!(report("?server=a%20b"), 400);
+    assert_eq!(report("?server=elsewhere"), 403);
+    assert_eq!(report("?server=staging"), 404);
+    assert_eq!(report("?server=production"), 200);
+    assert_eq!(edge.status(id)["status"], "completed");
 }

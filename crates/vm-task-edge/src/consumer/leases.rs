@@ -4,7 +4,7 @@
 
 use uuid::Uuid;
 use vm_task_types::{
-    validate::{self, parse_task_id},
+    validate::parse_task_id,
     wire::{ClaimRequest, ClaimResponse, LeaseRequest, LeaseResponse},
     Claim, Task, TaskStatus, TimelineEvent, Timestamp,
 };
@@ -28,13 +28,13 @@ use crate::{
 impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
     pub(super) async fn claim(&self, raw_id: &str, request: &Request, caller: &Caller) -> Result<Response, AppError> {
         let id = parse_task_id("id", raw_id)?;
-        let named = named_server(request, caller)?;
+        let named = caller.named_server(request)?;
         let body: ClaimRequest = request.json()?;
         check_consumer_id(&body.consumer_id)?;
         let lease = self.lease_secs(body.lease_seconds);
         let mut task = self.tasks.require(id).await?;
         caller.check_server(&task.target_server)?;
-        on_named_server(&task, named)?;
+        crate::auth::on_named_server(&task, named)?;
         let now = self.clock.now();
         match decide(&task, body.claim_id, now, self.config.max_attempts) {
             ClaimDecision::Refuse(status) => {
@@ -199,11 +199,11 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         caller: &Caller,
     ) -> Result<Response, AppError> {
         let id = parse_task_id("id", raw_id)?;
-        let named = named_server(request, caller)?;
+        let named = caller.named_server(request)?;
         let body: LeaseRequest = request.json()?;
         let mut task = self.held(id, body.claim_id).await?;
         caller.check_server(&task.target_server)?;
-        on_named_server(&task, named)?;
+        crate::auth::on_named_server(&task, named)?;
         let expires = self.clock.now().plus_secs(self.lease_secs(body.lease_seconds));
         if let Some(claim) = task.claim.as_mut() {
             claim.lease_expires_at = expires;
@@ -227,11 +227,11 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
 
     pub(super) async fn release(&self, raw_id: &str, request: &Request, caller: &Caller) -> Result<Response, AppError> {
         let id = parse_task_id("id", raw_id)?;
-        let named = named_server(request, caller)?;
+        let named = caller.named_server(request)?;
         let body: LeaseRequest = request.json()?;
         let mut task = self.held(id, body.claim_id).await?;
         caller.check_server(&task.target_server)?;
-        on_named_server(&task, named)?;
+        crate::auth::on_named_server(&task, named)?;
         let actor = task.claim.as_ref().map(|c| c.consumer_id.clone()).unwrap_or_default();
         task.claim = None;
         // A released claim never started work, so it does not count as an attempt.
@@ -290,26 +290,5 @@ impl<S: KvStore, B: KvStore, C: Clock, I: Ids> ConsumerService<'_, S, B, C, I> {
         requested
             .unwrap_or(self.config.lease_default_secs)
             .clamp(self.config.lease_min_secs, self.config.lease_max_secs)
-    }
-}
-
-/// `?server=` on a claim, heartbeat or release: the task's server, named by the daemon so the
-/// durable mode's worker asks that server's object without reading the task record. Both modes
-/// check it alike: an invalid name is a 400, a server the caller's token is not bound to a 403.
-fn named_server<'r>(request: &'r Request, caller: &Caller) -> Result<Option<&'r str>, AppError> {
-    let Some(server) = request.query_param("server") else { return Ok(None) };
-    validate::check_server_name("server", server)?;
-    caller.check_server(server)?;
-    Ok(Some(server))
-}
-
-/// A task on another server than the one named is not found there (as the durable mode's
-/// object of that server answers).
-fn on_named_server(task: &Task, named: Option<&str>) -> Result<(), AppError> {
-    match named {
-        Some(server) if server != task.target_server => {
-            Err(AppError::NotFound(format!("task {} is not on server {server:?}", task.id)))
-        }
-        _ => Ok(()),
     }
 }
