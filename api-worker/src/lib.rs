@@ -2,7 +2,8 @@
 //!
 //! Bindings (names match `wrangler-api.toml`): KV `TASK_STORAGE` (task records, VM registry),
 //! KV `TASK_BUFFER` (to drop a finished task's buffer entry), queue producer `VM_TASK_QUEUE`,
-//! Durable Object namespace `HOST_QUEUE` (class of the consumer worker).
+//! queue producer `VM_WEBHOOK_QUEUE` (terminal events, [`vm_task_edge::webhooks`]), Durable
+//! Object namespace `HOST_QUEUE` (class of the consumer worker).
 //!
 //! `DISPATCH_MODE = "durable"`: cancels, daemon reports and `?wait` reads of live tasks go to
 //! the task's server's host queue object ([`host_queue::front::ApiFront`]).
@@ -15,17 +16,19 @@ use vm_task_edge::{
     auth::{Cors, Tokens},
     counting::{CountingKv, CountingQueue, OpCounters},
     store::{BufferStore, TaskStore},
+    webhooks::{WebhookConfig, WebhookProducer},
     Clock,
 };
 use worker::{event, Context, Env};
 use worker_glue::{
     durable::DurableQueues, read_body, request_head, setting, to_worker_response, WorkerClock, WorkerIds, WorkerKv,
-    WorkerQueue,
+    WorkerQueue, WorkerWebhookQueue,
 };
 
 const TASK_STORAGE: &str = "TASK_STORAGE";
 const TASK_BUFFER: &str = "TASK_BUFFER";
 const VM_TASK_QUEUE: &str = "VM_TASK_QUEUE";
+const VM_WEBHOOK_QUEUE: &str = "VM_WEBHOOK_QUEUE";
 const HOST_QUEUE: &str = "HOST_QUEUE";
 
 /// The OpenAPI document of both workers, served at `/openapi.json`.
@@ -55,6 +58,7 @@ fn config(env: &Env) -> Result<ApiConfig, String> {
             .trim()
             .parse()
             .unwrap_or(vm_task_edge::KV_PROPAGATION_SECS),
+        webhooks: WebhookConfig::parse(&setting(env, "WEBHOOK_URLS"), &setting(env, "WEBHOOK_ALLOW_HTTP_HOSTS"))?,
     })
 }
 
@@ -66,7 +70,15 @@ async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<
         Err(problem) => return to_worker_response(vm_task_edge::http::Response::misconfigured(&problem)),
     };
     let service = ApiService {
-        tasks: TaskStore::new(CountingKv::new(WorkerKv(env.kv(TASK_STORAGE)?), &COUNTERS)),
+        // Cancels and reports make tasks terminal here: those writes queue the task's webhooks.
+        tasks: TaskStore::with_webhooks(
+            CountingKv::new(WorkerKv(env.kv(TASK_STORAGE)?), &COUNTERS),
+            Box::new(WebhookProducer {
+                queue: WorkerWebhookQueue(env.queue(VM_WEBHOOK_QUEUE)?),
+                clock: WorkerClock,
+                config: config.webhooks.clone(),
+            }),
+        ),
         buffer: BufferStore::new(CountingKv::new(WorkerKv(env.kv(TASK_BUFFER)?), &COUNTERS)),
         queue: CountingQueue::new(WorkerQueue(env.queue(VM_TASK_QUEUE)?), &COUNTERS),
         clock: WorkerClock,

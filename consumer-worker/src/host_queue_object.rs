@@ -10,14 +10,12 @@ use host_queue::{
     object::{self, Reply},
     Effects, HostQueue, Push, QueueConfig,
 };
-use vm_task_edge::{counting::CountingKv, store::TaskStore, Clock};
+use vm_task_edge::Clock;
 use vm_task_types::Timestamp;
 use worker::{
     durable_object, DurableObject, Env, Request, Response, State, WebSocket, WebSocketIncomingMessage, WebSocketPair,
 };
-use worker_glue::{durable::SqlHostStore, number, WorkerClock, WorkerKv};
-
-use crate::{COUNTERS, TASK_STORAGE};
+use worker_glue::{durable::SqlHostStore, number, WorkerClock};
 
 /// How often a waiting request looks at the in-memory queue again.
 const WAIT_STEP_MS: u64 = 10;
@@ -181,8 +179,10 @@ impl HostQueueObject {
             }
         }
         if !mirror.is_empty() {
-            if let Ok(kv) = self.env.kv(TASK_STORAGE) {
-                let tasks = TaskStore::new(CountingKv::new(WorkerKv(kv), &COUNTERS));
+            // Leases ending, never-claimed tasks and cancels make tasks terminal here: the
+            // mirror write that carries it queues the task's webhooks.
+            let (config, _) = crate::config(&self.env);
+            if let Ok(tasks) = crate::task_store(&self.env, &config.webhooks) {
                 for task in mirror {
                     let written = tasks.save(&task).await;
                     let now = WorkerClock.now();

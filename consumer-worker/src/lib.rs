@@ -3,8 +3,9 @@
 //!
 //! Bindings (names match `wrangler-consumer.toml`): KV `TASK_BUFFER` (per-server buffer and
 //! doorbells), KV `TASK_STORAGE` (task records: the claim is recorded there), consumer of
-//! `vm-task-queue` and of its dead letter queue `vm-task-dlq`, Durable Object class
-//! `HostQueueObject` (binding `HOST_QUEUE`).
+//! `vm-task-queue` and of its dead letter queue `vm-task-dlq`, producer (`VM_WEBHOOK_QUEUE`)
+//! and consumer of `vm-webhook-queue` and consumer of its dead letter queue `vm-webhook-dlq`
+//! ([`vm_task_edge::webhooks`]), Durable Object class `HostQueueObject` (binding `HOST_QUEUE`).
 //!
 //! `DISPATCH_MODE = "durable"` hands each queued task to its server's `HostQueueObject` and
 //! sends the daemon's routes there ([`host_queue::front`]); `"kv"` (the default) buffers in KV.
@@ -22,6 +23,7 @@ use vm_task_edge::{
     consumer::{ConsumerConfig, ConsumerService, Delivery},
     counting::{CountingKv, OpCounters},
     store::{BufferStore, TaskStore},
+    webhooks::{Disposition, WebhookConfig, WebhookDelivery, WebhookMessage, WebhookProducer, WebhookSecret},
     Clock,
 };
 use vm_task_types::Timestamp;
@@ -29,13 +31,17 @@ use worker::{
     event, Context, Env, MessageBatch, MessageExt, QueueRetryOptionsBuilder, ScheduleContext, ScheduledEvent,
 };
 use worker_glue::{
-    durable::DurableQueues, number, read_body, request_head, setting, to_worker_response, WorkerClock, WorkerIds,
-    WorkerKv,
+    durable::DurableQueues, number, read_body, request_head, setting, to_worker_response, WorkerClock, WorkerFetch,
+    WorkerIds, WorkerKv, WorkerWebhookQueue,
 };
 
-pub(crate) const TASK_STORAGE: &str = "TASK_STORAGE";
+const TASK_STORAGE: &str = "TASK_STORAGE";
 const TASK_BUFFER: &str = "TASK_BUFFER";
 const HOST_QUEUE: &str = "HOST_QUEUE";
+const VM_WEBHOOK_QUEUE: &str = "VM_WEBHOOK_QUEUE";
+/// The webhook queue and its dead letter queue, as `wrangler-consumer.toml` names them.
+const WEBHOOK_QUEUE_NAME: &str = "vm-webhook-queue";
+const WEBHOOK_DLQ_NAME: &str = "vm-webhook-dlq";
 
 pub(crate) static COUNTERS: OpCounters = OpCounters::new();
 static STARTED_AT: AtomicU64 = AtomicU64::new(0);
@@ -43,7 +49,7 @@ static STARTED_AT: AtomicU64 = AtomicU64::new(0);
 /// The worker's settings, and the problem with `CONSUMER_TOKENS` if it has one: HTTP requests
 /// are then refused naming it (no token is accepted), while queue batches and the sweep,
 /// which need no token, go on.
-fn config(env: &Env) -> (ConsumerConfig, Option<String>) {
+pub(crate) fn config(env: &Env) -> (ConsumerConfig, Option<String>) {
     let now = WorkerClock.now().as_millis();
     let _ = STARTED_AT.compare_exchange(0, now, Relaxed, Relaxed);
     let defaults = ConsumerConfig::default();
@@ -51,6 +57,11 @@ fn config(env: &Env) -> (ConsumerConfig, Option<String>) {
         Ok(tokens) => (tokens, None),
         Err(problem) => (Tokens::default(), Some(problem)),
     };
+    let (webhooks, problem) =
+        match WebhookConfig::parse(&setting(env, "WEBHOOK_URLS"), &setting(env, "WEBHOOK_ALLOW_HTTP_HOSTS")) {
+            Ok(webhooks) => (webhooks, problem),
+            Err(bad) => (WebhookConfig::default(), problem.or(Some(bad))),
+        };
     let config = ConsumerConfig {
         consumer_tokens,
         max_attempts: number(env, "MAX_ATTEMPTS", defaults.max_attempts as u64) as u32,
@@ -65,6 +76,7 @@ fn config(env: &Env) -> (ConsumerConfig, Option<String>) {
         fault_fail_buffering_vm: Some(setting(env, "FAULT_FAIL_BUFFERING_VM")).filter(|v| !v.is_empty()),
         rebuffer_after_secs: number(env, "REBUFFER_AFTER_SECONDS", defaults.rebuffer_after_secs),
         kv_propagation_secs: number(env, "KV_PROPAGATION_SECONDS", defaults.kv_propagation_secs),
+        webhooks,
     };
     (config, problem)
 }
@@ -72,9 +84,25 @@ fn config(env: &Env) -> (ConsumerConfig, Option<String>) {
 type Service<'a> =
     ConsumerService<'a, CountingKv<'static, WorkerKv>, CountingKv<'static, WorkerKv>, WorkerClock, WorkerIds>;
 
+/// `TASK_STORAGE` whose terminal writes (sweep, dead letters, host queue objects) queue the
+/// task's webhooks.
+pub(crate) fn task_store(
+    env: &Env,
+    webhooks: &WebhookConfig,
+) -> worker::Result<TaskStore<CountingKv<'static, WorkerKv>>> {
+    Ok(TaskStore::with_webhooks(
+        CountingKv::new(WorkerKv(env.kv(TASK_STORAGE)?), &COUNTERS),
+        Box::new(WebhookProducer {
+            queue: WorkerWebhookQueue(env.queue(VM_WEBHOOK_QUEUE)?),
+            clock: WorkerClock,
+            config: webhooks.clone(),
+        }),
+    ))
+}
+
 fn service<'a>(env: &Env, config: &'a ConsumerConfig) -> worker::Result<Service<'a>> {
     Ok(ConsumerService {
-        tasks: TaskStore::new(CountingKv::new(WorkerKv(env.kv(TASK_STORAGE)?), &COUNTERS)),
+        tasks: task_store(env, &config.webhooks)?,
         buffer: BufferStore::new(CountingKv::new(WorkerKv(env.kv(TASK_BUFFER)?), &COUNTERS)),
         clock: WorkerClock,
         ids: WorkerIds,
@@ -137,6 +165,10 @@ async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<
 #[event(queue)]
 async fn queue(batch: MessageBatch<Value>, env: Env, _ctx: Context) -> worker::Result<()> {
     let (config, _) = config(&env);
+    let queue_name = batch.queue();
+    if queue_name == WEBHOOK_QUEUE_NAME || queue_name == WEBHOOK_DLQ_NAME {
+        return webhook_batch(batch, &env, &config, queue_name == WEBHOOK_DLQ_NAME).await;
+    }
     let service = service(&env, &config)?;
     let messages = batch.messages()?;
     let bodies: Vec<Value> = messages.iter().map(|m| m.body().clone()).collect();
@@ -165,6 +197,66 @@ async fn queue(batch: MessageBatch<Value>, env: Env, _ctx: Context) -> worker::R
     COUNTERS.count_acks(acks, retries);
     if retries > 0 {
         worker::console_warn!("queue {}: {acks} buffered, {retries} retried", batch.queue());
+    }
+    Ok(())
+}
+
+/// Webhook deliveries: one attempt per message, the messages of one task in order (each
+/// appends to the task's record), different tasks concurrently. Dead letters are recorded.
+async fn webhook_batch(
+    batch: MessageBatch<Value>,
+    env: &Env,
+    config: &ConsumerConfig,
+    dead: bool,
+) -> worker::Result<()> {
+    let tasks = task_store(env, &config.webhooks)?;
+    let secret = WebhookSecret::parse(&setting(env, "WEBHOOK_SECRET"));
+    if let Err(problem) = &secret {
+        worker::console_error!("webhooks not sent: {problem}");
+    }
+    let delivery = WebhookDelivery {
+        tasks: &tasks,
+        queue: WorkerWebhookQueue(env.queue(VM_WEBHOOK_QUEUE)?),
+        fetch: WorkerFetch,
+        clock: WorkerClock,
+        secret: secret.ok(),
+    };
+    let messages = batch.messages()?;
+    let mut by_task: Vec<(_, Vec<(usize, WebhookMessage)>)> = Vec::new();
+    for (index, message) in messages.iter().enumerate() {
+        match serde_json::from_value::<WebhookMessage>(message.body().clone()) {
+            Ok(webhook) => match by_task.iter_mut().find(|(id, _)| *id == webhook.task_id) {
+                Some((_, group)) => group.push((index, webhook)),
+                None => by_task.push((webhook.task_id, vec![(index, webhook)])),
+            },
+            Err(e) => worker::console_error!("unreadable webhook message dropped: {e}"),
+        }
+    }
+    let delivery = &delivery;
+    let groups = by_task.into_iter().map(|(_, group)| async move {
+        let mut out = Vec::with_capacity(group.len());
+        for (index, webhook) in group {
+            let disposition = if dead {
+                delivery.dead_lettered(&webhook).await;
+                Disposition::Ack
+            } else {
+                delivery.deliver(&webhook).await
+            };
+            out.push((index, disposition));
+        }
+        out
+    });
+    let mut dispositions = vec![Disposition::Ack; messages.len()];
+    for (index, disposition) in futures::future::join_all(groups).await.into_iter().flatten() {
+        dispositions[index] = disposition;
+    }
+    for (message, disposition) in messages.iter().zip(dispositions) {
+        match disposition {
+            Disposition::Ack => message.ack(),
+            Disposition::Retry { delay_secs } => {
+                message.retry_with_options(&QueueRetryOptionsBuilder::new().with_delay_seconds(delay_secs).build())
+            }
+        }
     }
     Ok(())
 }

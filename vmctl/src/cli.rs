@@ -109,6 +109,9 @@ pub struct SubmitArgs {
     /// Print the task id at once instead of waiting for the task to finish.
     #[arg(long)]
     pub no_wait: bool,
+    /// POST the task's terminal event here, signed (an https URL; README "Webhooks").
+    #[arg(long, value_name = "URL")]
+    pub callback_url: Option<String>,
 }
 
 #[derive(Debug, Args)]

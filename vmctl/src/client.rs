@@ -111,9 +111,16 @@ impl ApiClient {
         Ok(Self { http, base, token: token.to_owned() })
     }
 
-    /// `POST /vm/tasks`.
-    pub async fn submit(&self, operation: &Operation) -> Result<Answer<CreateTaskResponse>, CliError> {
-        let body = serde_json::to_value(operation).map_err(|e| CliError::Output(e.to_string()))?;
+    /// `POST /vm/tasks`, with the webhook URL for its terminal event if given.
+    pub async fn submit(
+        &self,
+        operation: &Operation,
+        callback_url: Option<&str>,
+    ) -> Result<Answer<CreateTaskResponse>, CliError> {
+        let mut body = serde_json::to_value(operation).map_err(|e| CliError::Output(e.to_string()))?;
+        if let Some(url) = callback_url {
+            body["callbackUrl"] = Value::String(url.to_owned());
+        }
         let (_, answer) = self.call(Method::POST, &["vm", "tasks"], &[], Some(&body), 0).await?;
         Ok(answer)
     }

@@ -206,7 +206,7 @@ impl Session<'_> {
         submit: &SubmitArgs,
     ) -> Result<Option<TaskStatusResponse>, CliError> {
         let label = format!("{} {}", operation.kind(), operation.vm_name());
-        let created = self.client.submit(&operation).await?;
+        let created = self.client.submit(&operation, submit.callback_url.as_deref()).await?;
         let task_id = created.body.task_id;
         if submit.no_wait {
             if self.json {

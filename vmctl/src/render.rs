@@ -361,6 +361,7 @@ mod tests {
                 ..Default::default()
             }),
             error: None,
+            callback_url: None,
             gen: 3,
             timeline: vec![entry(1_000, "api", "created", None, None)],
         };

@@ -43,6 +43,17 @@ async fn no_wait_prints_the_task_id_at_once() {
 }
 
 #[tokio::test]
+async fn callback_url_goes_in_the_submitted_body() {
+    let api = FakeApi::start().await;
+    let run = api.vmctl(&["stop", "vm-1", "--no-wait", "--callback-url", "https://hooks.example.com/vm"]).await;
+    assert_code(&run, 0);
+    assert_eq!(
+        last_submitted(&api),
+        json!({"type": "stop_vm", "payload": {"vmName": "vm-1"}, "callbackUrl": "https://hooks.example.com/vm"})
+    );
+}
+
+#[tokio::test]
 async fn exec_prints_the_output_and_exits_with_the_commands_code() {
     let api = FakeApi::start().await;
     let run = api.vmctl(&["exec", "vm-1", "--", "exit", "3"]).await;

@@ -390,6 +390,7 @@ impl Sim {
             host_live_secs: 0,
             started_at: Timestamp(EPOCH_MS),
             kv_propagation_secs: settings.kv_propagation_secs,
+            webhooks: Default::default(),
         };
         let consumer_config = ConsumerConfig {
             consumer_tokens: Tokens::parse(CONSUMER_TOKEN),

@@ -30,6 +30,7 @@ fn task(n: u128, vm: &str) -> Task {
         claim: None,
         result: None,
         error: None,
+        callback_url: None,
         gen: 1,
         timeline: Vec::new(),
     }

@@ -36,7 +36,7 @@ use anyhow::Context;
 pub use client::{ApiClient, Auth, ClientError, ClientResult};
 pub use options::{Profile, StackOptions};
 pub use reqwest::{Method, StatusCode};
-pub use stack::{random_token, Stack};
+pub use stack::{random_token, random_webhook_secret, Stack};
 
 /// The workspace root, found from this crate's location (`crates/stack`).
 pub fn repo_root() -> PathBuf {

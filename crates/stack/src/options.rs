@@ -35,6 +35,8 @@ pub struct StackOptions {
     pub client_token: Option<String>,
     /// `CONSUMER_TOKENS` of both workers and the daemon's `CONSUMER_TOKEN`; random when `None`.
     pub consumer_token: Option<String>,
+    /// `WEBHOOK_SECRET` of the consumer worker (`whsec_<base64>`); random per stack when `None`.
+    pub webhook_secret: Option<String>,
     /// Worker vars written to `.dev.vars`, overriding the configs' `[vars]` in every worker
     /// (`BELL_CHECK_MS`, `LEASE_SECONDS`, `MAX_ATTEMPTS`, `DEFAULT_TARGET_SERVER`...).
     pub worker_vars: Vec<(String, String)>,
@@ -79,6 +81,7 @@ impl Default for StackOptions {
         Self {
             client_token: None,
             consumer_token: None,
+            webhook_secret: None,
             worker_vars: dispatch_mode_from_env(),
             simulator: true,
             sim_args: Vec::new(),
@@ -118,6 +121,11 @@ impl StackOptions {
     pub fn tokens(mut self, client: impl Into<String>, consumer: impl Into<String>) -> Self {
         self.client_token = Some(client.into());
         self.consumer_token = Some(consumer.into());
+        self
+    }
+
+    pub fn webhook_secret(mut self, secret: impl Into<String>) -> Self {
+        self.webhook_secret = Some(secret.into());
         self
     }
 

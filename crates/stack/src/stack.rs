@@ -51,6 +51,7 @@ pub struct Stack {
     arrakis_url: String,
     metrics_addr: SocketAddr,
     client_token: String,
+    webhook_secret: String,
     consumer_token: String,
     configs: [PathBuf; 3],
     http: reqwest::Client,
@@ -92,10 +93,14 @@ impl Stack {
         let metrics_addr = opts.metrics_addr.unwrap_or_else(|| loopback(metrics_port));
         let client_token = opts.client_token.clone().unwrap_or_else(|| random_token("client"));
         let consumer_token = opts.consumer_token.clone().unwrap_or_else(|| random_token("consumer"));
+        let webhook_secret = opts.webhook_secret.clone().unwrap_or_else(random_webhook_secret);
 
         let mut vars = vec![
             ("API_TOKENS".to_owned(), client_token.clone()),
             ("CONSUMER_TOKENS".to_owned(), consumer_token.clone()),
+            ("WEBHOOK_SECRET".to_owned(), webhook_secret.clone()),
+            // Receivers on this machine (tests, a developer's listener) are plain http.
+            ("WEBHOOK_ALLOW_HTTP_HOSTS".to_owned(), "127.0.0.1,localhost".to_owned()),
             // One location, no propagation delay: the e2e tests use 2 s leases to see expiry
             // quickly (production's floor is 120 s).
             ("MIN_LEASE_SECONDS".to_owned(), "2".to_owned()),
@@ -116,6 +121,7 @@ impl Stack {
             metrics_addr,
             client_token,
             consumer_token,
+            webhook_secret,
             configs: [configs.gateway, configs.api, configs.consumer],
             http: http_client(Duration::from_secs(5)),
             daemon: None,
@@ -173,6 +179,11 @@ impl Stack {
     /// The API worker's client token (`API_TOKENS`).
     pub fn client_token(&self) -> &str {
         &self.client_token
+    }
+
+    /// The key that signs webhooks (`WEBHOOK_SECRET`, `whsec_<base64>`).
+    pub fn webhook_secret(&self) -> &str {
+        &self.webhook_secret
     }
 
     /// The daemons' token (`CONSUMER_TOKENS`).
@@ -567,6 +578,15 @@ fn prune_old_stacks(stacks: &Path) {
 /// A bearer token with 122 random bits.
 pub fn random_token(kind: &str) -> String {
     format!("{kind}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A fresh `WEBHOOK_SECRET`: `whsec_` and the base64 of 32 bytes from two random UUIDs (244
+/// random bits).
+pub fn random_webhook_secret() -> String {
+    use base64::Engine as _;
+    let mut key = uuid::Uuid::new_v4().into_bytes().to_vec();
+    key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+    format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key))
 }
 
 #[cfg(test)]

@@ -54,6 +54,8 @@ pub struct ApiConfig {
     /// intents; above 0 (production: [`crate::KV_PROPAGATION_SECS`]) a cancel is answered 202
     /// until it is certain ([`crate::intents`]).
     pub kv_propagation_secs: u64,
+    /// `WEBHOOK_URLS` and `WEBHOOK_ALLOW_HTTP_HOSTS`: checks a POST's `callbackUrl`.
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 impl ApiConfig {
@@ -231,6 +233,7 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
     async fn create_task(&self, request: &Request, caller: &Caller) -> Result<Response, AppError> {
         let body = request.json_value()?;
         let mut operation = Operation::parse(&body)?;
+        let callback_url = self.config.webhooks.callback_url(body.get("callbackUrl"))?;
         let idempotency = match request.get_header("idempotency-key") {
             Some(key) => Some(self.idempotency_lookup(key, &body, caller).await?),
             None => None,
@@ -259,6 +262,7 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             claim: None,
             result: None,
             error: None,
+            callback_url,
             gen: 0,
             timeline: Vec::new(),
         };

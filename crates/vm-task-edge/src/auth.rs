@@ -199,7 +199,7 @@ impl Cors {
 }
 
 /// HMAC-SHA256 (RFC 2104), written out because it is ten lines over `sha2`.
-fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+pub(crate) fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
     const BLOCK: usize = 64;
     let mut block_key = [0u8; BLOCK];
     if key.len() > BLOCK {

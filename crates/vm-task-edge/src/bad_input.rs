@@ -187,6 +187,28 @@ pub fn cases(fixture: &Fixture) -> Vec<Case> {
             .expect(400, "invalid_field", Some("payload"), &["must be a JSON object"]),
         Case::submit("unknown top-level field", json!({"type": "stop_vm", "payload": {"vmName": "v"}, "priority": 1}))
             .expect(400, "invalid_field", Some("priority"), &["unknown top-level field"]),
+        Case::submit(
+            "callbackUrl over plain http",
+            json!({"type": "stop_vm", "payload": {"vmName": "v"}, "callbackUrl": "http://hooks.example.com/vm"}),
+        )
+        .expect(400, "invalid_field", Some("callbackUrl"), &["https"]),
+        Case::submit(
+            "callbackUrl not a URL",
+            json!({"type": "stop_vm", "payload": {"vmName": "v"}, "callbackUrl": "hooks.example.com/vm"}),
+        )
+        .expect(400, "invalid_field", Some("callbackUrl"), &["https://"]),
+        Case::submit("callbackUrl not a string", json!({"type": "stop_vm", "payload": {"vmName": "v"}, "callbackUrl": 7}))
+            .expect(400, "invalid_field", Some("callbackUrl"), &["must be a string"]),
+        Case::submit(
+            "callbackUrl with credentials",
+            json!({"type": "stop_vm", "payload": {"vmName": "v"}, "callbackUrl": "https://u:p@hooks.example.com/"}),
+        )
+        .expect(400, "invalid_field", Some("callbackUrl"), &["user info"]),
+        Case::submit(
+            "callbackUrl with a space",
+            json!({"type": "stop_vm", "payload": {"vmName": "v"}, "callbackUrl": "https://hooks.example.com/a b"}),
+        )
+        .expect(400, "invalid_field", Some("callbackUrl"), &["printable ASCII"]),
         Case::submit("unknown payload field", json!({"type": "stop_vm", "payload": {"vmName": "v", "vmname": "w"}}))
             .expect(400, "invalid_field", Some("payload"), &["unknown field `vmname`", "expected `vmName`"]),
         Case::submit("vmName not a string", json!({"type": "stop_vm", "payload": {"vmName": 3}})).expect(

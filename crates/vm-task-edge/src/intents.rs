@@ -145,6 +145,7 @@ mod tests {
             claim: None,
             result: None,
             error: None,
+            callback_url: None,
             gen: 0,
             timeline: Vec::new(),
         }

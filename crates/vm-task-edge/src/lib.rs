@@ -27,6 +27,7 @@ pub mod ports;
 mod registry;
 pub mod routes;
 pub mod store;
+pub mod webhooks;
 
 pub(crate) use error::AppError;
 pub use hosts::{record_from_poll as record_host_report, HOST_LIVE_SECS_DEFAULT};

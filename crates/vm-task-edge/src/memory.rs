@@ -288,3 +288,79 @@ impl Ids for SeqIds {
         bytes
     }
 }
+
+/// A webhook queue that records what was sent and with which delay. Clones share the record.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryWebhookQueue {
+    sent: Arc<Mutex<Vec<(crate::webhooks::WebhookMessage, u32)>>>,
+    fail: Arc<AtomicBool>,
+}
+
+impl MemoryWebhookQueue {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes every message sent so far, with its delay in seconds.
+    pub fn drain(&self) -> Vec<(crate::webhooks::WebhookMessage, u32)> {
+        std::mem::take(&mut *self.sent.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn fail_sends(&self, fail: bool) {
+        self.fail.store(fail, SeqCst);
+    }
+}
+
+impl crate::webhooks::WebhookQueue for MemoryWebhookQueue {
+    async fn send(&self, message: &crate::webhooks::WebhookMessage, delay_secs: u32) -> Result<(), StoreError> {
+        if self.fail.load(SeqCst) {
+            return Err(StoreError::other("injected webhook queue failure"));
+        }
+        self.sent.lock().unwrap_or_else(|p| p.into_inner()).push((message.clone(), delay_secs));
+        Ok(())
+    }
+}
+
+/// One POST a [`ScriptedFetch`] received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedPost {
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl ReceivedPost {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A receiver that answers each POST with the next scripted outcome (200 once the script is
+/// used up) and records what it received. Clones share both.
+#[derive(Debug, Clone, Default)]
+pub struct ScriptedFetch {
+    script: Arc<Mutex<std::collections::VecDeque<crate::webhooks::FetchOutcome>>>,
+    received: Arc<Mutex<Vec<ReceivedPost>>>,
+}
+
+impl ScriptedFetch {
+    pub fn answering(outcomes: impl IntoIterator<Item = crate::webhooks::FetchOutcome>) -> Self {
+        Self { script: Arc::new(Mutex::new(outcomes.into_iter().collect())), received: Arc::default() }
+    }
+
+    pub fn received(&self) -> Vec<ReceivedPost> {
+        self.received.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl crate::webhooks::WebhookFetch for ScriptedFetch {
+    async fn post(&self, url: &str, headers: &[(String, String)], body: &[u8]) -> crate::webhooks::FetchOutcome {
+        self.received.lock().unwrap_or_else(|p| p.into_inner()).push(ReceivedPost {
+            url: url.to_owned(),
+            headers: headers.to_vec(),
+            body: body.to_vec(),
+        });
+        let next = self.script.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+        next.unwrap_or(crate::webhooks::FetchOutcome::Status(200))
+    }
+}

@@ -8,6 +8,7 @@ use crate::{
     intents::{CancelIntent, CancelSettlement, ClaimIntent},
     keys,
     registry::VmRecord,
+    webhooks::{just_finished, FinishedHook},
     AppError, Clock, KvPage, KvStore,
 };
 
@@ -75,14 +76,28 @@ pub(crate) async fn apply_cancel_settlement<S: KvStore, B: KvStore>(
 }
 
 /// `TASK_STORAGE`: task records, the VM registry and idempotency records.
-#[derive(Debug)]
 pub struct TaskStore<S> {
     pub(crate) kv: S,
+    /// Told of every write that makes a task terminal (the webhooks' producer).
+    finished: Option<Box<dyn FinishedHook>>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for TaskStore<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskStore").field("kv", &self.kv).field("webhooks", &self.finished.is_some()).finish()
+    }
 }
 
 impl<S: KvStore> TaskStore<S> {
     pub fn new(kv: S) -> Self {
-        Self { kv }
+        Self { kv, finished: None }
+    }
+
+    /// A store whose writes that make a task terminal call `hook` afterwards: the one place
+    /// every terminal writer (API, consumer, sweep, dead letters, the host queue object) goes
+    /// through, so none can forget the task's webhook.
+    pub fn with_webhooks(kv: S, hook: Box<dyn FinishedHook>) -> Self {
+        Self { kv, finished: Some(hook) }
     }
 
     /// The task with this id; `None` for unknown ids, including UUIDs that are not v7.
@@ -96,8 +111,21 @@ impl<S: KvStore> TaskStore<S> {
         self.load(id).await?.ok_or_else(|| AppError::NotFound(format!("task {id} not found")))
     }
 
-    /// Writes the record with its summary as metadata: one KV write.
+    /// Writes the record with its summary as metadata: one KV write. When this write made the
+    /// task terminal, the webhook hook runs after it (never before: the event must not delay
+    /// or risk the task's own write).
     pub async fn save(&self, task: &Task) -> Result<(), AppError> {
+        self.write(task).await?;
+        if let Some(hook) = &self.finished {
+            if just_finished(task) {
+                hook.task_finished(self, task).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`save`](Self::save) without the hook: one KV write.
+    pub(crate) async fn write(&self, task: &Task) -> Result<(), AppError> {
         let key = keys::task(task.id)
             .ok_or_else(|| AppError::Unavailable(format!("task id {} is not a v7 UUID", task.id)))?;
         let metadata = serde_json::to_value(task.summary()).map_err(|e| AppError::Unavailable(e.to_string()))?;

@@ -254,14 +254,16 @@ impl Operation {
     }
 
     /// Parses and validates a request body of the form `{"type": ..., "payload": {...}}`.
+    /// A top-level `callbackUrl` is allowed and left to the API to check (it depends on the
+    /// deployment's settings).
     pub fn parse(body: &Value) -> Result<Operation, FieldError> {
         let object = body
             .as_object()
             .ok_or_else(|| FieldError::new("body", "must be a JSON object with `type` and `payload`"))?;
-        if let Some(unknown) = object.keys().find(|k| *k != "type" && *k != "payload") {
+        if let Some(unknown) = object.keys().find(|k| !matches!(k.as_str(), "type" | "payload" | "callbackUrl")) {
             return Err(FieldError::new(
                 unknown.as_str(),
-                "unknown top-level field; expected only `type` and `payload`",
+                "unknown top-level field; expected only `type`, `payload` and `callbackUrl`",
             ));
         }
         let kind_name = match object.get("type") {

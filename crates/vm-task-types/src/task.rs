@@ -33,6 +33,10 @@ pub struct Task {
     /// Why the task failed or was cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Where the task's terminal event is POSTed (signed webhook), besides the deployment's
+    /// `WEBHOOK_URLS`. Validated by the API (https; http only for allowed hosts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
     /// Bumped on every change; lets readers and writers tell versions apart.
     #[serde(default)]
     pub gen: u64,
@@ -104,10 +108,13 @@ pub enum TimelineEvent {
     Completed,
     /// The daemon reported failure (→ failed).
     Failed,
+    /// One delivery attempt of the task's terminal event to a webhook URL, or why it could not
+    /// be queued. Never changes the status.
+    Webhook,
 }
 
 impl TimelineEvent {
-    pub const ALL: [TimelineEvent; 15] = [
+    pub const ALL: [TimelineEvent; 16] = [
         Self::Created,
         Self::QueueFailed,
         Self::Buffered,
@@ -123,6 +130,7 @@ impl TimelineEvent {
         Self::Retry,
         Self::Completed,
         Self::Failed,
+        Self::Webhook,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -142,6 +150,7 @@ impl TimelineEvent {
             Self::Retry => "retry",
             Self::Completed => "completed",
             Self::Failed => "failed",
+            Self::Webhook => "webhook",
         }
     }
 
@@ -341,6 +350,7 @@ mod tests {
             claim: None,
             result: None,
             error: None,
+            callback_url: None,
             gen: 0,
             timeline: vec![],
         }

@@ -6,7 +6,11 @@ pub mod durable;
 use std::time::Duration;
 
 use serde_json::Value;
-use vm_task_edge::{http, Clock, Ids, KvKey, KvPage, KvStore, QueueMessage, StoreError, TaskQueue};
+use vm_task_edge::{
+    http,
+    webhooks::{self, FetchOutcome, WebhookFetch, WebhookMessage, WebhookQueue},
+    Clock, Ids, KvKey, KvPage, KvStore, QueueMessage, StoreError, TaskQueue,
+};
 use vm_task_types::Timestamp;
 use worker::{Date, Delay, Env};
 
@@ -66,6 +70,55 @@ pub struct WorkerQueue(pub worker::Queue);
 impl TaskQueue for WorkerQueue {
     async fn send(&self, message: &QueueMessage) -> Result<(), StoreError> {
         self.0.send(message).await.map_err(store_err)
+    }
+}
+
+/// The webhook queue producer binding. A delay is Queues' `delaySeconds` (at most 12 h).
+pub struct WorkerWebhookQueue(pub worker::Queue);
+
+impl WebhookQueue for WorkerWebhookQueue {
+    async fn send(&self, message: &WebhookMessage, delay_secs: u32) -> Result<(), StoreError> {
+        let message = worker::MessageBuilder::new(message).delay_seconds(delay_secs).build();
+        self.0.send(message).await.map_err(store_err)
+    }
+}
+
+/// The runtime's `fetch` for webhook deliveries: a POST, redirects not followed (a 3xx is
+/// the receiver's answer), aborted after [`webhooks::DELIVERY_TIMEOUT_MS`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkerFetch;
+
+impl WebhookFetch for WorkerFetch {
+    async fn post(&self, url: &str, headers: &[(String, String)], body: &[u8]) -> FetchOutcome {
+        let outcome = async {
+            let out_headers = worker::Headers::new();
+            for (name, value) in headers {
+                out_headers.set(name, value)?;
+            }
+            let mut init = worker::RequestInit::new();
+            init.with_method(worker::Method::Post)
+                .with_headers(out_headers)
+                .with_redirect(worker::RequestRedirect::Manual)
+                .with_body(Some(worker::js_sys::Uint8Array::from(body).into()));
+            let request = worker::Request::new_with_init(url, &init)?;
+            let controller = worker::AbortController::default();
+            let signal = controller.signal();
+            let fetch = worker::Fetch::Request(request);
+            let fetch = std::pin::pin!(fetch.send_with_signal(&signal));
+            let timeout = std::pin::pin!(Delay::from(Duration::from_millis(webhooks::DELIVERY_TIMEOUT_MS)));
+            match futures::future::select(fetch, timeout).await {
+                futures::future::Either::Left((response, _)) => Ok::<_, worker::Error>(Some(response?.status_code())),
+                futures::future::Either::Right(_) => {
+                    controller.abort();
+                    Ok(None)
+                }
+            }
+        };
+        match outcome.await {
+            Ok(Some(status)) => FetchOutcome::Status(status),
+            Ok(None) => FetchOutcome::Timeout,
+            Err(e) => FetchOutcome::Network(e.to_string()),
+        }
     }
 }
 

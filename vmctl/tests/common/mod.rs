@@ -209,6 +209,7 @@ async fn create(State(state): Shared, headers: HeaderMap, body: Bytes) -> Respon
         claim: None,
         result: None,
         error: None,
+        callback_url: None,
         gen: 0,
         timeline: Vec::new(),
     };

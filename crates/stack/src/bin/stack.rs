@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use stack::{random_token, repo_root, write_private, Stack, StackOptions};
+use stack::{random_token, random_webhook_secret, repo_root, write_private, Stack, StackOptions};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Debug, Parser)]
@@ -96,10 +96,11 @@ async fn dev(args: DevArgs) -> Result<()> {
     let state = args.persist.clone().unwrap_or_else(|| root.join(".dev-state"));
     std::fs::create_dir_all(&state).with_context(|| format!("could not create {}", state.display()))?;
     let tokens_file = state.join("tokens.env");
-    let (client_token, consumer_token) = dev_tokens(&tokens_file)?;
+    let (client_token, consumer_token, webhook_secret) = dev_tokens(&tokens_file)?;
 
     let mut opts = StackOptions::default()
         .tokens(&client_token, &consumer_token)
+        .webhook_secret(&webhook_secret)
         .dir(&state)
         .persist_to(state.join("wrangler"))
         .gateway_port(args.port)
@@ -145,8 +146,9 @@ async fn dev(args: DevArgs) -> Result<()> {
     stopped
 }
 
-/// The dev tokens from `tokens.env`, created with fresh random ones on first use.
-fn dev_tokens(path: &Path) -> Result<(String, String)> {
+/// The dev tokens and webhook secret from `tokens.env`, created with fresh random ones on
+/// first use (a file from before webhooks gets a secret appended).
+fn dev_tokens(path: &Path) -> Result<(String, String, String)> {
     if path.exists() {
         let text = std::fs::read_to_string(path).with_context(|| format!("could not read {}", path.display()))?;
         let get = |key: &str| {
@@ -156,17 +158,23 @@ fn dev_tokens(path: &Path) -> Result<(String, String)> {
                 .map(|(_, v)| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
-        match (get("API_TOKEN"), get("CONSUMER_TOKEN")) {
-            (Some(client), Some(consumer)) => return Ok((client, consumer)),
-            _ => bail!("{} must define API_TOKEN and CONSUMER_TOKEN (delete it to get new ones)", path.display()),
+        let (Some(client), Some(consumer)) = (get("API_TOKEN"), get("CONSUMER_TOKEN")) else {
+            bail!("{} must define API_TOKEN and CONSUMER_TOKEN (delete it to get new ones)", path.display())
+        };
+        if let Some(secret) = get("WEBHOOK_SECRET") {
+            return Ok((client, consumer, secret));
         }
+        let secret = random_webhook_secret();
+        write_private(path, &format!("{}\nWEBHOOK_SECRET={secret}\n", text.trim_end()))?;
+        return Ok((client, consumer, secret));
     }
-    let (client, consumer) = (random_token("dev-client"), random_token("dev-consumer"));
+    let (client, consumer, secret) =
+        (random_token("dev-client"), random_token("dev-consumer"), random_webhook_secret());
     let text = format!(
-        "# Tokens of the local dev stack (`cargo xtask dev`). Delete this file for new ones.\nAPI_TOKEN={client}\nCONSUMER_TOKEN={consumer}\n"
+        "# Tokens of the local dev stack (`cargo xtask dev`). Delete this file for new ones.\nAPI_TOKEN={client}\nCONSUMER_TOKEN={consumer}\n# Signs webhook deliveries (README \"Webhooks\").\nWEBHOOK_SECRET={secret}\n"
     );
     write_private(path, &text)?;
-    Ok((client, consumer))
+    Ok((client, consumer, secret))
 }
 
 fn print_banner(stack: &Stack, args: &DevArgs, tokens_file: &Path) {
@@ -191,6 +199,7 @@ Local stack is up. State and logs: {dir}
 
   API token        {token}
   consumer token   {consumer_token}
+  webhook secret   {webhook_secret}
   (kept in {tokens_file})
 
 Try:
@@ -206,6 +215,7 @@ Ctrl-C stops everything.
         arrakis = stack.arrakis_url(),
         cron = args.cron_seconds.max(1),
         consumer_token = stack.consumer_token(),
+        webhook_secret = stack.webhook_secret(),
         tokens_file = tokens_file.display(),
     );
 }

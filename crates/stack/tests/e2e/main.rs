@@ -28,3 +28,4 @@ mod soak;
 mod support;
 mod trust;
 mod vmctl;
+mod webhooks;

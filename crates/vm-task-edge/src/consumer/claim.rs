@@ -70,6 +70,7 @@ mod tests {
             }),
             result: None,
             error: None,
+            callback_url: None,
             gen: 0,
             timeline: Vec::new(),
         }

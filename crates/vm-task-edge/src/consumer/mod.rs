@@ -68,6 +68,9 @@ pub struct ConsumerConfig {
     /// lease's end before it acts on it. The local stack, one strongly consistent location,
     /// sets 0.
     pub kv_propagation_secs: u64,
+    /// `WEBHOOK_URLS` and `WEBHOOK_ALLOW_HTTP_HOSTS`: where the terminal events of the tasks
+    /// this worker finishes (sweep, dead letters, host queue objects) go besides `callbackUrl`.
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 impl Default for ConsumerConfig {
@@ -86,6 +89,7 @@ impl Default for ConsumerConfig {
             fault_fail_buffering_vm: None,
             rebuffer_after_secs: 60,
             kv_propagation_secs: crate::KV_PROPAGATION_SECS,
+            webhooks: crate::webhooks::WebhookConfig::default(),
         }
     }
 }

@@ -11,8 +11,9 @@ use vm_task_edge::{
     consumer::{ConsumerConfig, ConsumerService, Delivery},
     counting::{CountingKv, CountingQueue, OpCounters},
     http::{Request, Response},
-    memory::{Invocation, ManualClock, MemoryKv, MemoryQueue, SeqIds},
+    memory::{Invocation, ManualClock, MemoryKv, MemoryQueue, MemoryWebhookQueue, SeqIds},
     store::{BufferStore, TaskStore},
+    webhooks::{WebhookConfig, WebhookProducer},
 };
 use vm_task_types::wire::{ClaimResponse, ReadyTasksResponse};
 
@@ -28,6 +29,8 @@ pub struct Edge {
     pub tasks: MemoryKv,
     pub buffer: MemoryKv,
     pub queue: MemoryQueue,
+    /// The webhook queue every terminal write of a task with targets sends to.
+    pub webhooks: MemoryWebhookQueue,
     pub clock: ManualClock,
     pub ids: SeqIds,
     pub api_config: ApiConfig,
@@ -54,6 +57,7 @@ impl Edge {
             buffer: MemoryKv::with_production_limits(&invocation),
             invocation,
             queue: MemoryQueue::new(),
+            webhooks: MemoryWebhookQueue::new(),
             clock,
             ids: SeqIds::default(),
             api_config: ApiConfig {
@@ -69,6 +73,7 @@ impl Edge {
                 // One location (the in-memory KV is strongly consistent), as on the local
                 // stack; tests of the cross-location rules set both workers' window.
                 kv_propagation_secs: 0,
+                webhooks: WebhookConfig::default(),
             },
             consumer_config: ConsumerConfig {
                 consumer_tokens: Tokens::parse(CONSUMER),
@@ -91,11 +96,21 @@ impl Edge {
         self
     }
 
+    /// `TASK_STORAGE` as the workers build it: terminal writes queue the task's webhooks.
+    pub fn task_store(&self) -> TaskStore<CountingKv<'_, MemoryKv>> {
+        let producer = WebhookProducer {
+            queue: self.webhooks.clone(),
+            clock: self.clock.clone(),
+            config: self.api_config.webhooks.clone(),
+        };
+        TaskStore::with_webhooks(CountingKv::new(self.tasks.clone(), &self.counters), Box::new(producer))
+    }
+
     /// The API worker for one invocation.
     pub fn api(&self) -> Api<'_> {
         self.invocation.begin();
         ApiService {
-            tasks: TaskStore::new(CountingKv::new(self.tasks.clone(), &self.counters)),
+            tasks: self.task_store(),
             buffer: BufferStore::new(CountingKv::new(self.buffer.clone(), &self.counters)),
             queue: CountingQueue::new(self.queue.clone(), &self.counters),
             clock: self.clock.clone(),
@@ -109,7 +124,7 @@ impl Edge {
     pub fn consumer(&self) -> Consumer<'_> {
         self.invocation.begin();
         ConsumerService {
-            tasks: TaskStore::new(CountingKv::new(self.tasks.clone(), &self.counters)),
+            tasks: self.task_store(),
             buffer: BufferStore::new(CountingKv::new(self.buffer.clone(), &self.counters)),
             clock: self.clock.clone(),
             ids: self.ids.clone(),

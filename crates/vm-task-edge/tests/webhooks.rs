@@ -1,0 +1,84 @@
+//! Webhooks through the real handlers: the report, the cancel and the dead letter queue each
+//! queue exactly one event for a task that carries a `callbackUrl`, and only once terminal.
+
+mod common;
+
+use common::*;
+use futures::executor::block_on;
+use serde_json::json;
+use vm_task_edge::http::Request;
+use vm_task_types::TaskStatus;
+
+const HOOK: &str = "https://hooks.example.com/vm";
+
+fn with_callback(mut body: serde_json::Value) -> serde_json::Value {
+    body["callbackUrl"] = json!(HOOK);
+    body
+}
+
+#[test]
+fn a_reported_task_queues_exactly_one_event_after_its_terminal_write() {
+    let edge = Edge::new();
+    let id = edge.submit(with_callback(launch("vm-1", "host-a")));
+    assert_eq!(edge.detail(id)["callbackUrl"], HOOK, "kept on the record");
+    edge.deliver();
+    let claim = edge.claimed(id);
+    assert!(edge.webhooks.drain().is_empty(), "nothing before the task is terminal");
+    let r = edge.report(id, claim.claim_id, json!({"status": "completed", "result": {"vmState": "RUNNING"}}));
+    assert_eq!(r.status, 200, "{}", body_text(&r));
+    let sent = edge.webhooks.drain();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let (message, delay) = &sent[0];
+    assert_eq!((message.url.as_str(), *delay, message.attempt), (HOOK, 0, 1));
+    let event: serde_json::Value = serde_json::from_str(&message.body).unwrap();
+    assert_eq!(event, edge.status(id), "the event is the task's status body");
+    // A repeated report is a no-op: no second event.
+    edge.clock.advance_ms(1_000);
+    edge.report(id, claim.claim_id, json!({"status": "completed", "result": {"vmState": "RUNNING"}}));
+    assert!(edge.webhooks.drain().is_empty());
+}
+
+#[test]
+fn a_cancelled_task_queues_its_event() {
+    let edge = Edge::new();
+    let id = edge.submit(with_callback(op("stop_vm", "vm-1")).tap_server());
+    let r = edge.api_call(Request::new("DELETE", &format!("/vm/tasks/{id}")).bearer(CLIENT));
+    assert_eq!(r.status, 200, "{}", body_text(&r));
+    let sent = edge.webhooks.drain();
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0].0.body.contains(r#""status":"cancelled""#));
+}
+
+#[test]
+fn a_dead_lettered_task_queues_its_event() {
+    let edge = Edge::new();
+    let id = edge.submit(with_callback(launch("vm-1", "host-a")));
+    let bodies: Vec<serde_json::Value> = edge.queue.drain().iter().map(|m| serde_json::to_value(m).unwrap()).collect();
+    block_on(edge.consumer().dead_letter_batch(&bodies));
+    assert_eq!(edge.status(id)["status"], json!(TaskStatus::Failed));
+    let sent = edge.webhooks.drain();
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0].0.body.contains(r#""status":"failed""#));
+}
+
+#[test]
+fn a_task_without_callback_and_no_webhook_urls_queues_nothing() {
+    let edge = Edge::new();
+    let id = edge.submit(launch("vm-1", "host-a"));
+    edge.deliver();
+    let claim = edge.claimed(id);
+    edge.report(id, claim.claim_id, json!({"status": "failed", "error": "boom"}));
+    assert!(edge.webhooks.drain().is_empty());
+}
+
+trait TapServer {
+    fn tap_server(self) -> Self;
+}
+
+impl TapServer for serde_json::Value {
+    /// Gives an op body a target server (the test edge has no default).
+    fn tap_server(mut self) -> Self {
+        self["payload"]["targetServer"] = json!("host-a");
+        self
+    }
+}
