@@ -82,3 +82,52 @@ impl TapServer for serde_json::Value {
         self
     }
 }
+
+/// What webhooks add per task, as BENCHMARKS.md prices it: the terminal write's producer reads
+/// and writes nothing (it has the record in hand) and sends one message; each attempt reads
+/// the record once and writes it once (its timeline entry).
+#[test]
+fn the_producer_costs_one_message_and_each_attempt_one_read_and_one_write() {
+    use vm_task_edge::{
+        memory::ScriptedFetch,
+        webhooks::{Disposition, FetchOutcome, WebhookDelivery, WebhookSecret},
+    };
+    let edge = Edge::new();
+    let id = edge.submit(with_callback(launch("vm-1", "host-a")));
+    edge.deliver();
+    let claim = edge.claimed(id);
+    edge.clock.advance_ms(1_000);
+    let before = edge.counters.snapshot();
+    let r = edge.report(id, claim.claim_id, json!({"status": "completed"}));
+    assert_eq!(r.status, 200);
+    let report = edge.counters.snapshot();
+    let sent = edge.webhooks.drain();
+    assert_eq!(sent.len(), 1);
+
+    // The same report without a callback, for the difference.
+    let plain = edge.submit(launch("vm-2", "host-a"));
+    edge.deliver();
+    let plain_claim = edge.claimed(plain);
+    edge.clock.advance_ms(1_000);
+    let plain_before = edge.counters.snapshot();
+    edge.report(plain, plain_claim.claim_id, json!({"status": "completed"}));
+    let plain_after = edge.counters.snapshot();
+    assert_eq!(report.kv_reads - before.kv_reads, plain_after.kv_reads - plain_before.kv_reads);
+    assert_eq!(report.kv_writes - before.kv_writes, plain_after.kv_writes - plain_before.kv_writes);
+
+    let tasks = edge.task_store();
+    let fetch = ScriptedFetch::answering([FetchOutcome::Status(503)]);
+    let delivery = WebhookDelivery {
+        tasks: &tasks,
+        queue: edge.webhooks.clone(),
+        fetch,
+        clock: edge.clock.clone(),
+        secret: Some(WebhookSecret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap()),
+    };
+    edge.clock.advance_ms(1_000);
+    let before = edge.counters.snapshot();
+    assert_eq!(block_on(delivery.deliver(&sent[0].0)), Disposition::Ack);
+    let after = edge.counters.snapshot();
+    assert_eq!((after.kv_reads - before.kv_reads, after.kv_writes - before.kv_writes), (1, 1));
+    assert_eq!(edge.webhooks.drain().len(), 1, "the 503 queued one next attempt");
+}
