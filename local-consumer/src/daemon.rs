@@ -216,6 +216,10 @@ pub enum JobEnd {
     Unreported(BufferedTask, Box<UpdateStatusRequest>, Instant),
     /// The claim found no record of the listed task (not propagated yet): retry with backoff.
     NotVisible(BufferedTask),
+    /// The claim got no answer (the workers went away mid-request), so it may have been
+    /// granted, and then the task is no longer listed as ready: try again at this time
+    /// whatever the listings say (the same claim id gets that claim back).
+    ClaimUnanswered(BufferedTask, Instant),
 }
 
 /// Whether the loop goes on after an event.
@@ -463,6 +467,7 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
                 self.scheduler.finish_cancelled(id);
             }
             Ok(JobEnd::Deferred(task, at)) => self.scheduler.defer(task, at),
+            Ok(JobEnd::ClaimUnanswered(task, at)) => self.scheduler.defer_unlisted(task, at),
             Ok(JobEnd::NotVisible(task)) => {
                 let id = task.task_id;
                 let tries = self.not_visible.entry(id).or_default();
@@ -577,8 +582,10 @@ async fn job<E: Edge, X: Execute>(
         Err(e) => {
             shared.metrics.edge_error("claim");
             tracing::warn!(error = %e, "claim failed; will retry");
-            let delay = if e.is_transient() { Duration::from_secs(2) } else { Duration::from_secs(30) };
-            return JobEnd::Deferred(task, Instant::now() + delay);
+            if e.is_transient() {
+                return JobEnd::ClaimUnanswered(task, Instant::now() + Duration::from_secs(2));
+            }
+            return JobEnd::Deferred(task, Instant::now() + Duration::from_secs(30));
         }
     };
     let operation = claim.task.kind().as_str();

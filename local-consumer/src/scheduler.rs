@@ -25,6 +25,8 @@ pub struct Scheduler {
     finished_order: VecDeque<Uuid>,
     /// The finished ones that were found cancelled (they never ran).
     cancelled: HashSet<Uuid>,
+    /// Deferred tasks kept through listings that omit them (see [`Scheduler::defer_unlisted`]).
+    unlisted: HashSet<Uuid>,
 }
 
 impl Scheduler {
@@ -35,8 +37,9 @@ impl Scheduler {
     /// Takes a complete listing as the new view of what is buffered.
     pub fn offer(&mut self, listed: Vec<BufferedTask>) {
         let listed_ids: HashSet<Uuid> = listed.iter().map(|t| t.task_id).collect();
-        self.waiting.retain(|id, _| listed_ids.contains(id));
-        self.not_before.retain(|id, _| listed_ids.contains(id) || self.running.contains_key(id));
+        let keep = |id: &Uuid| listed_ids.contains(id) || self.unlisted.contains(id);
+        self.waiting.retain(|id, _| keep(id));
+        self.not_before.retain(|id, _| keep(id) || self.running.contains_key(id));
         for task in listed {
             if !self.running.contains_key(&task.task_id) && !self.finished.contains(&task.task_id) {
                 self.waiting.insert(task.task_id, task);
@@ -69,6 +72,7 @@ impl Scheduler {
             break;
         }
         let task = self.waiting.remove(&pick?)?;
+        self.unlisted.remove(&task.task_id);
         self.running.insert(task.task_id, task.vm_name.clone());
         self.running_vms.insert(task.vm_name.clone());
         Some(task)
@@ -77,6 +81,7 @@ impl Scheduler {
     /// The task finished here (or was found terminal): never start it again.
     pub fn finish(&mut self, id: Uuid) {
         self.release_vm(id);
+        self.unlisted.remove(&id);
         self.not_before.remove(&id);
         if self.finished.insert(id) {
             self.finished_order.push_back(id);
@@ -94,6 +99,14 @@ impl Scheduler {
         self.release_vm(task.task_id);
         self.not_before.insert(task.task_id, at);
         self.waiting.insert(task.task_id, task);
+    }
+
+    /// Like [`Scheduler::defer`], but the task is tried again at `at` even if listings no
+    /// longer show it: its claim went unanswered and may have been granted, which takes it out
+    /// of the ready listings (dropping it then left it stuck until that lease ended).
+    pub fn defer_unlisted(&mut self, task: BufferedTask, at: Instant) {
+        self.unlisted.insert(task.task_id);
+        self.defer(task, at);
     }
 
     /// The task was found cancelled: never start it, and it is no finished predecessor.
@@ -160,6 +173,28 @@ mod tests {
             created_at: Timestamp(ms),
             buffered_at: Timestamp(ms),
         }
+    }
+
+    /// A claim that got no answer may have been granted: the object then lists the task no
+    /// more, and a full listing dropped it, so it stayed unclaimed by this daemon until its
+    /// lease ended (found by the durable mode's wrangler-restart e2e: the listing that follows
+    /// a reconnect's push came before the claim's retry). It is now tried again regardless.
+    #[test]
+    fn a_task_whose_claim_went_unanswered_is_retried_though_a_listing_omits_it() {
+        let now = Instant::now();
+        let mut s = Scheduler::new();
+        let (a, b) = (task(1, "a"), task(2, "b"));
+        s.offer(vec![a.clone(), b.clone()]);
+        let started = s.next(now).unwrap();
+        s.defer_unlisted(started, now + Duration::from_secs(2));
+        let other = s.next(now).unwrap();
+        s.defer(other, now + Duration::from_secs(2));
+        s.offer(vec![]);
+        let later = now + Duration::from_secs(3);
+        assert_eq!(s.next(later).map(|t| t.task_id), Some(a.task_id), "the unanswered claim is tried again");
+        assert!(s.next(later).is_none(), "a plain deferral follows the listing");
+        s.offer(vec![]);
+        assert_eq!(s.waiting(), 0, "once retried, it follows listings again");
     }
 
     #[test]
