@@ -174,7 +174,9 @@ async fn queue(batch: MessageBatch<Value>, env: Env, _ctx: Context) -> worker::R
     let bodies: Vec<Value> = messages.iter().map(|m| m.body().clone()).collect();
     let dead_letter_queue = setting(&env, "DEAD_LETTER_QUEUE");
     let is_dlq = batch.queue() == if dead_letter_queue.is_empty() { "vm-task-dlq" } else { dead_letter_queue.as_str() };
-    let decisions = if is_dlq {
+    let decisions = if is_dlq && durable_mode(&env) {
+        dead_letter_durable(&env, &service, &config, &bodies).await?
+    } else if is_dlq {
         service.dead_letter_batch(&bodies).await
     } else if durable_mode(&env) {
         hand_off_batch(&env, &service, &config, &bodies).await?
@@ -294,9 +296,34 @@ async fn hand_off_batch(
                 worker::console_warn!("task {} not handed to its host queue: {why}", message.task_id);
                 retry
             }
+            Handoff::NotVisible(why) => {
+                worker::console_warn!("task {} not handed to its host queue: {why}", message.task_id);
+                let delay_secs = Handoff::not_visible_delay_secs(config.kv_propagation_secs, config.retry_delay_secs);
+                Delivery::Retry { delay_secs }
+            }
         }
     });
     Ok(futures::future::join_all(handoffs).await)
+}
+
+/// The durable mode's dead letters: each to its object, which fails it unless it holds it.
+async fn dead_letter_durable(
+    env: &Env,
+    service: &Service<'_>,
+    config: &ConsumerConfig,
+    bodies: &[Value],
+) -> worker::Result<Vec<Delivery>> {
+    let queues = DurableQueues(env.durable_object(HOST_QUEUE)?);
+    let host_registry = CountingKv::new(WorkerKv(env.kv(TASK_BUFFER)?), &COUNTERS);
+    let front = ConsumerFront {
+        tasks: &service.tasks,
+        queues: &queues,
+        consumer_tokens: &config.consumer_tokens,
+        max_wait_secs: config.max_wait_secs,
+        host_registry: &host_registry,
+        now: WorkerClock.now(),
+    };
+    Ok(front.dead_letter_batch(bodies).await)
 }
 
 async fn reconcile(env: &Env, config: &ConsumerConfig) -> worker::Result<()> {

@@ -206,8 +206,9 @@ pub enum Event {
 pub enum JobEnd {
     /// Done here or found terminal: never start again.
     Finished(Uuid),
-    /// Found cancelled: never start it, and never count it as a finished predecessor (it
-    /// never ran, so the tasks before it may not have either).
+    /// Found cancelled, or terminal at its claim without having run here: never start it,
+    /// and never count it as a finished predecessor (it may never have run, so the tasks
+    /// before it may not have either; a successor asks the API, [`previous_finished`]).
     Cancelled(Uuid),
     /// Not startable yet; try again at this time if still listed.
     Deferred(BufferedTask, Instant),
@@ -565,8 +566,10 @@ async fn job<E: Edge, X: Execute>(
             return JobEnd::Cancelled(id);
         }
         Ok(ClaimOutcome::Finished(status)) => {
+            // Finished without running here: it may never have run at all (dead-lettered,
+            // never claimed in time), so it vouches for nothing before it, as a cancelled one.
             tracing::info!(%status, "task is already terminal; skipping");
-            return JobEnd::Finished(id);
+            return JobEnd::Cancelled(id);
         }
         Ok(ClaimOutcome::NotVisible) => {
             tracing::info!("the API has no record of the listed task yet (KV propagation); will retry");
@@ -670,8 +673,11 @@ pub fn not_resent(task: &vm_task_types::Task) -> Option<String> {
 }
 
 /// Whether the VM's previous task is out of the way: terminal, unknown, or on another server.
-/// A cancelled predecessor never ran, so it says nothing about the tasks before it: the check
-/// follows the chain back to the nearest predecessor that was not cancelled. A predecessor
+/// A predecessor that ended without ever running (cancelled, or failed before any claim: its
+/// queue message dead-lettered, nobody claimed it in time) says nothing about the tasks
+/// before it: the check follows the chain back to the nearest predecessor that did run. (The
+/// production model, durable mode: step 2 dead-lettered while step 1's message was still on
+/// its way, and step 3 ran before step 1.) A predecessor
 /// the API cannot find is unknown only once twice KV's propagation window has passed since
 /// the successor was created (the predecessor's record was written before that, and a
 /// location may cache its absence for 60 s from a read made while the write was still on its
@@ -689,12 +695,17 @@ async fn previous_finished<E: Edge, X>(
         if !shared.config.server_names.contains(&status.target_server) {
             return Ok(true);
         }
-        match (status.status, status.previous_task_id) {
-            (TaskStatus::Cancelled, Some(before)) => previous = before,
-            (status, _) => return Ok(status.is_terminal()),
+        match (never_ran(&status), status.previous_task_id) {
+            (true, Some(before)) => previous = before,
+            _ => return Ok(status.status.is_terminal()),
         }
     }
     Ok(false)
+}
+
+/// Whether a task ended without any daemon having run it: cancelled, or failed with no claim.
+pub fn never_ran(status: &vm_task_types::wire::TaskStatusResponse) -> bool {
+    status.status == TaskStatus::Cancelled || (status.status == TaskStatus::Failed && status.attempts == 0)
 }
 
 /// Runs `work` while renewing the claim's lease every third of its length.

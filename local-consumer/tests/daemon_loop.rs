@@ -308,6 +308,31 @@ async fn a_command_claimed_on_a_later_attempt_is_not_sent_again_and_ends_failed_
     assert!(error.contains("not re-sent") && error.contains("attempt 2"), "{error}");
 }
 
+/// Production model, durable mode: step 2's queue message was dead-lettered (failed, never
+/// claimed) while step 1's was still on its way; taking a failed predecessor as "finished",
+/// step 3 ran before step 1. A predecessor that failed unrun is followed back like a cancelled
+/// one. Failed on the old rule (step 3 ran first).
+#[tokio::test(start_paused = true)]
+async fn a_predecessor_that_failed_without_running_does_not_let_a_task_overtake_the_one_before_it() {
+    let edge = FakeEdge::new();
+    let executor = FakeExecutor::new(Duration::from_secs(1));
+    let shutdown = CancellationToken::new();
+    let first = edge.submit("a", "echo 1");
+    let second = edge.submit_after("a", "echo 2", Some(first));
+    let third = edge.submit_after("a", "echo 3", Some(second));
+    edge.dead_letter(second);
+    edge.set_listed(second, false);
+    edge.set_listed(first, false);
+    let mut d = daemon(config(&[]), &edge, &executor, &shutdown);
+    step_until(&mut d, Duration::from_secs(10), || false).await;
+    assert!(executor.runs().is_empty(), "the third waits for the first, past the dead-lettered second");
+    edge.set_listed(first, true);
+    assert!(step_until(&mut d, Duration::from_secs(120), || edge.all_terminal()).await);
+    let runs = executor.runs();
+    assert_eq!(runs.iter().map(|r| r.id).collect::<Vec<_>>(), [first, third]);
+    assert!(runs[1].started >= runs[0].ended.unwrap());
+}
+
 /// A VM's task whose predecessor was cancelled used to run as soon as the cancelled one was
 /// terminal, ahead of the older task still pending (the production model's seed 60).
 #[tokio::test(start_paused = true)]

@@ -37,7 +37,8 @@ cargo xtask <command>
   soak               2,000 tasks over 100 VMs with injected faults; prints RELIABILITY.md's figures
   diagrams           render diagrams/*.dot to SVG (needs Graphviz: apt-get install graphviz)
   simulate           the production model (crates/edge-model): --seed N replays one seed with its
-                     trace; --seeds N [--from S] runs N seeds, prints violations and latencies
+                     trace; --seeds N [--from S] runs N seeds, prints violations and latencies;
+                     --mode kv|durable (both by default), --consistent, --kv-propagation-secs N
   fuzz               schemathesis against both workers on a local stack (venv in target/fuzz-venv);
                      [--max-examples N] [--seed N] [-- SCHEMATHESIS ARGS...]
 ";

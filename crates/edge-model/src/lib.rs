@@ -7,9 +7,11 @@
 //!
 //! - [`rng`]: the seeded PRNG every choice comes from.
 //! - [`kv`]: the KV model ([`kv::KvModel`], [`kv::Invocation`]).
+//! - [`durable`]: the Durable Object model of the `durable` dispatch mode.
 //! - [`queue`]: the queue model.
 //! - [`sim`]: the simulation, its actors and faults, and the invariant checks.
 
+pub mod durable;
 pub mod kv;
 pub mod queue;
 pub mod rng;

@@ -20,7 +20,8 @@
 //!   predecessor → claim → execute on an in-memory Arrakis → report), one task at a time.
 //!   This driver restates `local-consumer`'s rules rather than running its loop: oldest listed
 //!   task per VM; a predecessor terminal (cancelled ones followed back to the nearest that was
-//!   not) or not found 120 s after the successor's creation; a claim 404 retried with backoff
+//!   not, and past tasks that failed before any claim) or not found 120 s after the
+//!   successor's creation; a claim 404 retried with backoff
 //!   12 times, a terminal 409 means finished; a refused report is kept for the next claim;
 //!   claim ids fixed per process and task; lifecycle operations look at the VM first; a
 //!   command claimed on a later attempt fails rather than being sent again (unless
@@ -28,6 +29,15 @@
 //!   (`local_consumer::daemon::Daemon` over its `Edge` and `Execute` traits) does not run here
 //!   yet: its `select!` is biased now (same-instant events replay in one order), but its traits
 //!   require `Send` futures and this world is single-threaded `Rc` state.
+//!
+//! In the `durable` dispatch mode ([`Mode::Durable`]) both workers put `host-queue`'s fronts
+//! before their KV-mode services, as the real workers do: the queue consumer hands each task to
+//! its server's object (`ConsumerFront::hand_off`), dead letters go to the object, the cron
+//! reconciles; each object ([`crate::durable`]) lives at a location, runs the real
+//! `HostQueue`, is evicted now and then, fires its alarm at least once (sometimes twice), and
+//! writes its KV mirror through the production KV model; daemons keep a socket to their
+//! object, take its pushes (lost with the socket at the loss rate, then reopened, and the
+//! object sends what is claimable) and list over HTTP every `RELIST_SECONDS`.
 //!
 //! `SIM_DEBUG=1` adds each daemon listing to the trace.
 //!
@@ -41,12 +51,16 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::rc::Rc;
 
 use futures::executor::block_on;
+use host_queue::{
+    front::{ApiFront, ConsumerFront, Handoff},
+    QueueConfig as ObjectConfig,
+};
 use serde_json::{json, Value};
 use uuid::Uuid;
 use vm_task_edge::{
     api::{ApiConfig, ApiService},
     auth::{Cors, Tokens},
-    consumer::{ConsumerConfig, ConsumerService},
+    consumer::{ConsumerConfig, ConsumerService, Delivery},
     counting::OpCounters,
     http::{Request, Response},
     store::{BufferStore, TaskStore},
@@ -57,6 +71,7 @@ use vm_task_types::{
     OperationKind, Task, TaskStatus, Timestamp,
 };
 
+use crate::durable::ObjectsModel;
 use crate::kv::{Invocation, KvConfig, KvModel, Location};
 use crate::queue::{QueueConfig, QueueModel};
 use crate::rng::Rng;
@@ -118,6 +133,34 @@ pub struct Settings {
     /// `KV_PROPAGATION_SECONDS` of both workers: production's 60 over production KV, 0 over
     /// strongly consistent KV (as on the one-location local stack).
     pub kv_propagation_secs: u64,
+    /// `DISPATCH_MODE`.
+    pub mode: Mode,
+}
+
+/// The dispatch mode (`DISPATCH_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Tasks buffered per server in KV, daemons polling a doorbell.
+    Kv,
+    /// One Durable Object per server owns its live tasks and pushes them to its daemon.
+    Durable,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Kv => "kv",
+            Mode::Durable => "durable",
+        }
+    }
+}
+
+impl Settings {
+    /// The same world in dispatch mode `mode`.
+    pub fn in_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
 }
 
 impl Settings {
@@ -127,6 +170,7 @@ impl Settings {
             kv: KvConfig::production(),
             rules: DaemonRules::default(),
             kv_propagation_secs: vm_task_edge::KV_PROPAGATION_SECS,
+            mode: Mode::Kv,
         }
     }
 
@@ -134,7 +178,7 @@ impl Settings {
     /// production's per-key and per-invocation limits, queue behaviour and faults: what the
     /// native tests assume.
     pub fn consistent() -> Self {
-        Self { kv: KvConfig::consistent(), rules: DaemonRules::default(), kv_propagation_secs: 0 }
+        Self { kv: KvConfig::consistent(), rules: DaemonRules::default(), kv_propagation_secs: 0, mode: Mode::Kv }
     }
 }
 
@@ -191,20 +235,77 @@ impl TaskQueue for SimQueueSend {
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
-    ClientPost { vm: usize },
-    Cancel { task: Uuid },
-    Watch { task: Uuid },
+    ClientPost {
+        vm: usize,
+    },
+    Cancel {
+        task: Uuid,
+    },
+    Watch {
+        task: Uuid,
+    },
     QueueDeliver,
     DlqDeliver,
     Sweep,
-    DaemonPoll { d: usize, gen: u32 },
-    DaemonClaim { d: usize, gen: u32, entry: Box<BufferedTaskKey>, tries: u32 },
-    DaemonExecute { d: usize, gen: u32, key: u64 },
-    DaemonDone { d: usize, gen: u32, task: Uuid, claim: Uuid, ok: bool, note: String },
-    DaemonReport { d: usize, gen: u32, task: Uuid, claim: Uuid, ok: bool, note: String, tries: u32 },
-    DaemonCrash { d: usize },
-    DaemonRestart { d: usize },
-    DaemonMove { d: usize },
+    /// `seq`: only the daemon's latest scheduled poll runs (a push brings it forward).
+    DaemonPoll {
+        d: usize,
+        gen: u32,
+        seq: u64,
+    },
+    /// Ready tasks pushed over the daemon's socket (durable mode), kept in `pushed`.
+    DaemonPush {
+        d: usize,
+        gen: u32,
+        key: u64,
+    },
+    /// A server's object alarm, set for `at`; `again` is a repeated firing.
+    ObjectAlarm {
+        server: String,
+        at: u64,
+        again: bool,
+    },
+    /// A server's object is evicted (its memory goes, its storage stays).
+    ObjectEvict {
+        server: String,
+    },
+    DaemonClaim {
+        d: usize,
+        gen: u32,
+        entry: Box<BufferedTaskKey>,
+        tries: u32,
+    },
+    DaemonExecute {
+        d: usize,
+        gen: u32,
+        key: u64,
+    },
+    DaemonDone {
+        d: usize,
+        gen: u32,
+        task: Uuid,
+        claim: Uuid,
+        ok: bool,
+        note: String,
+    },
+    DaemonReport {
+        d: usize,
+        gen: u32,
+        task: Uuid,
+        claim: Uuid,
+        ok: bool,
+        note: String,
+        tries: u32,
+    },
+    DaemonCrash {
+        d: usize,
+    },
+    DaemonRestart {
+        d: usize,
+    },
+    DaemonMove {
+        d: usize,
+    },
 }
 
 /// The fields of a buffered task the daemon needs, ordered so events can sit in the heap.
@@ -275,6 +376,13 @@ struct Daemon {
     known_cancelled: BTreeSet<Uuid>,
     /// Claims answered 404 so far per listed task (`NOT_VISIBLE_RETRY`).
     not_visible: BTreeMap<Uuid, u32>,
+    /// The scheduled poll that may run (later schedules replace earlier ones).
+    poll_seq: u64,
+    /// Whether the daemon is waiting for its next poll (not claiming, running or reporting):
+    /// a push then brings the poll forward.
+    idle: bool,
+    /// Durable mode: the push socket to its server's object is open.
+    connected: bool,
 }
 
 /// `NOT_VISIBLE_RETRY.retries`: claims answered 404 retried this often before giving up.
@@ -364,6 +472,11 @@ struct Sim {
     arrakis_log: Vec<ArrakisCall>,
     /// Task id → its KV key, found once in the model.
     task_keys: RefCell<BTreeMap<Uuid, Option<String>>>,
+    mode: Mode,
+    /// Durable mode: every server's object.
+    objects: Option<ObjectsModel>,
+    /// Pushes on their way to a daemon, by event key.
+    pushed: BTreeMap<u64, Vec<BufferedTask>>,
     outcome: Outcome,
 }
 
@@ -427,9 +540,15 @@ impl Sim {
             accepted: BTreeMap::new(),
             arrakis_log: Vec::new(),
             task_keys: RefCell::default(),
+            mode: settings.mode,
+            objects: None,
+            pushed: BTreeMap::new(),
             outcome: Outcome { seed, ..Outcome::default() },
         };
         sim.plan();
+        if sim.mode == Mode::Durable {
+            sim.plan_objects();
+        }
         sim
     }
 
@@ -460,9 +579,12 @@ impl Sim {
                 unreported: BTreeMap::new(),
                 not_visible: BTreeMap::new(),
                 known_cancelled: BTreeSet::new(),
+                poll_seq: 0,
+                idle: true,
+                connected: false,
             });
             let first_poll = self.rng.range(0, 1_000);
-            self.schedule(first_poll, Event::DaemonPoll { d: s, gen: 0 });
+            self.poll_in(s, first_poll);
             if self.rng.chance(0.3) {
                 let at = self.rng.range(5_000, 120_000);
                 self.schedule(at, Event::DaemonCrash { d: s });
@@ -603,7 +725,21 @@ impl Sim {
             Event::QueueDeliver => self.deliver(false),
             Event::DlqDeliver => self.deliver(true),
             Event::Sweep => self.sweep(),
-            Event::DaemonPoll { d, gen } if self.alive(d, gen) => self.daemon_poll(d),
+            Event::DaemonPoll { d, gen, seq } if self.alive(d, gen) && self.daemons[d].poll_seq == seq => {
+                self.daemons[d].idle = false;
+                self.daemon_poll(d)
+            }
+            Event::DaemonPush { d, gen, key } => {
+                if let Some(tasks) = self.pushed.remove(&key) {
+                    if self.alive(d, gen) && self.daemons[d].connected {
+                        self.daemon_pushed(d, tasks);
+                    }
+                }
+            }
+            Event::ObjectAlarm { server, at, again } => self.object_alarm(&server, at, again),
+            Event::ObjectEvict { server } if self.objects.as_ref().is_some_and(|o| o.evict(&server)) => {
+                self.trace(format!("object {server}: evicted (its storage and alarm stay)"));
+            }
             Event::DaemonClaim { d, gen, entry, tries } if self.alive(d, gen) => self.daemon_claim(d, *entry, tries),
             Event::DaemonExecute { d, gen, key } => {
                 if let Some((task, claim)) = self.executions.remove(&key) {
@@ -640,6 +776,7 @@ impl Sim {
                 daemon.unreported.clear();
                 daemon.not_visible.clear();
                 daemon.known_cancelled.clear();
+                daemon.connected = false;
                 let server = daemon.server.clone();
                 let down = self.rng.range(5_000, 90_000);
                 self.trace(format!("{server}: daemon CRASHES, restarts in {} s", down / 1000));
@@ -650,7 +787,7 @@ impl Sim {
                 let gen = self.daemons[d].gen;
                 let server = self.daemons[d].server.clone();
                 self.trace(format!("{server}: daemon restarts (process {gen})"));
-                self.schedule(0, Event::DaemonPoll { d, gen });
+                self.poll_in(d, 0);
             }
             Event::DaemonMove { d } => {
                 let to = (self.daemons[d].location + 1) % LOCATIONS.len();
@@ -677,6 +814,7 @@ impl Sim {
     /// ids it created.
     fn api(&mut self, location: Location, request: Request) -> (Response, Vec<Uuid>) {
         let inv = self.invocation(location);
+        let objects = self.objects.as_ref().map(|o| o.at(self.now));
         let sent = SimQueueSend { sent: Rc::default(), fail: self.rng.chance(self.queue_send_fail_rate) };
         let created = Rc::new(RefCell::new(Vec::new()));
         let service = ApiService {
@@ -688,8 +826,23 @@ impl Sim {
             config: &self.api_config,
             counters: &self.counters,
         };
-        let response = block_on(service.handle(request));
+        // The durable mode's front first (`api-worker`): cancels, reports and waits go to the
+        // task's object; anything it leaves is the KV mode's.
+        let fronted = objects.as_ref().and_then(|queues| {
+            let front = ApiFront {
+                tasks: &service.tasks,
+                queues,
+                client_tokens: &self.api_config.client_tokens,
+                consumer_tokens: &self.api_config.consumer_tokens,
+            };
+            block_on(front.handle(&request))
+        });
+        let response = match fronted {
+            Some(response) => response,
+            None => block_on(service.handle(request)),
+        };
         self.answered(&inv);
+        self.carry_out_objects();
         for message in sent.sent.borrow().iter() {
             let at = self.queue.send(self.now, serde_json::to_value(message).unwrap_or_default());
             self.schedule_at(at, Event::QueueDeliver);
@@ -714,9 +867,88 @@ impl Sim {
 
     fn consumer(&mut self, location: Location, request: Request) -> Response {
         let inv = self.invocation(location);
-        let response = block_on(self.consumer_service(&inv).handle(request));
+        let service = self.consumer_service(&inv);
+        let registry = self.buffer_kv.at(&inv);
+        let fronted = self.objects.as_ref().map(|o| o.at(self.now)).and_then(|queues| {
+            let front = ConsumerFront {
+                tasks: &service.tasks,
+                queues: &queues,
+                consumer_tokens: &self.consumer_config.consumer_tokens,
+                max_wait_secs: self.consumer_config.max_wait_secs,
+                host_registry: &registry,
+                now: Timestamp(self.now),
+            };
+            block_on(front.handle(&request))
+        });
+        let response = match fronted {
+            Some(response) => response,
+            None => block_on(service.handle(request)),
+        };
         self.answered(&inv);
+        self.carry_out_objects();
         response
+    }
+
+    /// Durable mode: the objects' pushes (each may be lost with the daemon's socket) and alarms.
+    fn carry_out_objects(&mut self) {
+        let Some(objects) = self.objects.clone() else { return };
+        let outbox = objects.take_outbox();
+        for (server, at) in outbox.alarms {
+            self.schedule_at(at.max(self.now + self.lag + 1), Event::ObjectAlarm { server, at, again: false });
+        }
+        for (server, tasks) in outbox.pushes {
+            for d in 0..self.daemons.len() {
+                let daemon = &self.daemons[d];
+                if daemon.server != server || !daemon.up || !daemon.connected {
+                    continue;
+                }
+                let partitioned = daemon.partitions.iter().any(|&(from, to)| (from..to).contains(&self.now));
+                if partitioned || self.rng.chance(self.loss_rate) {
+                    self.daemons[d].connected = false;
+                    self.trace(format!("{server}: push of {} task(s) LOST; the socket closed", tasks.len()));
+                    continue;
+                }
+                self.seq += 1;
+                let key = self.seq;
+                self.pushed.insert(key, tasks.clone());
+                let gen = self.daemons[d].gen;
+                let delay = self.rng.range(20, 300);
+                self.schedule(delay, Event::DaemonPush { d, gen, key });
+            }
+        }
+    }
+
+    /// Durable mode: one firing of a server's object alarm. Only the alarm set last fires (a
+    /// new `setAlarm` replaces it), and sometimes it fires twice (at least once).
+    fn object_alarm(&mut self, server: &str, at: u64, again: bool) {
+        let Some(objects) = self.objects.clone() else { return };
+        if !again && !objects.alarm_is(server, at) {
+            return;
+        }
+        block_on(objects.alarm(server, self.now));
+        if !again && self.rng.chance(0.05) {
+            let delay = self.rng.range(0, 2_000);
+            self.trace(format!("object {server}: alarm fires again in {delay} ms (at least once)"));
+            self.schedule(delay, Event::ObjectAlarm { server: server.to_owned(), at, again: true });
+        }
+        self.carry_out_objects();
+    }
+
+    /// Durable mode: where each server's object lives, and when some are evicted.
+    fn plan_objects(&mut self) {
+        let locations = LOCATIONS.len() as u64;
+        let placement: BTreeMap<String, Location> = (0..self.daemons.len())
+            .map(|d| (self.daemons[d].server.clone(), self.rng.range(0, locations - 1) as usize))
+            .collect();
+        let config = ObjectConfig { lease_min_secs: self.consumer_config.lease_min_secs, ..ObjectConfig::default() };
+        self.objects = Some(ObjectsModel::new(self.tasks_kv.clone(), config, placement.clone(), self.kv_ops_limit));
+        for daemon in self.daemons.clone() {
+            if self.rng.chance(0.3) {
+                let at = self.rng.range(5_000, 150_000);
+                self.schedule(at, Event::ObjectEvict { server: daemon.server.clone() });
+            }
+            self.trace(format!("plan: object {} at {}", daemon.server, LOCATIONS[placement[&daemon.server]]));
+        }
     }
 
     /// A daemon's request through the network: lost in either direction, or partitioned.
@@ -884,17 +1116,59 @@ impl Sim {
         } else {
             let inv = self.invocation(location);
             let service = self.consumer_service(&inv);
-            let decisions = if dead_letters {
+            let decisions = if let Some(queues) = self.objects.as_ref().map(|o| o.at(self.now)).filter(|_| dead_letters)
+            {
+                let registry = self.buffer_kv.at(&inv);
+                let front = ConsumerFront {
+                    tasks: &service.tasks,
+                    queues: &queues,
+                    consumer_tokens: &self.consumer_config.consumer_tokens,
+                    max_wait_secs: self.consumer_config.max_wait_secs,
+                    host_registry: &registry,
+                    now: Timestamp(self.now),
+                };
+                block_on(front.dead_letter_batch(&bodies))
+            } else if dead_letters {
                 block_on(service.dead_letter_batch(&bodies))
+            } else if let Some(queues) = self.objects.as_ref().map(|o| o.at(self.now)) {
+                // `hand_off_batch`: each task to its server's object.
+                let registry = self.buffer_kv.at(&inv);
+                let front = ConsumerFront {
+                    tasks: &service.tasks,
+                    queues: &queues,
+                    consumer_tokens: &self.consumer_config.consumer_tokens,
+                    max_wait_secs: self.consumer_config.max_wait_secs,
+                    host_registry: &registry,
+                    now: Timestamp(self.now),
+                };
+                let retry = Delivery::Retry { delay_secs: self.consumer_config.retry_delay_secs };
+                let mut decisions = Vec::new();
+                for body in &bodies {
+                    let decision = match serde_json::from_value::<QueueMessage>(body.clone()) {
+                        Ok(message) => match block_on(front.hand_off(&message)) {
+                            Handoff::Done => Delivery::Ack,
+                            Handoff::Retry(_) => retry,
+                            Handoff::NotVisible(_) => Delivery::Retry {
+                                delay_secs: Handoff::not_visible_delay_secs(
+                                    self.consumer_config.kv_propagation_secs,
+                                    self.consumer_config.retry_delay_secs,
+                                ),
+                            },
+                        },
+                        Err(_) => retry,
+                    };
+                    decisions.push(decision);
+                }
+                decisions
             } else {
                 block_on(service.buffer_batch(&bodies))
             };
             self.answered(&inv);
+            self.carry_out_objects();
             Some(decisions)
         };
         let ids: Vec<String> = bodies.iter().filter_map(|b| b["taskId"].as_str()?.parse().ok()).map(short).collect();
-        let acks =
-            decisions.as_ref().map(|d| d.iter().filter(|x| **x == vm_task_edge::consumer::Delivery::Ack).count());
+        let acks = decisions.as_ref().map(|d| d.iter().filter(|x| **x == Delivery::Ack).count());
         let settled = if dead_letters {
             self.dlq.settle(self.now + self.lag, batch, decisions.as_deref())
         } else {
@@ -931,6 +1205,36 @@ impl Sim {
 
     fn sweep(&mut self) {
         let inv = self.invocation(self.cron_location);
+        if let Some(queues) = self.objects.as_ref().map(|o| o.at(self.now)) {
+            // The durable mode's cron: leases end by each object's alarm; tasks whose queue
+            // message was lost are handed to their objects again.
+            let service = self.consumer_service(&inv);
+            let registry = self.buffer_kv.at(&inv);
+            let front = ConsumerFront {
+                tasks: &service.tasks,
+                queues: &queues,
+                consumer_tokens: &self.consumer_config.consumer_tokens,
+                max_wait_secs: self.consumer_config.max_wait_secs,
+                host_registry: &registry,
+                now: Timestamp(self.now),
+            };
+            let look_back = self.consumer_config.max_queued_secs + 86_400;
+            let recovered = block_on(front.reconcile(
+                Timestamp(self.now),
+                self.consumer_config.rebuffer_after_secs,
+                look_back,
+                900,
+            ));
+            self.answered(&inv);
+            self.carry_out_objects();
+            match recovered {
+                Ok(0) => {}
+                Ok(n) => self
+                    .trace(format!("cron@{}: reconcile: {n} task(s) handed over again", LOCATIONS[self.cron_location])),
+                Err(e) => self.trace(format!("cron@{}: reconcile failed: {e}", LOCATIONS[self.cron_location])),
+            }
+            return self.schedule(60_000, Event::Sweep);
+        }
         let report = block_on(self.consumer_service(&inv).sweep());
         self.answered(&inv);
         match report {
@@ -948,9 +1252,18 @@ impl Sim {
     // Daemons
 
     fn poll_later(&mut self, d: usize, ms: u64) {
-        let gen = self.daemons[d].gen;
         let jitter = self.rng.range(0, 200);
-        self.schedule(ms + jitter, Event::DaemonPoll { d, gen });
+        self.poll_in(d, ms + jitter);
+    }
+
+    /// Schedules the daemon's next poll in `ms`, replacing any scheduled before.
+    fn poll_in(&mut self, d: usize, ms: u64) {
+        let gen = self.daemons[d].gen;
+        self.seq += 1;
+        let seq = self.seq;
+        self.daemons[d].poll_seq = seq;
+        self.daemons[d].idle = true;
+        self.schedule(ms, Event::DaemonPoll { d, gen, seq });
     }
 
     /// The next poll, quick while the daemon is busy, at the doorbell interval when idle.
@@ -963,6 +1276,9 @@ impl Sim {
     /// `RELIST_SECONDS`): the daemon's long poll, one doorbell check per call. The listing
     /// answers only when the doorbell changed, as the daemon's location reads it.
     fn daemon_poll(&mut self, d: usize) {
+        if self.mode == Mode::Durable {
+            return self.daemon_poll_durable(d);
+        }
         let server = self.daemons[d].server.clone();
         let full = self.daemons[d].bell.is_none() || self.now >= self.daemons[d].last_full_list + RELIST_MS;
         let since = if full { None } else { self.daemons[d].bell.clone() };
@@ -990,6 +1306,64 @@ impl Sim {
         }
         self.daemons[d].bell = Some(ready.bell);
         self.pick_and_claim(d);
+    }
+
+    /// The durable mode's wait for work (`EdgeClient::ready`): pushes over the socket to the
+    /// server's object while it is open, opened again (the object then sends everything
+    /// claimable) when it closed; a full HTTP listing every `RELIST_SECONDS`.
+    fn daemon_poll_durable(&mut self, d: usize) {
+        let server = self.daemons[d].server.clone();
+        let location = LOCATIONS[self.daemons[d].location];
+        let partitioned = self.daemons[d].partitions.iter().any(|&(from, to)| (from..to).contains(&self.now));
+        if partitioned && self.daemons[d].connected {
+            self.daemons[d].connected = false;
+            self.trace(format!("{server}@{location}: socket closed (partitioned)"));
+        }
+        if !self.daemons[d].connected {
+            if partitioned || self.rng.chance(self.loss_rate) {
+                return self.poll_later(d, 5_000);
+            }
+            let Some(objects) = self.objects.clone() else { return };
+            let tasks = objects.connect(&server, self.now);
+            self.carry_out_objects();
+            let ids: Vec<String> = tasks.iter().map(|t| short(t.task_id)).collect();
+            self.trace(format!("{server}@{location}: socket opened; the object sends [{}]", ids.join(" ")));
+            let daemon = &mut self.daemons[d];
+            daemon.connected = true;
+            daemon.listed = tasks;
+            daemon.last_full_list = self.now;
+        } else if self.now >= self.daemons[d].last_full_list + RELIST_MS {
+            let path = format!("/tasks/ready?server={server}&limit=1000");
+            match self.daemon_call(d, false, Request::new("GET", &path).bearer(CONSUMER_TOKEN)) {
+                Net::Answered(r) if r.status == 200 => {
+                    if let Ok(ready) = r.json_body::<ReadyTasksResponse>() {
+                        self.daemons[d].listed = ready.tasks;
+                        self.daemons[d].last_full_list = self.now;
+                    }
+                }
+                _ => return self.poll_later(d, 5_000),
+            }
+        }
+        self.pick_and_claim(d);
+    }
+
+    /// Ready tasks pushed by the object: added to what the daemon knows; an idle daemon
+    /// looks at once.
+    fn daemon_pushed(&mut self, d: usize, tasks: Vec<BufferedTask>) {
+        let server = self.daemons[d].server.clone();
+        let ids: Vec<String> = tasks.iter().map(|t| short(t.task_id)).collect();
+        self.trace(format!("{server}: pushed [{}]", ids.join(" ")));
+        let daemon = &mut self.daemons[d];
+        for task in tasks {
+            if !daemon.listed.iter().any(|t| t.task_id == task.task_id) {
+                daemon.listed.push(task);
+            }
+        }
+        daemon.listed.sort_by_key(|t| t.task_id);
+        daemon.last_activity = self.now;
+        if daemon.idle {
+            self.poll_later(d, 0);
+        }
     }
 
     /// Claims the oldest listed task of some VM whose predecessor is done, or polls again.
@@ -1034,8 +1408,8 @@ impl Sim {
         let mut prev = prev;
         for _ in 0..CANCELLED_PREDECESSORS_MAX {
             match self.predecessor_status(d, prev, created_at) {
-                Some((TaskStatus::Cancelled, Some(before))) => prev = before,
-                Some((status, _)) => return status.is_terminal(),
+                Some((_, true, Some(before))) => prev = before,
+                Some((status, _, _)) => return status.is_terminal(),
                 None => return false,
             }
         }
@@ -1044,15 +1418,23 @@ impl Sim {
 
     /// One status read of a predecessor: its status and its own predecessor, `None` when
     /// unknown for now. Terminal (and, by the daemon's rule, not found) gets `Completed`.
-    fn predecessor_status(&mut self, d: usize, prev: Uuid, created_at: u64) -> Option<(TaskStatus, Option<Uuid>)> {
+    fn predecessor_status(
+        &mut self,
+        d: usize,
+        prev: Uuid,
+        created_at: u64,
+    ) -> Option<(TaskStatus, bool, Option<Uuid>)> {
         let request = Request::new("GET", &format!("/vm/tasks/{prev}/status")).bearer(CONSUMER_TOKEN);
         match self.daemon_call(d, true, request) {
             Net::Answered(r) if r.status == 200 => {
                 let status = r.json_body::<TaskStatusResponse>().ok()?;
-                if status.status.is_terminal() && status.status != TaskStatus::Cancelled {
+                // `daemon::never_ran`: cancelled, or failed before any claim.
+                let never_ran = status.status == TaskStatus::Cancelled
+                    || (status.status == TaskStatus::Failed && status.attempts == 0);
+                if status.status.is_terminal() && !never_ran {
                     self.daemons[d].known_terminal.insert(prev);
                 }
-                Some((status.status, status.previous_task_id))
+                Some((status.status, never_ran, status.previous_task_id))
             }
             // A predecessor the API cannot find is unknown (out of the way) only once twice KV's
             // propagation window has passed since the successor was created
@@ -1061,7 +1443,7 @@ impl Sim {
                 let server = self.daemons[d].server.clone();
                 if self.now >= created_at + 120_000 {
                     self.trace(format!("{server}: predecessor {} not found (404): treated as finished", short(prev)));
-                    Some((TaskStatus::Completed, None))
+                    Some((TaskStatus::Completed, false, None))
                 } else {
                     self.trace(format!("{server}: predecessor {} not found (404) yet: waiting", short(prev)));
                     None
@@ -1084,7 +1466,12 @@ impl Sim {
         };
         let server = self.daemons[d].server.clone();
         let consumer_id = format!("{server}-p{gen}");
-        let request = Request::new("POST", &format!("/tasks/{task}/claim")).bearer(CONSUMER_TOKEN).json_body(&json!({
+        let mut path = format!("/tasks/{task}/claim");
+        if self.mode == Mode::Durable {
+            // Names the object to ask (`EdgeClient::claim`).
+            path.push_str(&format!("?server={server}"));
+        }
+        let request = Request::new("POST", &path).bearer(CONSUMER_TOKEN).json_body(&json!({
             "consumerId": consumer_id, "claimId": claim_id, "bufferedAt": Timestamp(entry.buffered_at),
         }));
         let location = LOCATIONS[self.daemons[d].location];
@@ -1156,10 +1543,10 @@ impl Sim {
                 // A terminal 409 is "finished, never again" (`ClaimOutcome::Finished`); a held
                 // 409 is retried after the lease.
                 if r.json_body::<Value>().is_ok_and(|b| terminal_in_body(&b)) {
+                    // Terminal without having run here (`JobEnd::Cancelled`): no finished
+                    // predecessor for its successors, which ask the API.
                     self.daemons[d].known_terminal.insert(task);
-                    if status_of(&r).contains("cancelled") {
-                        self.daemons[d].known_cancelled.insert(task);
-                    }
+                    self.daemons[d].known_cancelled.insert(task);
                 }
                 self.poll_later(d, 200);
             }

@@ -10,8 +10,10 @@
 //! status report go to the task's object (the report straight there when it names the
 //! server); `GET ?wait=` waits on the object, which holds the live task and is never stale.
 
+use serde_json::Value;
 use vm_task_edge::{
-    auth::Tokens, http::Request, http::Response, record_host_report, store::TaskStore, KvStore, QueueMessage,
+    auth::Tokens, consumer::Delivery, http::Request, http::Response, record_host_report, store::TaskStore, KvStore,
+    QueueMessage,
 };
 use vm_task_types::{
     validate::{check_server_name, parse_task_id},
@@ -55,8 +57,22 @@ pub fn connect_route(request: &Request, consumer_tokens: &Tokens) -> Result<Opti
 pub enum Handoff {
     /// The object has the task (or it was finished already): ack.
     Done,
-    /// Deliver again later: the record is not readable yet, or the object was unreachable.
+    /// Deliver again later: the object was unreachable, or KV failed.
     Retry(String),
+    /// The task's record has not reached this location yet (KV's propagation and cached
+    /// absences): deliver again once it must have, [`Handoff::not_visible_delay_secs`] later.
+    NotVisible(String),
+}
+
+impl Handoff {
+    /// The redelivery delay for [`Handoff::NotVisible`]: half of KV's propagation window (at
+    /// least `retry_delay_secs`), so the queue's retries (3 in `wrangler-consumer.toml`) span
+    /// more than the window and the last delivery reads the record wherever it lands. With the
+    /// flat 5 s delay the production model dead-lettered tasks whose record was cached absent at
+    /// the consumer's location for 60 s (the dead letter handler then failed a cancelled task).
+    pub fn not_visible_delay_secs(kv_propagation_secs: u64, retry_delay_secs: u32) -> u32 {
+        retry_delay_secs.max(kv_propagation_secs.div_ceil(2) as u32)
+    }
 }
 
 /// The consumer worker's routes in this mode.
@@ -94,11 +110,45 @@ impl<S: KvStore, Q: HostQueues> ConsumerFront<'_, S, Q> {
         Some(with_mode(response.unwrap_or_else(|e| e)))
     }
 
+    /// The dead letter queue in this mode: each task goes to its object, which fails it unless
+    /// it holds it already (another copy of the message reached it: Queues deliver at least
+    /// once, sometimes twice) and keeps it, so a copy arriving later finds it finished. A task
+    /// whose record is not readable here yet is acked: the cron's reconcile hands it over once
+    /// it is. The production model found the KV mode's handler (which fails the record in KV)
+    /// racing a concurrent copy's hand-off: the object ran the task and mirrored over `failed`.
+    pub async fn dead_letter_batch(&self, bodies: &[Value]) -> Vec<Delivery> {
+        let mut decisions = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            let Ok(message) = serde_json::from_value::<QueueMessage>(body.clone()) else {
+                decisions.push(Delivery::Ack);
+                continue;
+            };
+            let task = match self.tasks.load(message.task_id).await {
+                Ok(Some(task)) if !task.status.is_terminal() => task,
+                Ok(_) => {
+                    decisions.push(Delivery::Ack);
+                    continue;
+                }
+                Err(_) => {
+                    decisions.push(Delivery::Retry { delay_secs: 5 });
+                    continue;
+                }
+            };
+            let path = format!("/tasks/{}/dead-letter", task.id);
+            let body = serde_json::to_vec(&task).unwrap_or_default();
+            decisions.push(match self.queues.call(&task.target_server, "POST", &path, body).await {
+                Ok(reply) if reply.status == 200 => Delivery::Ack,
+                _ => Delivery::Retry { delay_secs: 5 },
+            });
+        }
+        decisions
+    }
+
     /// Hands a queued task to its server's object, with the record the API stored.
     pub async fn hand_off(&self, message: &QueueMessage) -> Handoff {
         let task = match self.tasks.load(message.task_id).await {
             Ok(Some(task)) => task,
-            Ok(None) => return Handoff::Retry(format!("task {} has no record yet", message.task_id)),
+            Ok(None) => return Handoff::NotVisible(format!("task {} has no record here yet", message.task_id)),
             Err(e) => return Handoff::Retry(e.to_string()),
         };
         if task.status.is_terminal() {

@@ -11,6 +11,7 @@
 //! | `POST /tasks/{id}/heartbeat`, `/release` | [`FencedLease`] | `LeaseResponse` |
 //! | `PUT /tasks/{id}/status` | [`FencedReport`] | `UpdateStatusResponse` |
 //! | `POST /tasks/{id}/cancel` | [`CancelRequest`] | `UpdateStatusResponse`; 202 `cancel_requested` for a running long command |
+//! | `POST /tasks/{id}/dead-letter` | the task record | `UpdateStatusResponse`: failed, or the task as held |
 
 use serde::{de::DeserializeOwned, Serialize};
 use uuid::Uuid;
@@ -93,6 +94,14 @@ pub fn handle<S: HostStore>(
             let (task, changed) = queue.report(id, &report, now)?;
             let message = if changed { "status updated" } else { "status unchanged" };
             Ok(Reply::json(200, &status_reply(&task, message)))
+        }),
+        ("POST", ["tasks", id, "dead-letter"]) => task_id(id).and_then(|id| {
+            let task: Task = parse(body)?;
+            if task.id != id {
+                return Err(Refusal::bad_request(format!("the record is task {}, not {id}", task.id)));
+            }
+            let task = queue.dead_letter(task, now);
+            Ok(Reply::json(200, &status_reply(&task, "dead letter recorded")))
         }),
         ("POST", ["tasks", id, "cancel"]) => task_id(id).and_then(|id| {
             let request: CancelRequest = parse(body)?;

@@ -231,6 +231,31 @@ impl<S: HostStore> HostQueue<S> {
         Ok(reply)
     }
 
+    /// The queue gave up delivering the task (its dead letter queue). A task held here is left
+    /// as it is: another copy of its message reached the queue (Queues deliver at least once,
+    /// sometimes twice). One not held yet is held as `failed`, so a copy of its message that
+    /// arrives later finds it finished rather than running a task KV says failed. Returns the
+    /// task as it stands. (Failing it in KV from the worker instead let a concurrent copy's
+    /// hand-off run it and mirror `pending` over `failed`: the production model, durable mode.)
+    pub fn dead_letter(&mut self, task: Task, now: Timestamp) -> Task {
+        if let Some(entry) = self.entries.get(&task.id) {
+            return entry.task.clone();
+        }
+        if task.status.is_terminal() {
+            return task;
+        }
+        let known = Mirror { written_at: Some(task.updated_at), refused_at: None, status: Some(task.status) };
+        self.mirrors.insert(task.id, known);
+        let id = task.id;
+        let mirrored_gen = task.gen;
+        let mut entry = StoredEntry { task, fence: 0, mirrored_gen, finished_at: None, cancel_requested: None };
+        let reason = "could not be handed to its host queue: the queue gave up after its retries (dead-lettered)";
+        entry.task.error = Some(reason.into());
+        entry.task.record(now, WORKER, TimelineEvent::DeadLettered, Some(TaskStatus::Failed), reason);
+        self.finish(entry, now);
+        self.entries[&id].task.clone()
+    }
+
     /// Whether the client asked to cancel this running long command (a heartbeat's answer).
     pub fn cancel_requested(&self, id: Uuid) -> bool {
         self.entries.get(&id).is_some_and(|e| e.cancel_requested.is_some() && !e.task.status.is_terminal())

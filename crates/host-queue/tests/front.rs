@@ -539,3 +539,60 @@ fn a_report_naming_its_server_skips_the_record_read() {
     assert_eq!(report("?server=staging"), 404);
     assert_eq!(edge.live_status(id), TaskStatus::Processing);
 }
+
+/// Production model (durable mode): a message delivered twice had one copy handed to the
+/// object and the other exhaust its retries; the dead letter handler failed the task in KV
+/// while the object ran it (then mirrored over that `failed`), or failed it in KV while a
+/// concurrent copy handed it over. Dead letters now go to the object: a task it holds is
+/// spared; one it does not hold is held as failed, so a later copy finds it finished.
+#[test]
+fn a_dead_letter_goes_to_the_object_which_spares_a_task_it_holds_and_fails_one_it_does_not() {
+    let edge = Edge::new();
+    let held = edge.submit("vm-1");
+    let never_handed = edge.submit("vm-2");
+    let messages = edge.queue.drain();
+    let store = TaskStore::new(edge.tasks.clone());
+    let front = ConsumerFront {
+        tasks: &store,
+        queues: &edge.objects,
+        consumer_tokens: &edge.consumer_tokens,
+        max_wait_secs: 30,
+        host_registry: &edge.hosts,
+        now: edge.clock.now(),
+    };
+    let of = |id: Uuid| messages.iter().find(|m| m.task_id == id).unwrap();
+    assert_eq!(block_on(front.hand_off(of(held))), Handoff::Done);
+    let bodies: Vec<Value> = [held, never_handed].map(|id| serde_json::to_value(of(id)).unwrap()).to_vec();
+    let decisions = block_on(front.dead_letter_batch(&bodies));
+    assert_eq!(decisions, [vm_task_edge::consumer::Delivery::Ack; 2]);
+    assert_eq!(edge.live_status(held), TaskStatus::Pending, "its object runs it");
+    assert_eq!(block_on(store.load(held)).unwrap().unwrap().status, TaskStatus::Pending, "not failed in KV");
+    assert_eq!(edge.live_status(never_handed), TaskStatus::Failed);
+    edge.clock.advance_ms(1_100);
+    block_on(front.hand_off(of(never_handed)));
+    assert_eq!(edge.live_status(never_handed), TaskStatus::Failed, "a late copy finds it finished");
+    let record = block_on(store.load(never_handed)).unwrap().unwrap();
+    assert_eq!(record.status, TaskStatus::Failed, "mirrored to KV");
+    assert!(record.error.unwrap().contains("dead-lettered"));
+}
+
+/// A message whose record has not reached the consumer's location is delivered again after
+/// half of KV's propagation window, so the queue's retries outlast the window.
+#[test]
+fn a_message_whose_record_is_not_visible_yet_is_retried_after_half_the_propagation_window() {
+    let edge = Edge::new();
+    let store = TaskStore::new(MemoryKv::new()); // a location the record has not reached
+    let front = ConsumerFront {
+        tasks: &store,
+        queues: &edge.objects,
+        consumer_tokens: &edge.consumer_tokens,
+        max_wait_secs: 30,
+        host_registry: &edge.hosts,
+        now: edge.clock.now(),
+    };
+    edge.submit("vm-1");
+    let message = edge.queue.drain().remove(0);
+    assert!(matches!(block_on(front.hand_off(&message)), Handoff::NotVisible(_)));
+    assert_eq!(Handoff::not_visible_delay_secs(60, 5), 30, "4 deliveries span 90 s > 60 s");
+    assert_eq!(Handoff::not_visible_delay_secs(0, 5), 5, "one location: the flat delay");
+}

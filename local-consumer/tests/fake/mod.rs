@@ -187,6 +187,11 @@ impl FakeEdge {
         self.state().tasks.get_mut(&id).unwrap().task.status = TaskStatus::Cancelled;
     }
 
+    /// The queue gave up delivering `id` before any claim: it fails unrun (dead-lettered).
+    pub fn dead_letter(&self, id: Uuid) {
+        self.state().tasks.get_mut(&id).unwrap().task.status = TaskStatus::Failed;
+    }
+
     /// An earlier claim of `id` (another daemon process's) ended without a report: the
     /// next claim is its second attempt.
     pub fn lose_attempt(&self, id: Uuid) {

@@ -1,13 +1,15 @@
 //! `simulate --seed N` replays one seed and prints its trace; `simulate --seeds N [--from S]`
-//! runs seeds S..S+N and prints the violations found and the production dispatch latencies.
+//! runs seeds S..S+N and prints the violations found and the production dispatch latencies;
+//! `--mode kv|durable` picks the dispatch mode (both by default).
 //! `cargo xtask simulate` runs this in release mode.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use edge_model::sim::{self, Outcome, Settings};
+use edge_model::sim::{self, Mode, Outcome, Settings};
 
-const USAGE: &str = "usage: simulate [--consistent] --seed N | --seeds N [--from S]
+const USAGE: &str = "usage: simulate [--mode kv|durable|both] [--consistent] --seed N | --seeds N [--from S]
+  --mode               the dispatch mode (DISPATCH_MODE); both, one after the other, by default
   --consistent         KV strongly consistent (one cache-free store) with production's limits
   --command-resend     the daemon driver re-sends a command claimed again after a lost attempt
                        (local-consumer before it failed such commands; --no-command-resend, the
@@ -30,23 +32,42 @@ fn main() -> ExitCode {
     if let Some(secs) = value("--kv-propagation-secs") {
         settings.kv_propagation_secs = secs;
     }
+    let modes = match args.iter().position(|a| a == "--mode").and_then(|i| args.get(i + 1)).map(String::as_str) {
+        None | Some("both") => vec![Mode::Kv, Mode::Durable],
+        Some("kv") => vec![Mode::Kv],
+        Some("durable") => vec![Mode::Durable],
+        Some(other) => {
+            eprintln!("--mode {other:?}: expected kv, durable or both\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut clean = true;
     if let Some(seed) = value("--seed") {
-        let outcome = sim::run_with(seed, &settings);
-        print!("{}", outcome.report());
-        return if outcome.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+        for mode in modes {
+            let outcome = sim::run_with(seed, &settings.clone().in_mode(mode));
+            println!("== mode {}", mode.name());
+            print!("{}", outcome.report());
+            clean &= outcome.violations.is_empty();
+        }
+        return if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE };
     }
     let Some(count) = value("--seeds") else {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
     let from = value("--from").unwrap_or(0);
-    let started = Instant::now();
-    let mut summary = Summary::default();
-    for seed in from..from + count {
-        summary.add(sim::run_with(seed, &settings));
+    for mode in modes {
+        let started = Instant::now();
+        let mut summary = Summary::default();
+        let settings = settings.clone().in_mode(mode);
+        for seed in from..from + count {
+            summary.add(sim::run_with(seed, &settings));
+        }
+        println!("== mode {} (replay a seed with --mode {} --seed N)", mode.name(), mode.name());
+        summary.print(count, started.elapsed().as_secs_f64());
+        clean &= summary.violating_seeds.is_empty();
     }
-    summary.print(count, started.elapsed().as_secs_f64());
-    if summary.violating_seeds.is_empty() {
+    if clean {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
