@@ -30,14 +30,15 @@ fn durable_mode_keeps_every_invariant_over_300_seeds() {
 
 /// Durable mode before its fixes: seed 52 dead-lettered two tasks whose record was cached
 /// absent at the consumer's location (one then ran after its VM's delete; now a hand-off that
-/// finds no record waits half the propagation window); 49, 925, 2000, 2781 failed in KV a task
-/// that its object ran or that a concurrent copy handed over (dead letters now go to the
-/// object); 1896, 4698, 5203 ran a VM's step after a dead-lettered predecessor, ahead of the
-/// step before it (the daemon now follows predecessors that never ran).
+/// finds no record waits half the propagation window); 49, 925, 2000, 2781, 2876 and 4741
+/// failed in KV a task that its object ran or that a concurrent copy handed over (dead letters
+/// now go to the object); 1896, 4698, 5203, 5376 and 6905 ran a VM's step after a
+/// dead-lettered predecessor, ahead of the step before it (the daemon now follows
+/// predecessors that never ran).
 #[test]
 fn durable_mode_seeds_of_the_fixed_findings_keep_every_invariant() {
     let durable = Settings::production().in_mode(Mode::Durable);
-    for seed in [49, 52, 925, 1896, 2000, 2781, 4698, 5203] {
+    for seed in [49, 52, 925, 1896, 2000, 2781, 2876, 4698, 4741, 5203, 5376, 6905] {
         let outcome = sim::run_with(seed, &durable);
         assert!(outcome.violations.is_empty(), "seed {seed}:\n{}", outcome.report());
     }
