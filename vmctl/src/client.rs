@@ -29,7 +29,9 @@ pub struct Answer<T> {
 /// is `cancel_requested`, which is no task status.
 #[derive(Debug, Clone)]
 pub struct CancelOutcome {
-    /// 202: a daemon's claim was in flight; the task's record says how it ended.
+    /// 202: not final yet (a daemon's claim was in flight, the command is running, or, deployed
+    /// across locations, until the `cancelFinalAt` the message names); the task's record says
+    /// how it ends.
     pub requested: bool,
     pub status: String,
     pub message: String,
