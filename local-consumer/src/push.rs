@@ -110,10 +110,15 @@ async fn keep_connected(channel: Arc<PushChannel>, url: Url, token: String, serv
         match connect(&url, &token).await {
             Ok(socket) => {
                 tracing::info!(%server, "push channel open");
-                failures = 0;
+                let opened = tokio::time::Instant::now();
                 channel.open.fetch_add(1, SeqCst);
                 channel.opens.send_modify(|n| *n += 1);
                 let outcome = serve(&channel, socket).await;
+                // Only a socket that stayed up resets the backoff: one the worker accepts and
+                // drops at once must not be reopened (and wake the poll) ten times a second.
+                if opened.elapsed() >= PING_EVERY {
+                    failures = 0;
+                }
                 channel.open.fetch_sub(1, SeqCst);
                 // Wake a waiting poll so it falls back to HTTP while we reconnect.
                 channel.arrived.notify_waiters();
