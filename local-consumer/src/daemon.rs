@@ -9,6 +9,11 @@
 //! joined as its event, so nothing accumulates. The daemon runs over the [`Edge`] and
 //! [`Execute`] traits and tokio's clock only, so tests drive it in-process with
 //! `tokio::time::pause` over a fake edge.
+//!
+//! The decisions (which task starts next, whether its predecessor is out of the way, what a
+//! claim's answer means, whether a claimed command may be sent) are not made here but in
+//! [`crate::decide`], plain synchronous code the production model (`edge-model`) runs too;
+//! this module does the I/O around them.
 
 use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Duration};
 
@@ -28,15 +33,17 @@ use vm_task_types::{
 
 use crate::{
     config::Config,
-    edge::{ClaimOutcome, Edge, EdgeClient, EdgeError},
+    decide::{self, Core, Predecessor, Start, CANCELLED_PREDECESSORS_MAX, UNREPORTED_RETRY},
+    edge::{Edge, EdgeClient, EdgeError},
     executor::{Attempts, BootDefaults, Execute, Executor, Outcome},
     lock,
     metrics::{self, Metrics},
     notify::Notifier,
     report::{self, REPORT_MAX_BYTES},
     retry::{Jitter, RetryPolicy},
-    scheduler::Scheduler,
 };
+
+pub use crate::decide::{never_ran, not_resent};
 
 /// Polls within this long of the last task found or finished ask for quick doorbell checks.
 const HOT_AFTER_ACTIVITY: Duration = Duration::from_secs(5);
@@ -46,24 +53,6 @@ const BACKLOG_RELIST_BELOW: usize = 100;
 
 /// Longest gap between a long command's heartbeats, which carry its client's cancel.
 const LONG_COMMAND_HEARTBEAT: Duration = Duration::from_secs(5);
-
-/// How soon a task whose report was not accepted is claimed again to report it.
-const UNREPORTED_RETRY: Duration = Duration::from_secs(5);
-
-/// Retries of a claim answered 404 for a listed task (its record has not reached the
-/// answering location yet): 1 s, 2 s, 4 s … capped at 30 s, 12 tries, about 4 minutes in
-/// all, several times KV's 60 s propagation. After that the record is taken as truly absent
-/// (an orphaned buffer entry with no task behind it: nothing a client can read or wait for)
-/// and the daemon stops claiming it until it restarts.
-const NOT_VISIBLE_RETRY: RetryPolicy =
-    RetryPolicy { retries: 12, base: Duration::from_secs(1), cap: Duration::from_secs(30) };
-
-/// KV's propagation window (`vm_task_edge::KV_PROPAGATION_SECS`): a record written this long
-/// ago is visible at every location.
-const KV_PROPAGATION_SECS: u64 = 60;
-
-/// How far the order check follows a chain of cancelled predecessors before it waits instead.
-const CANCELLED_PREDECESSORS_MAX: usize = 64;
 
 /// Retries of a failed report: quick at first, for up to one lease in all.
 const REPORT_RETRY: RetryPolicy =
@@ -201,27 +190,8 @@ pub enum Event {
     Watchdog,
 }
 
-/// What a task's job tells the loop when it ends.
-#[derive(Debug)]
-pub enum JobEnd {
-    /// Done here or found terminal: never start again.
-    Finished(Uuid),
-    /// Found cancelled, or terminal at its claim without having run here: never start it,
-    /// and never count it as a finished predecessor (it may never have run, so the tasks
-    /// before it may not have either; a successor asks the API, [`previous_finished`]).
-    Cancelled(Uuid),
-    /// Not startable yet; try again at this time if still listed.
-    Deferred(BufferedTask, Instant),
-    /// Ran, but no report was accepted (the claim was lost, or the workers stayed
-    /// unreachable): when the task is claimed again, report this instead of running it again.
-    Unreported(BufferedTask, Box<UpdateStatusRequest>, Instant),
-    /// The claim found no record of the listed task (not propagated yet): retry with backoff.
-    NotVisible(BufferedTask),
-    /// The claim got no answer (the workers went away mid-request), so it may have been
-    /// granted, and then the task is no longer listed as ready: try again at this time
-    /// whatever the listings say (the same claim id gets that claim back).
-    ClaimUnanswered(BufferedTask, Instant),
-}
+/// What a task's job tells the loop when it ends ([`decide::JobEnd`] over tokio's clock).
+pub type JobEnd = decide::JobEnd<Instant, UpdateStatusRequest>;
 
 /// Whether the loop goes on after an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,15 +221,12 @@ struct Polling {
 pub struct Daemon<E, X> {
     shared: Arc<Shared<E, X>>,
     notifier: Arc<Notifier>,
-    scheduler: Scheduler,
+    /// The decisions: what is listed, running, deferred, finished, unreported.
+    core: Core<Instant, UpdateStatusRequest>,
     /// Running jobs; joined as they end, so its length is the number running.
     jobs: JoinSet<JobEnd>,
     /// Each running job's task, to put it back if the job panics.
     job_tasks: HashMap<tokio::task::Id, BufferedTask>,
-    /// Outcomes of tasks that ran here but whose report was not accepted, by task id.
-    unreported: HashMap<Uuid, UpdateStatusRequest>,
-    /// Claims answered 404 so far, by task id, for the backoff of [`NOT_VISIBLE_RETRY`].
-    not_visible: HashMap<Uuid, u32>,
     poll: Option<PollFuture>,
     polling: Polling,
     watchdog: Option<Interval>,
@@ -268,7 +235,7 @@ pub struct Daemon<E, X> {
 impl<E, X> std::fmt::Debug for Daemon<E, X> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Daemon")
-            .field("scheduler", &self.scheduler)
+            .field("core", &self.core)
             .field("jobs", &self.jobs.len())
             .field("polling", &self.polling)
             .finish_non_exhaustive()
@@ -283,11 +250,9 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
         Self {
             shared: Arc::new(Shared { config, edge, executor, metrics, jitter, shutdown }),
             notifier,
-            scheduler: Scheduler::new(),
+            core: Core::new(),
             jobs: JoinSet::new(),
             job_tasks: HashMap::new(),
-            unreported: HashMap::new(),
-            not_visible: HashMap::new(),
             poll: None,
             polling: Polling {
                 bell: None,
@@ -323,19 +288,16 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
 
     /// Listed tasks waiting to start.
     pub fn waiting(&self) -> usize {
-        self.scheduler.waiting()
+        self.core.scheduler().waiting()
     }
 
     /// Starts whatever may start, while there are free slots.
     fn start_runnable(&mut self) {
         while self.jobs.len() < self.shared.config.max_concurrency {
-            let Some(task) = self.scheduler.next(Instant::now()) else { break };
-            // A predecessor this daemon saw finish needs no check with the API.
-            let previous_done = task.previous_task_id.is_some_and(|p| self.scheduler.has_finished_ran(p));
+            let Some(Start { task, previous_done, unreported }) = self.core.next(Instant::now()) else { break };
             // Every log line about the task, the executor's included, carries these fields.
             let span = tracing::info_span!("task", id = %task.task_id, vm = %task.vm_name, op = %task.kind);
             let shared = self.shared.clone();
-            let unreported = self.unreported.get(&task.task_id).cloned();
             let job = self.jobs.spawn(job(shared, task.clone(), previous_done, unreported).instrument(span));
             self.job_tasks.insert(job.id(), task);
         }
@@ -345,7 +307,7 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
     fn start_poll(&mut self) {
         // After a truncated listing, list again only once most of it has been worked off, so
         // a backlog over the page size does not turn into back-to-back listings.
-        let backlog = self.polling.need_full_list && self.scheduler.waiting() >= BACKLOG_RELIST_BELOW;
+        let backlog = self.polling.need_full_list && self.core.scheduler().waiting() >= BACKLOG_RELIST_BELOW;
         if self.poll.is_some() || backlog {
             return;
         }
@@ -378,7 +340,8 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
         // A deferred task due now can start only when a slot is free; a full house waits for a
         // job to end instead of spinning.
         let wakeup = self
-            .scheduler
+            .core
+            .scheduler()
             .next_wakeup()
             .filter(|_| self.jobs.len() < self.shared.config.max_concurrency)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
@@ -435,11 +398,7 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
                 polling.last_activity = Instant::now();
             }
             polling.need_full_list = !response.list_complete;
-            if response.list_complete {
-                self.scheduler.offer(response.tasks)
-            } else {
-                self.scheduler.add(response.tasks)
-            }
+            self.core.listed(response.tasks, response.list_complete);
         }
         polling.bell = Some(response.bell);
     }
@@ -457,38 +416,11 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
     fn job_ended(&mut self, job: tokio::task::Id, result: Result<JobEnd, JoinError>) {
         let task = self.job_tasks.remove(&job);
         match result {
-            Ok(JobEnd::Finished(id)) => {
-                self.unreported.remove(&id);
-                self.not_visible.remove(&id);
-                self.scheduler.finish(id);
-                self.polling.last_activity = Instant::now();
-            }
-            Ok(JobEnd::Cancelled(id)) => {
-                self.not_visible.remove(&id);
-                self.scheduler.finish_cancelled(id);
-            }
-            Ok(JobEnd::Deferred(task, at)) => self.scheduler.defer(task, at),
-            Ok(JobEnd::ClaimUnanswered(task, at)) => self.scheduler.defer_unlisted(task, at),
-            Ok(JobEnd::NotVisible(task)) => {
-                let id = task.task_id;
-                let tries = self.not_visible.entry(id).or_default();
-                *tries += 1;
-                if *tries > NOT_VISIBLE_RETRY.retries {
-                    tracing::error!(
-                        task = %id,
-                        tries = *tries,
-                        "the API still has no record of this listed task after minutes of retries: its buffer entry is an orphan; no longer claiming it"
-                    );
-                    self.not_visible.remove(&id);
-                    self.scheduler.finish(id);
-                } else {
-                    let at = Instant::now() + NOT_VISIBLE_RETRY.ceiling(*tries);
-                    self.scheduler.defer(task, at);
+            Ok(end) => {
+                if matches!(end, JobEnd::Finished(_)) {
+                    self.polling.last_activity = Instant::now();
                 }
-            }
-            Ok(JobEnd::Unreported(task, update, at)) => {
-                self.unreported.insert(task.task_id, *update);
-                self.scheduler.defer(task, at);
+                self.core.ended(end, Instant::now());
             }
             Err(e) => {
                 // A bug, not an outcome: free the VM and try again later; the lease, if the
@@ -496,7 +428,7 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
                 tracing::error!(error = %e, "a task's job panicked");
                 if let Some(task) = task {
                     let at = Instant::now() + self.shared.config.lease;
-                    self.scheduler.defer(task, at);
+                    self.core.ended(JobEnd::Deferred(task, at), Instant::now());
                 }
             }
         }
@@ -543,53 +475,22 @@ async fn job<E: Edge, X: Execute>(
     let id = task.task_id;
 
     if let Some(previous) = task.previous_task_id.filter(|_| !previous_done) {
-        match previous_finished(&shared, previous, task.created_at).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::debug!(%previous, "waiting for the VM's previous task");
-                return JobEnd::Deferred(task, Instant::now() + Duration::from_millis(500));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot check the previous task; will retry");
-                return JobEnd::Deferred(task, Instant::now() + Duration::from_secs(2));
-            }
+        let checked = previous_finished(&shared, previous, task.created_at).await;
+        if let Some(end) = decide::after_predecessor_check(task.clone(), checked, Instant::now()) {
+            return end;
         }
     }
     if shared.shutdown.is_cancelled() {
         return JobEnd::Deferred(task, Instant::now());
     }
 
-    let claim = match shared.edge.claim(&task, config.lease).await {
-        Ok(ClaimOutcome::Claimed(claim)) => claim,
-        Ok(ClaimOutcome::Finished(TaskStatus::Cancelled)) => {
-            tracing::info!("task is cancelled; skipping");
-            return JobEnd::Cancelled(id);
-        }
-        Ok(ClaimOutcome::Finished(status)) => {
-            // Finished without running here: it may never have run at all (dead-lettered,
-            // never claimed in time), so it vouches for nothing before it, as a cancelled one.
-            tracing::info!(%status, "task is already terminal; skipping");
-            return JobEnd::Cancelled(id);
-        }
-        Ok(ClaimOutcome::NotVisible) => {
-            tracing::info!("the API has no record of the listed task yet (KV propagation); will retry");
-            return JobEnd::NotVisible(task);
-        }
-        Ok(ClaimOutcome::Held(remaining)) => {
-            tracing::info!(
-                remaining_ms = remaining.as_millis() as u64,
-                "task is held by another claim; retrying when its lease ends"
-            );
-            return JobEnd::Deferred(task, Instant::now() + remaining + Duration::from_millis(250));
-        }
-        Err(e) => {
-            shared.metrics.edge_error("claim");
-            tracing::warn!(error = %e, "claim failed; will retry");
-            if e.is_transient() {
-                return JobEnd::ClaimUnanswered(task, Instant::now() + Duration::from_secs(2));
-            }
-            return JobEnd::Deferred(task, Instant::now() + Duration::from_secs(30));
-        }
+    let claimed = shared.edge.claim(&task, config.lease).await;
+    if claimed.is_err() {
+        shared.metrics.edge_error("claim");
+    }
+    let claim = match decide::after_claim(task.clone(), claimed, Instant::now()) {
+        Ok(claim) => claim,
+        Err(end) => return end,
     };
     let operation = claim.task.kind().as_str();
     shared.metrics.claimed(operation);
@@ -655,33 +556,8 @@ async fn job<E: Edge, X: Execute>(
     }
 }
 
-/// Why a claimed task must not run here, if it must not: a `run_command` on its second
-/// attempt or later. An earlier attempt's lease ended without a report (its daemon crashed,
-/// was cut off, or lost the claim), so that attempt may have sent the command to the guest,
-/// and a command is never sent twice. (A released claim gives its attempt back, and a
-/// launch, stop or delete looks at the VM first, so those are safe to run again. A long
-/// command's job in the guest is named by its task id: a later attempt finds it and watches
-/// it instead of sending it again.)
-pub fn not_resent(task: &vm_task_types::Task) -> Option<String> {
-    let short_command = matches!(&task.operation, Operation::RunCommand(cmd) if !cmd.is_long());
-    (short_command && task.attempts > 1).then(|| {
-        format!(
-            "not re-sent: this is attempt {} and an earlier attempt ended without a report, so the command may already have run in the guest; commands are never sent twice (submit it again if it is safe to repeat)",
-            task.attempts
-        )
-    })
-}
-
-/// Whether the VM's previous task is out of the way: terminal, unknown, or on another server.
-/// A predecessor that ended without ever running (cancelled, or failed before any claim: its
-/// queue message dead-lettered, nobody claimed it in time) says nothing about the tasks
-/// before it: the check follows the chain back to the nearest predecessor that did run. (The
-/// production model, durable mode: step 2 dead-lettered while step 1's message was still on
-/// its way, and step 3 ran before step 1.) A predecessor
-/// the API cannot find is unknown only once twice KV's propagation window has passed since
-/// the successor was created (the predecessor's record was written before that, and a
-/// location may cache its absence for 60 s from a read made while the write was still on its
-/// way); sooner, the answering location may just not have it yet.
+/// Whether the VM's previous task is out of the way, asking the API along the chain as
+/// [`decide::predecessor`] says.
 async fn previous_finished<E: Edge, X>(
     shared: &Shared<E, X>,
     previous: Uuid,
@@ -689,23 +565,15 @@ async fn previous_finished<E: Edge, X>(
 ) -> Result<bool, EdgeError> {
     let mut previous = previous;
     for _ in 0..CANCELLED_PREDECESSORS_MAX {
-        let Some(status) = shared.edge.task_status(previous).await? else {
-            return Ok(created_at.plus_secs(2 * KV_PROPAGATION_SECS) <= crate::edge::wall_clock());
-        };
-        if !shared.config.server_names.contains(&status.target_server) {
-            return Ok(true);
-        }
-        match (never_ran(&status), status.previous_task_id) {
-            (true, Some(before)) => previous = before,
-            _ => return Ok(status.status.is_terminal()),
+        let status = shared.edge.task_status(previous).await?;
+        let servers = &shared.config.server_names;
+        match decide::predecessor(status.as_ref(), servers, created_at, crate::edge::wall_clock()) {
+            Predecessor::Done => return Ok(true),
+            Predecessor::NotYet => return Ok(false),
+            Predecessor::Before(before) => previous = before,
         }
     }
     Ok(false)
-}
-
-/// Whether a task ended without any daemon having run it: cancelled, or failed with no claim.
-pub fn never_ran(status: &vm_task_types::wire::TaskStatusResponse) -> bool {
-    status.status == TaskStatus::Cancelled || (status.status == TaskStatus::Failed && status.attempts == 0)
 }
 
 /// Runs `work` while renewing the claim's lease every third of its length.

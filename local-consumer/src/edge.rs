@@ -299,26 +299,31 @@ impl EdgeClient {
         let body = read_capped(response, RESPONSE_MAX_BYTES)
             .await
             .map_err(|e| EdgeError::Transient(format!("{method} {}: {}", url.path(), error_chain(&e))))?;
-        let text = String::from_utf8_lossy(&body);
-        if status.is_success() {
-            return serde_json::from_str(&text).map_err(|e| {
-                EdgeError::Transient(format!("{method} {}: unexpected body ({e}): {}", url.path(), truncate(&text)))
-            });
-        }
-        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT
-        {
-            return Err(EdgeError::Transient(format!("{method} {}: HTTP {status}: {}", url.path(), truncate(&text))));
-        }
-        let body = serde_json::from_str(&text).unwrap_or_else(|_| ErrorBody {
-            success: false,
-            error: truncate(&text),
-            code: "unknown".into(),
-            field: None,
-            current_status: None,
-            lease_expires_at: None,
-        });
-        Err(EdgeError::Refused { status: status.as_u16(), body })
+        answer(status.as_u16(), &String::from_utf8_lossy(&body), &format!("{method} {}", url.path()))
     }
+}
+
+/// What a worker's answer means to the daemon, from its status and body (`what` names the
+/// request in errors): a success's parsed body, a transient error (5xx, 429, 408, an
+/// unreadable success) worth retrying, or a refusal. Plain, so the production model
+/// (`edge-model`) reads its simulated answers the same way.
+pub fn answer<T: serde::de::DeserializeOwned>(status: u16, text: &str, what: &str) -> Result<T, EdgeError> {
+    if (200..300).contains(&status) {
+        return serde_json::from_str(text)
+            .map_err(|e| EdgeError::Transient(format!("{what}: unexpected body ({e}): {}", truncate(text))));
+    }
+    if status >= 500 || status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT {
+        return Err(EdgeError::Transient(format!("{what}: HTTP {status}: {}", truncate(text))));
+    }
+    let body = serde_json::from_str(text).unwrap_or_else(|_| ErrorBody {
+        success: false,
+        error: truncate(text),
+        code: "unknown".into(),
+        field: None,
+        current_status: None,
+        lease_expires_at: None,
+    });
+    Err(EdgeError::Refused { status, body })
 }
 
 /// A shared edge is an edge, so tests can keep a handle on the one the daemon uses.
@@ -465,13 +470,7 @@ impl Edge for EdgeClient {
                 self.host.held.lock().expect("not poisoned").insert(id, task.target_server.clone());
                 Ok(ClaimOutcome::Claimed(Box::new(claim)))
             }
-            Err(EdgeError::Refused { status: 409, body }) => match (body.current_status, body.lease_expires_at) {
-                (Some(status), _) if status.is_terminal() => Ok(ClaimOutcome::Finished(status)),
-                (_, Some(until)) => Ok(ClaimOutcome::Held(Duration::from_millis(until.millis_since(wall_clock())))),
-                _ => Err(EdgeError::Refused { status: 409, body }),
-            },
-            Err(EdgeError::Refused { status: 404, .. }) => Ok(ClaimOutcome::NotVisible),
-            Err(e) => Err(e),
+            Err(e) => crate::decide::claim_refused(e, wall_clock()),
         }
     }
 

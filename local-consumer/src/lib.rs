@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod decide;
 pub mod edge;
 pub mod executor;
 pub mod guest_job;

@@ -3,7 +3,7 @@
 //! Pure bookkeeping over the latest listing, with no I/O, so the ordering rules are tested
 //! directly. Per-VM order has two guards: a VM runs only its oldest listed task, and a task
 //! whose `previousTaskId` this daemon has not seen finish is checked with the API before it is
-//! claimed (see `daemon`), which covers a predecessor still in the queue.
+//! claimed (see `decide::predecessor`), which covers a predecessor still in the queue.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -14,13 +14,15 @@ use vm_task_types::wire::BufferedTask;
 /// Finished ids remembered, so a stale listing does not start a task twice.
 const FINISHED_MEMORY: usize = 20_000;
 
-#[derive(Debug, Default)]
-pub struct Scheduler {
+/// `T` is the clock's reading: tokio's `Instant` in the daemon, simulated time in the
+/// production model (`edge-model`), which runs this same bookkeeping.
+#[derive(Debug)]
+pub struct Scheduler<T = Instant> {
     /// Listed and not yet started, by id (v7 ids sort by creation time).
     waiting: BTreeMap<Uuid, BufferedTask>,
     running: HashMap<Uuid, String>,
     running_vms: HashSet<String>,
-    not_before: HashMap<Uuid, Instant>,
+    not_before: HashMap<Uuid, T>,
     finished: HashSet<Uuid>,
     finished_order: VecDeque<Uuid>,
     /// The finished ones that were found cancelled (they never ran).
@@ -29,7 +31,22 @@ pub struct Scheduler {
     unlisted: HashSet<Uuid>,
 }
 
-impl Scheduler {
+impl<T> Default for Scheduler<T> {
+    fn default() -> Self {
+        Self {
+            waiting: BTreeMap::new(),
+            running: HashMap::new(),
+            running_vms: HashSet::new(),
+            not_before: HashMap::new(),
+            finished: HashSet::new(),
+            finished_order: VecDeque::new(),
+            cancelled: HashSet::new(),
+            unlisted: HashSet::new(),
+        }
+    }
+}
+
+impl<T: Copy + Ord> Scheduler<T> {
     pub fn new() -> Self {
         Self::default()
     }
@@ -57,7 +74,7 @@ impl Scheduler {
     }
 
     /// The next task to start, if one may start now; it moves to running.
-    pub fn next(&mut self, now: Instant) -> Option<BufferedTask> {
+    pub fn next(&mut self, now: T) -> Option<BufferedTask> {
         let mut seen_vms = HashSet::new();
         let mut pick = None;
         for (id, task) in &self.waiting {
@@ -95,7 +112,7 @@ impl Scheduler {
     }
 
     /// The task could not start yet; try again at `at` if it is still listed.
-    pub fn defer(&mut self, task: BufferedTask, at: Instant) {
+    pub fn defer(&mut self, task: BufferedTask, at: T) {
         self.release_vm(task.task_id);
         self.not_before.insert(task.task_id, at);
         self.waiting.insert(task.task_id, task);
@@ -104,7 +121,7 @@ impl Scheduler {
     /// Like [`Scheduler::defer`], but the task is tried again at `at` even if listings no
     /// longer show it: its claim went unanswered and may have been granted, which takes it out
     /// of the ready listings (dropping it then left it stuck until that lease ended).
-    pub fn defer_unlisted(&mut self, task: BufferedTask, at: Instant) {
+    pub fn defer_unlisted(&mut self, task: BufferedTask, at: T) {
         self.unlisted.insert(task.task_id);
         self.defer(task, at);
     }
@@ -137,7 +154,7 @@ impl Scheduler {
     /// When a deferred task becomes startable, if any waits on time alone. A task that waits
     /// for its VM (a task of the VM running, or an older one waiting) is not counted: its
     /// time coming does not make it startable, and waking for it would spin.
-    pub fn next_wakeup(&self) -> Option<Instant> {
+    pub fn next_wakeup(&self) -> Option<T> {
         let mut seen_vms = HashSet::new();
         self.waiting
             .iter()
