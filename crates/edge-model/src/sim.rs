@@ -18,17 +18,19 @@
 //! - **the cron** runs `sweep` every minute at its location;
 //! - **daemons**, one per server, run the consumer protocol (poll with the doorbell → check
 //!   predecessor → claim → execute on an in-memory Arrakis → report), one task at a time.
-//!   This driver restates `local-consumer`'s rules rather than running its loop: oldest listed
-//!   task per VM; a predecessor terminal (cancelled ones followed back to the nearest that was
-//!   not, and past tasks that failed before any claim) or not found 120 s after the
-//!   successor's creation; a claim 404 retried with backoff
-//!   12 times, a terminal 409 means finished; a refused report is kept for the next claim;
-//!   claim ids fixed per process and task; lifecycle operations look at the VM first; a
-//!   command claimed on a later attempt fails rather than being sent again (unless
-//!   [`DaemonRules`] model the old daemon). The daemon's own loop
-//!   (`local_consumer::daemon::Daemon` over its `Edge` and `Execute` traits) does not run here
-//!   yet: its `select!` is biased now (same-instant events replay in one order), but its traits
-//!   require `Send` futures and this world is single-threaded `Rc` state.
+//!   Its decisions are the real daemon's, `local_consumer::decide` called over simulated time:
+//!   which listed task starts next (the daemon's `Scheduler`: oldest per VM, deferrals,
+//!   finished and cancelled tasks remembered), whether a predecessor is out of the way
+//!   (`decide::predecessor` along the chain), what a claim's answer means (`edge::answer`,
+//!   `decide::claim_refused`, `decide::after_claim`: run, terminal, held, not visible yet with
+//!   its backoff, no answer), whether a claimed command may be sent (`decide::not_resent`,
+//!   unless [`DaemonRules`] model the old daemon) and what a job's end does to the state
+//!   (`Core::ended`: outcomes kept unreported, 404s given up). The driver around them is
+//!   still the model's own: one job at a time, polls at the doorbell interval instead of the
+//!   long-poll loop, a report retried on its own schedule, lifecycle operations looking at the
+//!   VM first (the executor's rule), claim ids fixed per process and task. The tokio loop
+//!   (`Daemon` over its `Edge` and `Execute` traits) does not run here: its traits require
+//!   `Send` futures and this world is single-threaded `Rc` state.
 //!
 //! In the `durable` dispatch mode ([`Mode::Durable`]) both workers put `host-queue`'s fronts
 //! before their KV-mode services, as the real workers do: the queue consumer hands each task to
@@ -49,6 +51,7 @@ use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::rc::Rc;
+use std::time::Duration;
 
 use futures::executor::block_on;
 use host_queue::{
@@ -69,6 +72,11 @@ use vm_task_edge::{
 use vm_task_types::{
     wire::{BufferedTask, ClaimResponse, CreateTaskResponse, ReadyTasksResponse, TaskStatusResponse},
     OperationKind, Task, TaskStatus, Timestamp,
+};
+
+use local_consumer::{
+    decide::{self, Core, JobEnd, Predecessor, Start},
+    edge::{self as daemon_edge, EdgeError},
 };
 
 use crate::durable::ObjectsModel;
@@ -269,11 +277,10 @@ enum Event {
     ObjectEvict {
         server: String,
     },
+    /// The daemon's current job claims its task.
     DaemonClaim {
         d: usize,
         gen: u32,
-        entry: Box<BufferedTaskKey>,
-        tries: u32,
     },
     DaemonExecute {
         d: usize,
@@ -306,14 +313,6 @@ enum Event {
     DaemonMove {
         d: usize,
     },
-}
-
-/// The fields of a buffered task the daemon needs, ordered so events can sit in the heap.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct BufferedTaskKey {
-    task_id: Uuid,
-    vm_name: String,
-    buffered_at: u64,
 }
 
 /// One operation a client wants done: a step of a VM's chain.
@@ -350,32 +349,27 @@ struct Accepted {
     claimed_at: Option<u64>,
 }
 
-#[derive(Debug, Clone)]
+/// An outcome the daemon keeps to report when it claims the task again: ok, and its note.
+type KeptOutcome = (bool, String);
+
+#[derive(Debug)]
 struct Daemon {
     server: String,
     location: Location,
     gen: u32,
     up: bool,
-    /// Tasks this process knows to be terminal (it reported them, or the API said so).
-    known_terminal: BTreeSet<Uuid>,
-    /// Tasks whose claim was refused recently: skipped until then.
-    skip_until: BTreeMap<Uuid, u64>,
+    /// The real daemon's decisions (`local_consumer::decide`) over simulated time (since the
+    /// model's epoch): what is listed, deferred, finished, kept unreported, and what starts.
+    core: Core<Duration, KeptOutcome>,
+    /// The task being worked on (one at a time), and the outcome kept for it, if any.
+    job: Option<(BufferedTask, Option<KeptOutcome>)>,
     claim_ids: BTreeMap<Uuid, Uuid>,
     partitions: Vec<(u64, u64)>,
     /// The doorbell value of the last listing, sent as `since`.
     bell: Option<String>,
     last_full_list: u64,
-    /// The last listing: what the daemon believes is buffered for it.
-    listed: Vec<BufferedTask>,
     /// When it last found or finished work (its polls are quicker for a while after).
     last_activity: u64,
-    /// Outcomes whose report was refused: reported, not run again, when the task is claimed
-    /// again.
-    unreported: BTreeMap<Uuid, (bool, String)>,
-    /// The known-terminal tasks that were found cancelled: no finished predecessor.
-    known_cancelled: BTreeSet<Uuid>,
-    /// Claims answered 404 so far per listed task (`NOT_VISIBLE_RETRY`).
-    not_visible: BTreeMap<Uuid, u32>,
     /// The scheduled poll that may run (later schedules replace earlier ones).
     poll_seq: u64,
     /// Whether the daemon is waiting for its next poll (not claiming, running or reporting):
@@ -384,14 +378,6 @@ struct Daemon {
     /// Durable mode: the push socket to its server's object is open.
     connected: bool,
 }
-
-/// `NOT_VISIBLE_RETRY.retries`: claims answered 404 retried this often before giving up.
-const NOT_VISIBLE_RETRIES: u32 = 12;
-/// `CANCELLED_PREDECESSORS_MAX`: how far the order check follows cancelled predecessors.
-const CANCELLED_PREDECESSORS_MAX: usize = 64;
-
-/// `UNREPORTED_RETRY`: how soon a task with a refused report is tried again.
-const UNREPORTED_RETRY_MS: u64 = 5_000;
 
 /// `RELIST_SECONDS`: a listing without `since` this often, in case a ring was missed.
 const RELIST_MS: u64 = 300_000;
@@ -568,17 +554,13 @@ impl Sim {
                 location,
                 gen: 0,
                 up: true,
-                known_terminal: BTreeSet::new(),
-                skip_until: BTreeMap::new(),
+                core: Core::new(),
+                job: None,
                 claim_ids: BTreeMap::new(),
                 partitions,
                 bell: None,
                 last_full_list: 0,
-                listed: Vec::new(),
                 last_activity: 0,
-                unreported: BTreeMap::new(),
-                not_visible: BTreeMap::new(),
-                known_cancelled: BTreeSet::new(),
                 poll_seq: 0,
                 idle: true,
                 connected: false,
@@ -740,11 +722,11 @@ impl Sim {
             Event::ObjectEvict { server } if self.objects.as_ref().is_some_and(|o| o.evict(&server)) => {
                 self.trace(format!("object {server}: evicted (its storage and alarm stay)"));
             }
-            Event::DaemonClaim { d, gen, entry, tries } if self.alive(d, gen) => self.daemon_claim(d, *entry, tries),
+            Event::DaemonClaim { d, gen } if self.alive(d, gen) => self.daemon_claim(d),
             Event::DaemonExecute { d, gen, key } => {
                 if let Some((task, claim)) = self.executions.remove(&key) {
                     if self.alive(d, gen) {
-                        match self.daemons[d].unreported.get(&task.id).cloned() {
+                        match self.daemons[d].job.as_ref().and_then(|(_, kept)| kept.clone()) {
                             Some((ok, note)) => {
                                 let server = self.daemons[d].server.clone();
                                 self.trace(format!(
@@ -768,14 +750,10 @@ impl Sim {
                 let daemon = &mut self.daemons[d];
                 daemon.up = false;
                 daemon.gen += 1;
-                daemon.known_terminal.clear();
-                daemon.skip_until.clear();
+                daemon.core = Core::new();
+                daemon.job = None;
                 daemon.claim_ids.clear();
                 daemon.bell = None;
-                daemon.listed.clear();
-                daemon.unreported.clear();
-                daemon.not_visible.clear();
-                daemon.known_cancelled.clear();
                 daemon.connected = false;
                 let server = daemon.server.clone();
                 let down = self.rng.range(5_000, 90_000);
@@ -942,12 +920,12 @@ impl Sim {
             .collect();
         let config = ObjectConfig { lease_min_secs: self.consumer_config.lease_min_secs, ..ObjectConfig::default() };
         self.objects = Some(ObjectsModel::new(self.tasks_kv.clone(), config, placement.clone(), self.kv_ops_limit));
-        for daemon in self.daemons.clone() {
+        for server in placement.keys() {
             if self.rng.chance(0.3) {
                 let at = self.rng.range(5_000, 150_000);
-                self.schedule(at, Event::ObjectEvict { server: daemon.server.clone() });
+                self.schedule(at, Event::ObjectEvict { server: server.clone() });
             }
-            self.trace(format!("plan: object {} at {}", daemon.server, LOCATIONS[placement[&daemon.server]]));
+            self.trace(format!("plan: object {server} at {}", LOCATIONS[placement[server]]));
         }
     }
 
@@ -1302,7 +1280,7 @@ impl Sim {
                 let ids: Vec<String> = ready.tasks.iter().map(|t| short(t.task_id)).collect();
                 self.trace(format!("{server}: listed [{}]", ids.join(" ")));
             }
-            self.daemons[d].listed = ready.tasks;
+            self.daemons[d].core.listed(ready.tasks, ready.list_complete);
         }
         self.daemons[d].bell = Some(ready.bell);
         self.pick_and_claim(d);
@@ -1330,14 +1308,15 @@ impl Sim {
             self.trace(format!("{server}@{location}: socket opened; the object sends [{}]", ids.join(" ")));
             let daemon = &mut self.daemons[d];
             daemon.connected = true;
-            daemon.listed = tasks;
+            // A push (`EdgeClient::ready`): a partial listing.
+            daemon.core.listed(tasks, false);
             daemon.last_full_list = self.now;
         } else if self.now >= self.daemons[d].last_full_list + RELIST_MS {
             let path = format!("/tasks/ready?server={server}&limit=1000");
             match self.daemon_call(d, false, Request::new("GET", &path).bearer(CONSUMER_TOKEN)) {
                 Net::Answered(r) if r.status == 200 => {
                     if let Ok(ready) = r.json_body::<ReadyTasksResponse>() {
-                        self.daemons[d].listed = ready.tasks;
+                        self.daemons[d].core.listed(ready.tasks, ready.list_complete);
                         self.daemons[d].last_full_list = self.now;
                     }
                 }
@@ -1354,106 +1333,82 @@ impl Sim {
         let ids: Vec<String> = tasks.iter().map(|t| short(t.task_id)).collect();
         self.trace(format!("{server}: pushed [{}]", ids.join(" ")));
         let daemon = &mut self.daemons[d];
-        for task in tasks {
-            if !daemon.listed.iter().any(|t| t.task_id == task.task_id) {
-                daemon.listed.push(task);
-            }
-        }
-        daemon.listed.sort_by_key(|t| t.task_id);
+        daemon.core.listed(tasks, false);
         daemon.last_activity = self.now;
         if daemon.idle {
             self.poll_later(d, 0);
         }
     }
 
-    /// Claims the oldest listed task of some VM whose predecessor is done, or polls again.
-    fn pick_and_claim(&mut self, d: usize) {
-        // Oldest listed task per VM, not known finished, not recently refused.
-        let now = self.now;
-        let daemon = &self.daemons[d];
-        let mut firsts: BTreeMap<String, BufferedTask> = BTreeMap::new();
-        for t in daemon.listed.iter().cloned() {
-            if daemon.known_terminal.contains(&t.task_id) {
-                continue;
-            }
-            firsts.entry(t.vm_name.clone()).or_insert(t);
+    /// The daemon's clock reading for its decisions: simulated time since the model's epoch.
+    fn clock(&self) -> Duration {
+        Duration::from_millis(self.now)
+    }
+
+    /// Ends the daemon's current job so (`Daemon::job_ended`).
+    fn job_ended(&mut self, d: usize, end: JobEnd<Duration, KeptOutcome>) {
+        let now = self.clock();
+        let daemon = &mut self.daemons[d];
+        daemon.job = None;
+        if matches!(end, JobEnd::Finished(_)) {
+            daemon.last_activity = self.now;
         }
-        let candidates: Vec<BufferedTask> = firsts
-            .into_values()
-            .filter(|t| daemon.skip_until.get(&t.task_id).is_none_or(|&until| until <= now))
-            .collect();
-        for entry in candidates {
-            if let Some(prev) = entry.previous_task_id {
-                let daemon = &self.daemons[d];
-                let seen_finish = daemon.known_terminal.contains(&prev) && !daemon.known_cancelled.contains(&prev);
-                if !seen_finish && !self.predecessor_terminal(d, prev, entry.created_at.as_millis()) {
+        daemon.core.ended(end, now);
+    }
+
+    /// Starts what the daemon's decisions say may start (`Daemon::start_runnable` with one
+    /// slot): its predecessor checked with the API unless seen finishing here
+    /// (`job`'s first step), then its claim; or polls again.
+    fn pick_and_claim(&mut self, d: usize) {
+        while self.daemons[d].job.is_none() {
+            let now = self.clock();
+            let Some(Start { task, previous_done, unreported }) = self.daemons[d].core.next(now) else { break };
+            self.daemons[d].job = Some((task.clone(), unreported));
+            if let Some(previous) = task.previous_task_id.filter(|_| !previous_done) {
+                let checked = self.previous_finished(d, previous, task.created_at);
+                if let Some(end) = decide::after_predecessor_check(task, checked, self.clock()) {
+                    self.job_ended(d, end);
                     continue;
                 }
             }
-            let key = BufferedTaskKey {
-                task_id: entry.task_id,
-                vm_name: entry.vm_name.clone(),
-                buffered_at: entry.buffered_at.as_millis(),
-            };
             let gen = self.daemons[d].gen;
-            self.schedule(0, Event::DaemonClaim { d, gen, entry: Box::new(key), tries: 0 });
+            self.schedule(0, Event::DaemonClaim { d, gen });
             return;
         }
         self.poll_again(d);
     }
 
-    /// Asks the API whether `prev` is terminal (a lost request counts as "not yet"), following
-    /// cancelled predecessors to the nearest one that was not (`previous_finished`).
-    fn predecessor_terminal(&mut self, d: usize, prev: Uuid, created_at: u64) -> bool {
-        let mut prev = prev;
-        for _ in 0..CANCELLED_PREDECESSORS_MAX {
-            match self.predecessor_status(d, prev, created_at) {
-                Some((_, true, Some(before))) => prev = before,
-                Some((status, _, _)) => return status.is_terminal(),
-                None => return false,
+    /// `daemon::previous_finished`: asks the API about the predecessor, along the chain as
+    /// `decide::predecessor` says.
+    fn previous_finished(&mut self, d: usize, previous: Uuid, created_at: Timestamp) -> Result<bool, EdgeError> {
+        let servers = [self.daemons[d].server.clone()];
+        let mut previous = previous;
+        for _ in 0..decide::CANCELLED_PREDECESSORS_MAX {
+            let request = Request::new("GET", &format!("/vm/tasks/{previous}/status")).bearer(CONSUMER_TOKEN);
+            let status = match self.daemon_call(d, true, request) {
+                Net::Answered(r) if r.status == 404 => None,
+                Net::Answered(r) => Some(daemon_edge::answer::<TaskStatusResponse>(r.status, &raw_text(&r), "status")?),
+                other => return Err(EdgeError::Transient(net_text(&other))),
+            };
+            let verdict = decide::predecessor(status.as_ref(), &servers, created_at, Timestamp(self.now));
+            if status.is_none() {
+                let server = &servers[0];
+                let what = if verdict == Predecessor::Done { "treated as finished" } else { "waiting" };
+                self.trace(format!("{server}: predecessor {} not found (404): {what}", short(previous)));
+            }
+            match verdict {
+                Predecessor::Done => return Ok(true),
+                Predecessor::NotYet => return Ok(false),
+                Predecessor::Before(before) => previous = before,
             }
         }
-        false
+        Ok(false)
     }
 
-    /// One status read of a predecessor: its status and its own predecessor, `None` when
-    /// unknown for now. Terminal (and, by the daemon's rule, not found) gets `Completed`.
-    fn predecessor_status(
-        &mut self,
-        d: usize,
-        prev: Uuid,
-        created_at: u64,
-    ) -> Option<(TaskStatus, bool, Option<Uuid>)> {
-        let request = Request::new("GET", &format!("/vm/tasks/{prev}/status")).bearer(CONSUMER_TOKEN);
-        match self.daemon_call(d, true, request) {
-            Net::Answered(r) if r.status == 200 => {
-                let status = r.json_body::<TaskStatusResponse>().ok()?;
-                // `daemon::never_ran`: cancelled, or failed before any claim.
-                let never_ran = status.status == TaskStatus::Cancelled
-                    || (status.status == TaskStatus::Failed && status.attempts == 0);
-                if status.status.is_terminal() && !never_ran {
-                    self.daemons[d].known_terminal.insert(prev);
-                }
-                Some((status.status, never_ran, status.previous_task_id))
-            }
-            // A predecessor the API cannot find is unknown (out of the way) only once twice KV's
-            // propagation window has passed since the successor was created
-            // (`previous_finished`); sooner, the daemon's location may not have it yet.
-            Net::Answered(r) if r.status == 404 => {
-                let server = self.daemons[d].server.clone();
-                if self.now >= created_at + 120_000 {
-                    self.trace(format!("{server}: predecessor {} not found (404): treated as finished", short(prev)));
-                    Some((TaskStatus::Completed, false, None))
-                } else {
-                    self.trace(format!("{server}: predecessor {} not found (404) yet: waiting", short(prev)));
-                    None
-                }
-            }
-            _ => None,
-        }
-    }
-
-    fn daemon_claim(&mut self, d: usize, entry: BufferedTaskKey, tries: u32) {
+    /// The current job's claim (`EdgeClient::claim`), and what its answer means
+    /// (`decide::claim_refused`, `decide::after_claim`).
+    fn daemon_claim(&mut self, d: usize) {
+        let Some((entry, _)) = self.daemons[d].job.clone() else { return };
         let task = entry.task_id;
         let gen = self.daemons[d].gen;
         let claim_id = match self.daemons[d].claim_ids.get(&task) {
@@ -1472,95 +1427,52 @@ impl Sim {
             path.push_str(&format!("?server={server}"));
         }
         let request = Request::new("POST", &path).bearer(CONSUMER_TOKEN).json_body(&json!({
-            "consumerId": consumer_id, "claimId": claim_id, "bufferedAt": Timestamp(entry.buffered_at),
+            "consumerId": consumer_id, "claimId": claim_id, "bufferedAt": entry.buffered_at,
         }));
         let location = LOCATIONS[self.daemons[d].location];
-        match self.daemon_call(d, false, request) {
-            Net::Answered(r) if r.status == 200 => {
-                let claim = match r.json_body::<ClaimResponse>() {
-                    Ok(claim) => claim,
-                    Err(e) => {
-                        self.trace(format!("{server}@{location}: claim of {} → 200 unreadable: {e}", short(task)));
-                        return self.poll_later(d, 1_000);
-                    }
-                };
+        let net = self.daemon_call(d, false, request);
+        let answered = match &net {
+            Net::Answered(r) => daemon_edge::answer::<ClaimResponse>(r.status, &raw_text(r), "claim")
+                .map(|claim| local_consumer::edge::ClaimOutcome::Claimed(Box::new(claim)))
+                .or_else(|e| decide::claim_refused(e, Timestamp(self.now))),
+            other => Err(EdgeError::Transient(net_text(other))),
+        };
+        let claim = match decide::after_claim(entry, answered, self.clock()) {
+            Ok(claim) => claim,
+            Err(end) => {
                 self.trace(format!(
-                    "{server}@{location}: claimed task {} ({} {}, attempt {}, after {})",
+                    "{server}@{location}: claim of {} → {}: {}",
                     short(task),
-                    claim.task.vm_name(),
-                    claim.task.kind().as_str(),
-                    claim.task.attempts,
-                    claim.task.previous_task_id.map(short).unwrap_or_else(|| "nothing".into())
+                    net_text(&net),
+                    job_end_text(&end)
                 ));
-                self.daemons[d].last_activity = self.now;
-                if let Some(a) = self.accepted.get_mut(&task) {
-                    if a.claimed_at.is_none() {
-                        a.claimed_at = Some(self.now + self.lag);
-                        let latency = self.now + self.lag - a.accepted_at;
-                        self.outcome.claim_latency_ms.push(latency);
-                        if self.ops[a.op].step == 0 {
-                            self.outcome.first_claim_latency_ms.push(latency);
-                        }
-                    }
-                }
-                let gen = self.daemons[d].gen;
-                self.seq += 1;
-                let key = self.seq;
-                self.executions.insert(key, (claim.task, claim.claim_id));
-                self.schedule(0, Event::DaemonExecute { d, gen, key });
+                self.job_ended(d, end);
+                return self.poll_later(d, 200);
             }
-            Net::Answered(r) if r.status == 404 => {
-                // `ClaimOutcome::NotVisible`: the record has not reached this location yet;
-                // retried after 1, 2, 4, 8, 16, then 30 s, 12 times, then given up as an orphan.
-                let tries = self.daemons[d].not_visible.entry(task).or_default();
-                *tries += 1;
-                let tries = *tries;
-                if tries > NOT_VISIBLE_RETRIES {
-                    self.trace(format!("{server}@{location}: claim of {} → 404 {tries} times: given up", short(task)));
-                    self.daemons[d].known_terminal.insert(task);
-                } else {
-                    let delay = (1_000u64 << (tries - 1).min(5)).min(30_000);
-                    self.trace(format!(
-                        "{server}@{location}: claim of {} → 404: not visible yet, retry in {} s",
-                        short(task),
-                        delay / 1000
-                    ));
-                    self.daemons[d].skip_until.insert(task, self.now + delay);
-                }
-                self.poll_later(d, 200);
-            }
-            Net::Answered(r) if r.status == 409 => {
-                self.trace(format!("{server}@{location}: claim of {} → {} {}", short(task), r.status, status_of(&r)));
-                // Held (`ClaimOutcome::Held`): tried again when the lease (or the wait the
-                // edge names) ends; otherwise in 10 s.
-                let body = r.json_body::<Value>().unwrap_or(Value::Null);
-                let held_until = body
-                    .get("leaseExpiresAt")
-                    .or_else(|| body.get("error").and_then(|e| e.get("leaseExpiresAt")))
-                    .and_then(|v| serde_json::from_value::<Timestamp>(v.clone()).ok());
-                let until = held_until.map_or(self.now + 10_000, |t| t.as_millis().max(self.now) + 250);
-                self.daemons[d].skip_until.insert(task, until);
-                // A terminal 409 is "finished, never again" (`ClaimOutcome::Finished`); a held
-                // 409 is retried after the lease.
-                if r.json_body::<Value>().is_ok_and(|b| terminal_in_body(&b)) {
-                    // Terminal without having run here (`JobEnd::Cancelled`): no finished
-                    // predecessor for its successors, which ask the API.
-                    self.daemons[d].known_terminal.insert(task);
-                    self.daemons[d].known_cancelled.insert(task);
-                }
-                self.poll_later(d, 200);
-            }
-            other => {
-                let what = net_text(&other);
-                self.trace(format!("{server}@{location}: claim of {} (try {}) → {what}", short(task), tries + 1));
-                if tries < 5 {
-                    let delay = if matches!(other, Net::Answered(_)) { 1_000 } else { 5_000 };
-                    self.schedule(delay, Event::DaemonClaim { d, gen, entry: Box::new(entry), tries: tries + 1 });
-                } else {
-                    self.poll_later(d, 1_000);
+        };
+        self.trace(format!(
+            "{server}@{location}: claimed task {} ({} {}, attempt {}, after {})",
+            short(task),
+            claim.task.vm_name(),
+            claim.task.kind().as_str(),
+            claim.task.attempts,
+            claim.task.previous_task_id.map(short).unwrap_or_else(|| "nothing".into())
+        ));
+        self.daemons[d].last_activity = self.now;
+        if let Some(a) = self.accepted.get_mut(&task) {
+            if a.claimed_at.is_none() {
+                a.claimed_at = Some(self.now + self.lag);
+                let latency = self.now + self.lag - a.accepted_at;
+                self.outcome.claim_latency_ms.push(latency);
+                if self.ops[a.op].step == 0 {
+                    self.outcome.first_claim_latency_ms.push(latency);
                 }
             }
         }
+        self.seq += 1;
+        let key = self.seq;
+        self.executions.insert(key, (claim.task, claim.claim_id));
+        self.schedule(0, Event::DaemonExecute { d, gen, key });
     }
 
     /// Runs the task on the in-memory Arrakis: the effect happens now, the report when the
@@ -1579,7 +1491,10 @@ impl Sim {
                     (true, true, "launched".to_owned(), self.rng.range(1_000, 8_000))
                 }
             },
-            OperationKind::RunCommand if task.attempts > 1 && !self.rules.resend_commands_on_reclaim => {
+            // The daemon's own rule (`decide::not_resent`), unless the old daemon is modelled.
+            OperationKind::RunCommand
+                if !self.rules.resend_commands_on_reclaim && decide::not_resent(task).is_some() =>
+            {
                 (false, false, "an earlier attempt may have run it; not re-sent".to_owned(), 50)
             }
             OperationKind::RunCommand => match state {
@@ -1626,9 +1541,7 @@ impl Sim {
         match self.daemon_call(d, true, request) {
             Net::Answered(r) if r.status == 200 => {
                 self.trace(format!("{server}@{location}: report {status} for {} → 200 {}", short(task), status_of(&r)));
-                self.daemons[d].known_terminal.insert(task);
-                self.daemons[d].unreported.remove(&task);
-                self.daemons[d].last_activity = self.now;
+                self.job_ended(d, JobEnd::Finished(task));
                 self.poll_later(d, 0);
             }
             Net::Answered(r) if r.status == 409 || r.status == 404 => {
@@ -1660,11 +1573,15 @@ impl Sim {
         }
     }
 
+    /// `JobEnd::Unreported`: the outcome is reported, not run again, on the next claim.
     fn keep_unreported(&mut self, d: usize, task: Uuid, ok: bool, note: String) {
-        let until = self.now + self.lag + UNREPORTED_RETRY_MS;
-        let daemon = &mut self.daemons[d];
-        daemon.unreported.insert(task, (ok, note));
-        daemon.skip_until.insert(task, until);
+        let at = Duration::from_millis(self.now + self.lag) + decide::UNREPORTED_RETRY;
+        match self.daemons[d].job.clone() {
+            Some((entry, _)) if entry.task_id == task => {
+                self.job_ended(d, JobEnd::Unreported(entry, Box::new((ok, note)), at));
+            }
+            _ => {}
+        }
         self.poll_later(d, 0);
     }
 
@@ -1855,6 +1772,10 @@ fn short(id: Uuid) -> String {
     id.simple().to_string()[..8].to_owned() + "…" + &id.simple().to_string()[28..]
 }
 
+fn raw_text(r: &Response) -> String {
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
 fn body_text(r: &Response) -> String {
     let text = String::from_utf8_lossy(&r.body);
     let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
@@ -1872,9 +1793,15 @@ fn status_of(r: &Response) -> String {
     }
 }
 
-fn terminal_in_body(body: &Value) -> bool {
-    let status = body.get("currentStatus").or_else(|| body.get("error").and_then(|e| e.get("currentStatus")));
-    status.and_then(|s| serde_json::from_value::<TaskStatus>(s.clone()).ok()).is_some_and(|s| s.is_terminal())
+fn job_end_text<T, U>(end: &JobEnd<T, U>) -> &'static str {
+    match end {
+        JobEnd::Finished(_) => "finished",
+        JobEnd::Cancelled(_) => "terminal: never again, vouches for no successor",
+        JobEnd::Deferred(..) => "tried again later",
+        JobEnd::Unreported(..) => "kept to report",
+        JobEnd::NotVisible(_) => "not visible yet: retried with backoff",
+        JobEnd::ClaimUnanswered(..) => "no answer: tried again whatever the listings say",
+    }
 }
 
 fn net_text(net: &Net) -> String {
