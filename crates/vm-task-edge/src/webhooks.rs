@@ -770,6 +770,21 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_lettered_message_is_recorded_as_given_up() {
+        let setup = Setup::new("");
+        let tasks = setup.store();
+        let done = task(TaskStatus::Failed, Some("https://hooks.example.com/a"));
+        block_on(tasks.save(&done)).unwrap();
+        let (first, _) = setup.queue.drain().remove(0);
+        let fetch = ScriptedFetch::default();
+        block_on(setup.delivery(&tasks, fetch.clone()).dead_lettered(&first));
+        assert!(fetch.received().is_empty(), "a dead letter is not sent again");
+        assert!(setup.queue.drain().is_empty());
+        let notes = setup.webhook_entries(&tasks, done.id);
+        assert!(notes[0].contains("attempt 1 to https://hooks.example.com/a") && notes[0].contains("dead-lettered"));
+    }
+
+    #[test]
     fn without_a_secret_nothing_is_sent_and_the_attempt_is_retried() {
         let setup = Setup::new("");
         let tasks = setup.store();
