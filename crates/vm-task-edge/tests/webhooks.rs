@@ -131,3 +131,29 @@ fn the_producer_costs_one_message_and_each_attempt_one_read_and_one_write() {
     assert_eq!((after.kv_reads - before.kv_reads, after.kv_writes - before.kv_writes), (1, 1));
     assert_eq!(edge.webhooks.drain().len(), 1, "the 503 queued one next attempt");
 }
+
+/// The queue refuses the event: the report still succeeds, and the note lands on the record as
+/// the key's second write, about a second after the first, on a KV that refuses a second write
+/// within a second as production does (the note's write is paced).
+#[test]
+fn a_refused_event_is_noted_under_the_one_write_per_second_limit() {
+    let edge = Edge::new();
+    let id = edge.submit(with_callback(launch("vm-1", "host-a")));
+    edge.deliver();
+    let claim = edge.claimed(id);
+    edge.clock.advance_ms(1_000);
+    edge.webhooks.fail_sends(true);
+    let r = edge.report(id, claim.claim_id, json!({"status": "completed"}));
+    assert_eq!(r.status, 200, "{}", body_text(&r));
+    let task = edge.detail(id);
+    assert_eq!(task["status"], "completed");
+    let notes: Vec<&str> = task["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "webhook")
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].contains("not queued after 3 tries"), "{notes:?}");
+}
