@@ -29,6 +29,12 @@ pub struct HostQueueObject {
     instance: u64,
     /// The alarm as last set, to skip setting it again.
     alarm_at: Cell<Option<u64>>,
+    /// Task records (id, gen) being written to KV now. Concurrent requests each run
+    /// `after_step`, and the mirror stays due until its write returns: without this, two wrote
+    /// the same terminal record and each write queued the task's webhook (the e2e test
+    /// `webhooks::each_terminal_task_is_delivered_once_signed_within_2_s` got a completed task's
+    /// event twice in the durable mode).
+    writing: RefCell<std::collections::HashSet<(u128, u64)>>,
 }
 
 impl DurableObject for HostQueueObject {
@@ -43,6 +49,7 @@ impl DurableObject for HostQueueObject {
             queue: RefCell::new(None),
             instance: WorkerClock.now().as_millis(),
             alarm_at: Cell::new(None),
+            writing: RefCell::new(std::collections::HashSet::new()),
         }
     }
 
@@ -184,7 +191,12 @@ impl HostQueueObject {
             let (config, _) = crate::config(&self.env);
             if let Ok(tasks) = crate::task_store(&self.env, &config.webhooks) {
                 for task in mirror {
+                    // Another request's after_step is writing this version already.
+                    if !self.writing.borrow_mut().insert((task.id.as_u128(), task.gen)) {
+                        continue;
+                    }
                     let written = tasks.save(&task).await;
+                    self.writing.borrow_mut().remove(&(task.id.as_u128(), task.gen));
                     let now = WorkerClock.now();
                     // A 429 or any other failure: tried again after the window.
                     let _ = self.step(|queue, _| match &written {

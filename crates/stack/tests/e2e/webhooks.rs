@@ -28,13 +28,24 @@ use crate::support::*;
 const TOLERANCE_SECS: u64 = 5 * 60;
 
 /// One POST the receiver got.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Delivery {
     id: String,
     timestamp: String,
     signature: String,
     body: Vec<u8>,
     received_ms: u64,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("id", &self.id)
+            .field("timestamp", &self.timestamp)
+            .field("received_ms", &self.received_ms)
+            .field("body", &String::from_utf8_lossy(&self.body))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Delivery {
@@ -254,7 +265,9 @@ async fn each_terminal_task_is_delivered_once_signed_within_2_s() {
     // Exactly one each: nothing more arrives afterwards.
     tokio::time::sleep(Duration::from_secs(3)).await;
     for id in [completed, failed, cancelled] {
-        assert_eq!(receiver.for_task(id).len(), 1, "task {id}");
+        let got = receiver.for_task(id);
+        let timeline = api.task(id).await.unwrap().timeline;
+        assert_eq!(got.len(), 1, "task {id}: {got:?}\n{timeline:#?}");
     }
     stack.shutdown().await.unwrap();
 }
