@@ -33,7 +33,7 @@ use vm_task_types::{
 
 use crate::{
     config::Config,
-    decide::{self, Core, Predecessor, Start, CANCELLED_PREDECESSORS_MAX, UNREPORTED_RETRY},
+    decide::{self, AfterReport, Core, Predecessor, Start, CANCELLED_PREDECESSORS_MAX, UNREPORTED_RETRY},
     edge::{Edge, EdgeClient, EdgeError},
     executor::{Attempts, BootDefaults, Execute, Executor, Outcome},
     lock,
@@ -658,10 +658,17 @@ async fn deliver<E: Edge, X>(
     let mut content_refused = false;
     loop {
         attempt += 1;
-        match shared.edge.report(id, &update).await {
-            Ok(()) => return Ok(update.status),
-            Err(EdgeError::Refused { status: status @ (400 | 413 | 422), body }) if !content_refused => {
-                tracing::error!(status, error = %body.error, bytes = fitted.bytes, "the API refused the report's content; reporting the task failed with the reason instead");
+        let answer = shared.edge.report(id, &update).await;
+        let decision = decide::after_report(&answer, content_refused);
+        let Err(e) = answer else { return Ok(update.status) };
+        match decision {
+            AfterReport::Accepted => return Ok(update.status),
+            AfterReport::ReportFailedInstead => {
+                let (status, reason) = match &e {
+                    EdgeError::Refused { status, body } => (*status, body.error.clone()),
+                    EdgeError::Transient(reason) => (0, reason.clone()),
+                };
+                tracing::error!(status, error = %reason, bytes = fitted.bytes, "the API refused the report's content; reporting the task failed with the reason instead");
                 content_refused = true;
                 update = UpdateStatusRequest {
                     status: TaskStatus::Failed,
@@ -669,8 +676,8 @@ async fn deliver<E: Edge, X>(
                     result: None,
                     error: Some(report::head_and_tail(
                         &format!(
-                            "the task ran, but the API refused its {} report (HTTP {status}: {}); its result is lost",
-                            update.status, body.error
+                            "the task ran, but the API refused its {} report (HTTP {status}: {reason}); its result is lost",
+                            update.status
                         ),
                         2048,
                     )),
@@ -679,11 +686,11 @@ async fn deliver<E: Edge, X>(
                 };
                 (attempt, deadline) = (0, Instant::now() + shared.config.lease);
             }
-            Err(EdgeError::Refused { status, body }) => {
-                tracing::error!(status, error = %body.error, "report refused: the claim is no longer ours; will report again if the task is claimed again");
+            AfterReport::Keep => {
+                tracing::error!(error = %e, "report refused: the claim is no longer ours; will report again if the task is claimed again");
                 return Err(update);
             }
-            Err(e) => {
+            AfterReport::Retry => {
                 shared.metrics.edge_error("report");
                 if Instant::now() >= deadline {
                     tracing::error!(error = %e, "giving up reporting for now; will report again when the task is claimed again");

@@ -1,7 +1,8 @@
 //! The daemon's decisions, without I/O (the sans-IO pattern of quinn-proto): given what the
 //! daemon knows (listings, jobs that ended, answers it got, the clock's reading) they say
 //! what to do next: which task to start, whether its predecessor is out of the way, whether a
-//! claimed task may run or must fail as possibly sent already, what a claim's answer means.
+//! claimed task may run or must fail as possibly sent already, what a claim's or a report's
+//! answer means.
 //!
 //! The tokio [`crate::daemon::Daemon`] does the I/O around them; the production model
 //! (`edge-model`) calls the same functions from its single-threaded, simulated-time daemon, so
@@ -319,6 +320,35 @@ pub fn after_predecessor_check<T: Add<Duration, Output = T>, U>(
     }
 }
 
+/// What to do after one attempt to report a task's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterReport {
+    /// Accepted: the task is finished here.
+    Accepted,
+    /// Refused for its content (400, 413, 422) the first time: report the task `failed` with
+    /// the reason instead, so it ends readable rather than stuck.
+    ReportFailedInstead,
+    /// Refused otherwise (the claim is no longer ours): keep the outcome and report it when
+    /// the task is claimed again, never running it again ([`JobEnd::Unreported`]).
+    Keep,
+    /// No answer, or a transient error: try the same report again (while the caller's
+    /// deadline allows).
+    Retry,
+}
+
+/// What a report's answer means; `content_refused_before`: a failed report already replaced
+/// one the API refused for its content.
+pub fn after_report(answer: &Result<(), EdgeError>, content_refused_before: bool) -> AfterReport {
+    match answer {
+        Ok(()) => AfterReport::Accepted,
+        Err(EdgeError::Refused { status: 400 | 413 | 422, .. }) if !content_refused_before => {
+            AfterReport::ReportFailedInstead
+        }
+        Err(EdgeError::Refused { .. }) => AfterReport::Keep,
+        Err(EdgeError::Transient(_)) => AfterReport::Retry,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use vm_task_types::{wire::ErrorBody, OperationKind};
@@ -400,6 +430,16 @@ mod tests {
         assert!(matches!(lost, Some(JobEnd::ClaimUnanswered(_, at)) if at == now + CLAIM_UNANSWERED_RETRY));
         let odd = end(refused(409, None, None));
         assert!(matches!(odd, Some(JobEnd::Deferred(_, at)) if at == now + CLAIM_REFUSED_RETRY), "{odd:?}");
+    }
+
+    #[test]
+    fn a_refused_report_is_kept_a_content_refusal_is_replaced_once_and_a_lost_one_retried() {
+        assert_eq!(after_report(&Ok(()), false), AfterReport::Accepted);
+        assert_eq!(after_report(&Err(refused(409, None, None)), false), AfterReport::Keep);
+        assert_eq!(after_report(&Err(refused(404, None, None)), false), AfterReport::Keep);
+        assert_eq!(after_report(&Err(refused(413, None, None)), false), AfterReport::ReportFailedInstead);
+        assert_eq!(after_report(&Err(refused(413, None, None)), true), AfterReport::Keep);
+        assert_eq!(after_report(&Err(EdgeError::Transient("reset".into())), false), AfterReport::Retry);
     }
 
     #[test]

@@ -23,7 +23,8 @@
 //!   finished and cancelled tasks remembered), whether a predecessor is out of the way
 //!   (`decide::predecessor` along the chain), what a claim's answer means (`edge::answer`,
 //!   `decide::claim_refused`, `decide::after_claim`: run, terminal, held, not visible yet with
-//!   its backoff, no answer), whether a claimed command may be sent (`decide::not_resent`,
+//!   its backoff, no answer), what a report's answer means (`decide::after_report`: accepted,
+//!   kept for the next claim, replaced by a failed report, retried), whether a claimed command may be sent (`decide::not_resent`,
 //!   unless [`DaemonRules`] model the old daemon) and what a job's end does to the state
 //!   (`Core::ended`: outcomes kept unreported, 404s given up). The driver around them is
 //!   still the model's own: one job at a time, polls at the doorbell interval instead of the
@@ -75,7 +76,7 @@ use vm_task_types::{
 };
 
 use local_consumer::{
-    decide::{self, Core, JobEnd, Predecessor, Start},
+    decide::{self, AfterReport, Core, JobEnd, Predecessor, Start},
     edge::{self as daemon_edge, EdgeError},
 };
 
@@ -378,6 +379,9 @@ struct Daemon {
     /// Durable mode: the push socket to its server's object is open.
     connected: bool,
 }
+
+/// The start of the failed report that replaces one refused for its content (`deliver`).
+const REPORT_CONTENT_REFUSED: &str = "the task ran, but the API refused its report";
 
 /// `RELIST_SECONDS`: a listing without `since` this often, in case a ring was missed.
 const RELIST_MS: u64 = 300_000;
@@ -1538,29 +1542,46 @@ impl Sim {
         let request = Request::new("PUT", &format!("/vm/tasks/{task}/status")).bearer(CONSUMER_TOKEN).json_body(&body);
         let server = self.daemons[d].server.clone();
         let location = LOCATIONS[self.daemons[d].location];
-        match self.daemon_call(d, true, request) {
-            Net::Answered(r) if r.status == 200 => {
-                self.trace(format!("{server}@{location}: report {status} for {} → 200 {}", short(task), status_of(&r)));
+        let net = self.daemon_call(d, true, request);
+        let answer = match &net {
+            Net::Answered(r) => daemon_edge::answer::<Value>(r.status, &raw_text(r), "report").map(drop),
+            other => Err(EdgeError::Transient(net_text(other))),
+        };
+        // The daemon's reading of the answer (`decide::after_report`); its retries are the
+        // model's own schedule below.
+        let content_refused_before = !ok && note.starts_with(REPORT_CONTENT_REFUSED);
+        match decide::after_report(&answer, content_refused_before) {
+            AfterReport::Accepted => {
+                self.trace(format!("{server}@{location}: report {status} for {} → {}", short(task), net_text(&net)));
                 self.job_ended(d, JobEnd::Finished(task));
                 self.poll_later(d, 0);
             }
-            Net::Answered(r) if r.status == 409 || r.status == 404 => {
+            AfterReport::Keep => {
                 // The daemon keeps the outcome and reports it, without running the task again,
                 // when it claims the task again (`JobEnd::Unreported`).
                 self.trace(format!(
-                    "{server}@{location}: report {status} for {} → {} {}: kept to report on the next claim",
+                    "{server}@{location}: report {status} for {} → {}: kept to report on the next claim",
                     short(task),
-                    r.status,
-                    status_of(&r)
+                    net_text(&net)
                 ));
                 self.keep_unreported(d, task, ok, note);
             }
-            other => {
+            AfterReport::ReportFailedInstead => {
+                self.trace(format!(
+                    "{server}@{location}: report {status} for {} → {}: reported failed instead",
+                    short(task),
+                    net_text(&net)
+                ));
+                let gen = self.daemons[d].gen;
+                let note = format!("{REPORT_CONTENT_REFUSED} ({})", net_text(&net));
+                self.schedule(0, Event::DaemonReport { d, gen, task, claim, ok: false, note, tries: 0 });
+            }
+            AfterReport::Retry => {
                 self.trace(format!(
                     "{server}@{location}: report {status} for {} (try {}) → {}",
                     short(task),
                     tries + 1,
-                    net_text(&other)
+                    net_text(&net)
                 ));
                 if tries < 20 {
                     let gen = self.daemons[d].gen;
