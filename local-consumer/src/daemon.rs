@@ -397,7 +397,8 @@ impl<E: Edge, X: Execute> Daemon<E, X> {
             if !response.tasks.is_empty() {
                 polling.last_activity = Instant::now();
             }
-            polling.need_full_list = !response.list_complete;
+            // A page cut at its limit calls for the rest; pushed tasks are partial by nature.
+            polling.need_full_list = !response.list_complete && !crate::push::is_pushed(&response);
             self.core.listed(response.tasks, response.list_complete);
         }
         polling.bell = Some(response.bell);

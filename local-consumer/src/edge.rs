@@ -404,14 +404,7 @@ impl Edge for EdgeClient {
                 match self.push.next(wait.min(report_due_in)).await {
                     Some(tasks) => {
                         let n = self.pushes.fetch_add(1, SeqCst) + 1;
-                        let bell = format!("push-{n}");
-                        return Ok(ReadyTasksResponse {
-                            success: true,
-                            count: tasks.len(),
-                            tasks,
-                            bell,
-                            list_complete: false,
-                        });
+                        return Ok(crate::push::pushed_listing(tasks, n));
                     }
                     None if self.push.live() => {
                         let bell = bell.to_owned();

@@ -22,7 +22,30 @@ use futures::{SinkExt, StreamExt};
 use reqwest::Url;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::{client::IntoClientRequest, http::HeaderValue, Message};
-use vm_task_types::wire::{BufferedTask, HostPush};
+use vm_task_types::wire::{BufferedTask, HostPush, ReadyTasksResponse};
+
+/// The bell of a listing made of pushed tasks starts with this; a polled bell never does.
+const PUSHED_BELL_PREFIX: &str = "push-";
+
+/// A listing of the tasks pushed since the last one: partial (others the daemon knows stay),
+/// numbered `n` so the loop sees each as new.
+pub fn pushed_listing(tasks: Vec<BufferedTask>, n: u64) -> ReadyTasksResponse {
+    ReadyTasksResponse {
+        success: true,
+        count: tasks.len(),
+        tasks,
+        bell: format!("{PUSHED_BELL_PREFIX}{n}"),
+        list_complete: false,
+    }
+}
+
+/// Whether a listing came from pushes. Such a listing is partial by nature, not cut at a page
+/// limit, so it calls for no full listing: the object pushes every task that becomes
+/// claimable, sends all of them on each (re)connect, and the RELIST_SECONDS listing covers
+/// a push lost in between.
+pub fn is_pushed(listing: &ReadyTasksResponse) -> bool {
+    listing.bell.starts_with(PUSHED_BELL_PREFIX)
+}
 
 use crate::retry::{Jitter, RetryPolicy};
 

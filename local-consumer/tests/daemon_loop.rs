@@ -69,6 +69,28 @@ async fn one_task_per_vm_in_submission_order_and_at_most_max_concurrency_at_once
     }
 }
 
+/// In the durable mode tasks arrive pushed, a few at a time. Each pushed listing once made
+/// the daemon list everything over HTTP as well (it took a push for a page cut at its limit):
+/// a worker and an object request per task, on the task's path (bench: 13–30 ms each).
+#[tokio::test(start_paused = true)]
+async fn pushed_tasks_are_claimed_without_a_full_listing_each() {
+    let edge = FakeEdge::new();
+    let executor = FakeExecutor::new(Duration::from_millis(50));
+    let shutdown = CancellationToken::new();
+    edge.push();
+    let mut d = daemon(config(&[]), &edge, &executor, &shutdown);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(edge.submit("vm", &format!("echo {i}")));
+        let last = *ids.last().unwrap();
+        assert!(step_until(&mut d, Duration::from_secs(10), || edge.status(last).is_terminal()).await);
+        tokio::time::advance(Duration::from_secs(2)).await;
+    }
+    let full_listings = edge.calls().iter().filter(|(_, c)| matches!(c, Call::Ready { since: None })).count();
+    assert_eq!(full_listings, 1, "only the first listing is a full one: {:?}", edge.calls());
+    assert!(ids.iter().all(|&id| edge.status(id) == TaskStatus::Completed));
+}
+
 #[tokio::test(start_paused = true)]
 async fn finished_jobs_are_reaped_as_they_end() {
     let edge = FakeEdge::new();

@@ -111,6 +111,10 @@ struct State {
     refuse_output_with: Option<u16>,
     /// Fail this many reports with a 503 before accepting any.
     fail_reports: u32,
+    /// Answer waiting polls as the durable mode's push socket does (see [`FakeEdge::push`]).
+    pushing: bool,
+    pushed: std::collections::BTreeSet<Uuid>,
+    pushes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -231,6 +235,44 @@ impl FakeEdge {
         self.state().tasks.values().all(|t| t.task.status.is_terminal())
     }
 
+    /// From now on a poll with a doorbell is answered as the durable mode's push socket
+    /// answers it: with the claimable tasks not pushed before, as a pushed (partial) listing,
+    /// or with nothing when none come within the wait. Full listings stay as they are.
+    pub fn push(&self) {
+        self.state().pushing = true;
+    }
+
+    async fn next_push(&self, since: &str, wait: Duration) -> ReadyTasksResponse {
+        let deadline = Instant::now() + wait;
+        loop {
+            let changed = self.changed.notified();
+            {
+                let mut state = self.state();
+                let fresh: Vec<BufferedTask> = state
+                    .tasks
+                    .values()
+                    .filter(|t| t.listed && !t.task.status.is_terminal() && t.task.claim.is_none())
+                    .filter(|t| !state.pushed.contains(&t.task.id))
+                    .map(|t| t.buffered.clone())
+                    .collect();
+                if !fresh.is_empty() {
+                    state.pushed.extend(fresh.iter().map(|t| t.task_id));
+                    state.pushes += 1;
+                    return local_consumer::push::pushed_listing(fresh, state.pushes);
+                }
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return ReadyTasksResponse {
+                    success: true,
+                    count: 0,
+                    tasks: Vec::new(),
+                    bell: since.to_owned(),
+                    list_complete: true,
+                };
+            }
+        }
+    }
+
     pub fn calls(&self) -> Vec<(Instant, Call)> {
         self.state().calls.clone()
     }
@@ -263,6 +305,10 @@ impl Edge for FakeEdge {
         _hot: bool,
     ) -> Result<ReadyTasksResponse, EdgeError> {
         self.record(Call::Ready { since: since.map(str::to_owned) });
+        let pushing = self.state().pushing;
+        if let (Some(since), true) = (since, pushing) {
+            return Ok(self.next_push(since, wait).await);
+        }
         if since.is_some_and(|s| s == self.state().bell.to_string()) {
             let _ = tokio::time::timeout(wait, self.changed.notified()).await;
         }
