@@ -18,6 +18,11 @@ pub struct OpCounters {
     queue_sends: AtomicU64,
     queue_acks: AtomicU64,
     queue_retries: AtomicU64,
+    do_requests: AtomicU64,
+    do_ws_messages: AtomicU64,
+    do_active_ms: AtomicU64,
+    do_rows_read: AtomicU64,
+    do_rows_written: AtomicU64,
 }
 
 impl OpCounters {
@@ -30,6 +35,11 @@ impl OpCounters {
             queue_sends: AtomicU64::new(0),
             queue_acks: AtomicU64::new(0),
             queue_retries: AtomicU64::new(0),
+            do_requests: AtomicU64::new(0),
+            do_ws_messages: AtomicU64::new(0),
+            do_active_ms: AtomicU64::new(0),
+            do_rows_read: AtomicU64::new(0),
+            do_rows_written: AtomicU64::new(0),
         }
     }
 
@@ -42,12 +52,38 @@ impl OpCounters {
             queue_sends: self.queue_sends.load(Relaxed),
             queue_acks: self.queue_acks.load(Relaxed),
             queue_retries: self.queue_retries.load(Relaxed),
+            do_requests: self.do_requests.load(Relaxed),
+            do_ws_messages: self.do_ws_messages.load(Relaxed),
+            do_active_ms: self.do_active_ms.load(Relaxed),
+            do_rows_read: self.do_rows_read.load(Relaxed),
+            do_rows_written: self.do_rows_written.load(Relaxed),
         }
     }
 
     pub fn count_acks(&self, acks: u64, retries: u64) {
         self.queue_acks.fetch_add(acks, Relaxed);
         self.queue_retries.fetch_add(retries, Relaxed);
+    }
+
+    /// A Durable Object request (stub call, alarm, WebSocket connect) served.
+    pub fn count_do_request(&self) {
+        self.do_requests.fetch_add(1, Relaxed);
+    }
+
+    /// A WebSocket message a Durable Object woke for.
+    pub fn count_do_ws_message(&self) {
+        self.do_ws_messages.fetch_add(1, Relaxed);
+    }
+
+    /// Time some Durable Object was active (had an event in progress).
+    pub fn count_do_active_ms(&self, ms: u64) {
+        self.do_active_ms.fetch_add(ms, Relaxed);
+    }
+
+    /// SQLite rows a Durable Object read and wrote.
+    pub fn count_do_rows(&self, read: u64, written: u64) {
+        self.do_rows_read.fetch_add(read, Relaxed);
+        self.do_rows_written.fetch_add(written, Relaxed);
     }
 }
 

@@ -386,6 +386,23 @@ pub struct OpCounts {
     pub queue_sends: u64,
     pub queue_acks: u64,
     pub queue_retries: u64,
+    /// Durable dispatch mode (consumer worker): requests the host queue objects served (stub
+    /// calls, alarms, WebSocket connects), each billed as a Durable Object request.
+    #[serde(default)]
+    pub do_requests: u64,
+    /// WebSocket messages the objects received and woke for (billed 20 to a request); pings
+    /// answered by the runtime's auto-response never reach the object and are not counted.
+    #[serde(default)]
+    pub do_ws_messages: u64,
+    /// Wall-clock milliseconds some object had an event in progress: the duration Cloudflare
+    /// bills (an object idle with only hibernatable WebSockets is not billed).
+    #[serde(default)]
+    pub do_active_ms: u64,
+    /// SQLite rows the objects read and wrote (the storage billing units).
+    #[serde(default)]
+    pub do_rows_read: u64,
+    #[serde(default)]
+    pub do_rows_written: u64,
 }
 
 impl OpCounts {

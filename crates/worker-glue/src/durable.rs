@@ -4,13 +4,16 @@
 use host_queue::{front::HostQueues, object::Reply, HostStore, StoredEntry};
 use serde::Deserialize;
 use uuid::Uuid;
-use worker::{Method, ObjectNamespace, RequestInit, SqlStorage};
+use vm_task_edge::counting::OpCounters;
+use worker::{Method, ObjectNamespace, RequestInit, SqlCursor, SqlStorage};
 
 /// [`HostStore`] over the object's SQLite: one row per task, one per counter. A failed
 /// statement is kept in `failure`; the object then drops its in-memory state and reloads from
-/// storage (the truth) rather than go on from a state it could not save.
+/// storage (the truth) rather than go on from a state it could not save. Every statement's
+/// rows read and written (what SQLite storage is billed in) go to `counters`.
 pub struct SqlHostStore {
     sql: SqlStorage,
+    counters: &'static OpCounters,
     pub failure: Option<String>,
 }
 
@@ -25,21 +28,31 @@ struct ValueRow {
 }
 
 impl SqlHostStore {
-    pub fn open(sql: SqlStorage) -> Self {
-        let mut store = Self { sql, failure: None };
+    pub fn open(sql: SqlStorage, counters: &'static OpCounters) -> Self {
+        let mut store = Self { sql, counters, failure: None };
         store.run("CREATE TABLE IF NOT EXISTS entries (id TEXT PRIMARY KEY, body TEXT NOT NULL)", vec![]);
         store.run("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)", vec![]);
         store
     }
 
-    fn run(&mut self, query: &str, bindings: Vec<worker::SqlStorageValue>) -> Option<worker::SqlCursor> {
+    /// Runs a statement; a write has run to completion when this returns (the runtime steps
+    /// a statement to its first row at once), so its rows written are counted here.
+    fn run(&mut self, query: &str, bindings: Vec<worker::SqlStorageValue>) -> Option<SqlCursor> {
         match self.sql.exec(query, Some(bindings)) {
-            Ok(cursor) => Some(cursor),
+            Ok(cursor) => {
+                self.counters.count_do_rows(0, cursor.rows_written() as u64);
+                Some(cursor)
+            }
             Err(e) => {
                 self.failure.get_or_insert_with(|| format!("{query}: {e}"));
                 None
             }
         }
+    }
+
+    /// Counts the rows a query read, once its cursor has been consumed.
+    fn count_read(&self, cursor: &SqlCursor) {
+        self.counters.count_do_rows(cursor.rows_read() as u64, 0);
     }
 }
 
@@ -50,6 +63,7 @@ impl HostStore for SqlHostStore {
             self.failure.get_or_insert_with(|| e.to_string());
             Vec::new()
         });
+        self.count_read(&cursor);
         rows.iter().filter_map(|row| serde_json::from_str(&row.body).ok()).collect()
     }
 
@@ -68,6 +82,7 @@ impl HostStore for SqlHostStore {
     fn counter(&mut self, name: &str) -> u64 {
         let Some(cursor) = self.run("SELECT value FROM counters WHERE name = ?", vec![name.into()]) else { return 0 };
         let rows: Vec<ValueRow> = cursor.to_array().unwrap_or_default();
+        self.count_read(&cursor);
         rows.first().map_or(0, |r| r.value.max(0) as u64)
     }
 
