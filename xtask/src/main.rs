@@ -33,7 +33,8 @@ cargo xtask <command>
                      and `wrangler deploy --dry-run` of both workers
   lint               cargo fmt --check and clippy -D warnings (native and wasm32)
   e2e                end-to-end tests only (builds first)
-  bench              benchmarks on the local stack; prints a table (not part of `test`)
+  bench              benchmarks on the local stack, both dispatch modes side by side unless --mode
+                     names one; prints Markdown tables (not part of `test`; ~10 min)
   soak               2,000 tasks over 100 VMs with injected faults; prints RELIABILITY.md's figures
   diagrams           render diagrams/*.dot to SVG (needs Graphviz: apt-get install graphviz)
   simulate           the production model (crates/edge-model): --seed N replays one seed with its
@@ -91,8 +92,14 @@ fn main() -> Result<()> {
             // The report prints the command as typed, which only this process knows.
             let typed = std::iter::once("cargo xtask bench").chain(args[1..].iter().map(String::as_str));
             let typed = typed.collect::<Vec<_>>().join(" ");
-            run(stack_command("cargo", &mode)
-                .args(["run", "--release", "-q", "-p", "bench", "--", "--command", &typed])
+            // Both modes unless one is given; the bench sets each stack's mode itself.
+            let modes = mode.clone().unwrap_or_else(|| "kv,durable".into());
+            let typed = match &mode {
+                Some(mode) => format!("{typed} --mode {mode}"),
+                None => typed,
+            };
+            run(Command::new("cargo")
+                .args(["run", "--release", "-q", "-p", "bench", "--", "--command", &typed, "--mode", &modes])
                 .args(&args[1..]))
         }
         Some("diagrams") => diagrams(&root),

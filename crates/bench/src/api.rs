@@ -7,7 +7,7 @@ use futures::{stream, StreamExt};
 use serde_json::json;
 use stack::{Stack, StackOptions};
 
-use crate::{measure::percentile, report::table, shut_down, with_vars, BenchOptions, UNSERVED};
+use crate::{measure::percentile, report::table, shut_down, with_vars, BenchOptions, Mode, UNSERVED};
 
 #[derive(Debug)]
 pub(crate) struct ApiResult {
@@ -18,9 +18,10 @@ pub(crate) struct ApiResult {
     first_error: Option<String>,
 }
 
-pub(crate) async fn api_latency(opts: &BenchOptions) -> Result<ApiResult> {
+pub(crate) async fn api_latency(opts: &BenchOptions, mode: Mode) -> Result<ApiResult> {
     tracing::info!("api: starting a stack without the daemon");
-    let stack = Stack::start(with_vars(StackOptions::edge_only(), &opts.worker_vars)).await?;
+    let stack_opts = with_vars(StackOptions::edge_only(), &opts.worker_vars).worker_var("DISPATCH_MODE", mode);
+    let stack = Stack::start(stack_opts).await?;
     let api = stack.client();
     let (n, clients) = (opts.api_requests, opts.api_clients);
     let post = |name: String| {

@@ -7,10 +7,12 @@ use anyhow::Result;
 use stack::Stack;
 
 use crate::{
-    cost::{Cost, HOURS_PER_MONTH, KV_READ_USD_PER_MILLION, KV_WRITE_CLASS_USD_PER_MILLION, REQUEST_USD_PER_MILLION},
+    cost::{
+        Cost, DO_REQUEST_USD_PER_MILLION, HOURS_PER_MONTH, KV_WRITE_CLASS_USD_PER_MILLION, REQUEST_USD_PER_MILLION,
+    },
     measure::{log_len, snapshot, DaemonProbe, Ops, Requests},
     report::{table, toml_value},
-    DAEMON,
+    Mode, DAEMON,
 };
 
 #[derive(Debug)]
@@ -21,26 +23,42 @@ pub(crate) struct IdleResult {
     requests: Requests,
     bell_check_ms: String,
     sweep: Option<Ops>,
+    mode: Mode,
 }
 
-pub(crate) async fn idle(stack: &Stack, daemon: &DaemonProbe, idle_secs: u64) -> Result<IdleResult> {
+pub(crate) async fn idle(stack: &Stack, daemon: &DaemonProbe, idle_secs: u64, mode: Mode) -> Result<IdleResult> {
     let api = stack.client();
     let log = stack.log_path("wrangler");
     let poll_timeout = Duration::from_secs(DAEMON.poll_wait_seconds + 20);
-    tracing::info!("idle: waiting for the daemon to finish a long poll, then measuring ≥ {idle_secs} s");
-    // The window runs from the end of one long poll to the end of a later one, so it holds
-    // whole polls: each poll's doorbell reads and its request.
-    daemon.wait_next_poll(poll_timeout).await?;
-    let before = snapshot(&api).await?;
-    let log_from = log_len(&log);
-    let polls_before = daemon.polls().await?;
-    let start = Instant::now();
-    loop {
-        daemon.wait_next_poll(poll_timeout).await?;
-        if start.elapsed() >= Duration::from_secs(idle_secs) {
-            break;
+    let (before, log_from, polls_before, start) = match mode {
+        Mode::Kv => {
+            tracing::info!("idle: waiting for the daemon to finish a long poll, then measuring ≥ {idle_secs} s");
+            // The window runs from the end of one long poll to the end of a later one, so it
+            // holds whole polls: each poll's doorbell reads and its request.
+            daemon.wait_next_poll(poll_timeout).await?;
+            let before = snapshot(&api).await?;
+            let (log_from, polls_before) = (log_len(&log), daemon.polls().await?);
+            let start = Instant::now();
+            loop {
+                daemon.wait_next_poll(poll_timeout).await?;
+                if start.elapsed() >= Duration::from_secs(idle_secs) {
+                    break;
+                }
+            }
+            (before, log_from, polls_before, start)
         }
-    }
+        Mode::Durable => {
+            // No polls while the push socket is open: a plain window, after the object's
+            // last work (a finished task's KV write, its alarm) has settled.
+            tracing::info!("idle: measuring {idle_secs} s of an idle daemon on its push socket");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let before = snapshot(&api).await?;
+            let (log_from, polls_before) = (log_len(&log), daemon.polls().await?);
+            let start = Instant::now();
+            tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+            (before, log_from, polls_before, start)
+        }
+    };
     let after = snapshot(&api).await?;
     let window = start.elapsed();
     let log_to = log_len(&log);
@@ -67,80 +85,123 @@ pub(crate) async fn idle(stack: &Stack, daemon: &DaemonProbe, idle_secs: u64) ->
         requests: Requests::read(&log, log_from, log_to),
         bell_check_ms,
         sweep,
+        mode,
     })
 }
 
 impl IdleResult {
     pub(crate) fn per_hour(&self) -> Cost {
         let scale = 3600.0 / self.window.as_secs_f64();
-        Cost::of(&self.ops.total(), self.requests.system()).scaled(scale)
+        let mut ops = self.ops.total();
+        // The push socket's pings are answered by the runtime without waking the object, so
+        // it cannot count them; priced here as received messages (an upper bound).
+        ops.do_ws_messages += self.pings();
+        Cost::of(&ops, self.requests.system()).scaled(scale)
+    }
+
+    /// Pings the daemon sent on its push socket in the window (durable mode).
+    fn pings(&self) -> u64 {
+        match self.mode {
+            Mode::Durable => self.window.as_secs() / local_consumer::push::PING_EVERY.as_secs(),
+            Mode::Kv => 0,
+        }
     }
 
     pub(crate) fn render(&self) -> String {
         let total = self.ops.total();
         let hour = self.per_hour();
         let day = hour.scaled(24.0);
+        let per = |c: &Cost, polls: f64, label: String| {
+            vec![
+                label,
+                format!("{:.0}", c.kv_reads),
+                format!("{:.0}", c.kv_write_class),
+                format!("{:.0}", c.requests),
+                format!("{:.0}", polls),
+                format!("{:.0}", c.do_requests),
+                format!("{:.4}", c.do_gb_s),
+                format!("{:.0} / {:.0}", c.do_rows_read, c.do_rows_written),
+            ]
+        };
+        let window = self.window.as_secs_f64();
         let rows = vec![
-            vec![
-                format!("measured, {:.1} s", self.window.as_secs_f64()),
-                total.kv_reads.to_string(),
-                total.kv_write_class().to_string(),
-                self.requests.system().to_string(),
-                self.polls.to_string(),
-            ],
-            vec![
-                "per hour".into(),
-                format!("{:.0}", hour.kv_reads),
-                format!("{:.0}", hour.kv_write_class),
-                format!("{:.0}", hour.requests),
-                format!("{:.0}", self.polls as f64 * 3600.0 / self.window.as_secs_f64()),
-            ],
-            vec![
-                "per day".into(),
-                format!("{:.0}", day.kv_reads),
-                format!("{:.0}", day.kv_write_class),
-                format!("{:.0}", day.requests),
-                format!("{:.0}", self.polls as f64 * 86_400.0 / self.window.as_secs_f64()),
-            ],
+            per(&Cost::of(&total, self.requests.system()), self.polls as f64, format!("measured, {window:.1} s")),
+            per(&hour, self.polls as f64 * 3600.0 / window, "per hour".into()),
+            per(&day, self.polls as f64 * 86_400.0 / window, "per day".into()),
         ];
-        let relist_lists_per_hour = 3600 / DAEMON.relist_seconds;
+        let relists_per_hour = 3600 / DAEMON.relist_seconds;
+        // A full relisting: the KV mode lists the buffer (1 list); the durable mode asks each
+        // object (1 Durable Object request); both are 1 worker request.
+        let relist_unit = match self.mode {
+            Mode::Kv => KV_WRITE_CLASS_USD_PER_MILLION + REQUEST_USD_PER_MILLION,
+            Mode::Durable => DO_REQUEST_USD_PER_MILLION + REQUEST_USD_PER_MILLION,
+        };
+        let relist_month = relists_per_hour as f64 * HOURS_PER_MONTH * relist_unit / 1e6;
         let sweep = match &self.sweep {
             Some(s) => {
                 let t = s.total();
                 format!(
-                    "One cron lease sweep on an empty buffer costs {} KV reads and {} write-class operations \
-                     (+1 request); the deployed cron runs it every minute, once per deployment, not per daemon: \
-                     {:.0} write-class ops and 43,200 requests a month, ${:.3}/month.",
+                    "One cron run ({what}) costs {} KV reads and {} write-class operations (+1 request); the \
+                     deployed cron runs it every minute, once per deployment, not per daemon: ${:.3}/month.",
                     t.kv_reads,
                     t.kv_write_class(),
-                    t.kv_write_class() as f64 * 60.0 * HOURS_PER_MONTH,
-                    Cost::of(&t, 1).scaled(60.0 * HOURS_PER_MONTH).dollars()
+                    Cost::of(&t, 1).scaled(60.0 * HOURS_PER_MONTH).dollars(),
+                    what = match self.mode {
+                        Mode::Kv => "the lease sweep on an empty buffer",
+                        Mode::Durable => "the reconcile listing of pending task records",
+                    },
                 )
             }
-            None => "The sweep could not be measured.".into(),
+            None => "The cron run could not be measured.".into(),
+        };
+        let how = match self.mode {
+            Mode::Kv => format!(
+                "long polls of POLL_WAIT_SECONDS {poll} reading the doorbell every BELL_CHECK_MS {bell}; the window runs \
+                 from the end of one long poll to the end of the first poll ending after the requested time, so it \
+                 holds whole polls",
+                poll = DAEMON.poll_wait_seconds,
+                bell = self.bell_check_ms,
+            ),
+            Mode::Durable => format!(
+                "the daemon on its push socket (no polls while it is open); its {pings} ping(s) in the window, one \
+                 every {every} s, are answered by the runtime without waking the object and are priced as received \
+                 WebSocket messages (1/20 request each), an upper bound",
+                pings = self.pings(),
+                every = local_consumer::push::PING_EVERY.as_secs(),
+            ),
         };
         format!(
-            "## Idle cost per daemon\n\n\
-             An idle stack with its daemon (POLL_WAIT_SECONDS {poll}, shipped BELL_CHECK_MS {bell}); the window \
-             runs from the end of one long poll to the end of the first poll ending after the requested time, \
-             so it holds whole polls. Operations of both workers; requests from the wrangler log.\n\n{table}\n\
-             Cost: **${month:.3} per idle host per month** (KV reads ${reads:.3}, write-class ${wc:.3}, requests \
-             ${req:.3}). A full relisting every RELIST_SECONDS {relist} (1 list, 1 request; {relist_h}/hour) \
-             falls outside a window this short unless it shows in the counts above: it would add \
-             ${relist_month:.3}/month. {sweep}\n",
-            poll = DAEMON.poll_wait_seconds,
-            bell = self.bell_check_ms,
-            table = table(&["idle daemon", "KV reads", "KV write-class", "worker requests", "long polls"], &rows),
-            month = hour.dollars() * HOURS_PER_MONTH,
-            reads = hour.kv_reads * KV_READ_USD_PER_MILLION / 1e6 * HOURS_PER_MONTH,
-            wc = hour.kv_write_class * KV_WRITE_CLASS_USD_PER_MILLION / 1e6 * HOURS_PER_MONTH,
-            req = hour.requests * REQUEST_USD_PER_MILLION / 1e6 * HOURS_PER_MONTH,
+            "## Idle cost per daemon ({mode} mode)\n\n\
+             An idle stack with its daemon: {how}. Operations of both workers and the host queue objects; \
+             requests from the wrangler log.\n\n{table}\n\
+             Cost: **${month:.3} per idle host per month** (KV ${kv:.3}, worker requests ${req:.3}, Durable Objects \
+             ${dobj:.3}). A full relisting every RELIST_SECONDS {relist} ({relists_per_hour}/hour) falls outside \
+             a window this short unless it shows in the counts above: it would add ${relist_month:.3}/month. \
+             {sweep}\n",
+            mode = self.mode,
+            table = table(
+                &[
+                    "idle daemon",
+                    "KV reads",
+                    "KV write-class",
+                    "worker requests",
+                    "long polls",
+                    "DO requests",
+                    "DO GB-s",
+                    "DO rows r / w"
+                ],
+                &rows
+            ),
+            month = self.month_dollars(),
+            kv = hour.kv_dollars() * HOURS_PER_MONTH,
+            req = hour.request_dollars() * HOURS_PER_MONTH,
+            dobj = hour.do_dollars() * HOURS_PER_MONTH,
             relist = DAEMON.relist_seconds,
-            relist_h = relist_lists_per_hour,
-            relist_month = relist_lists_per_hour as f64
-                * HOURS_PER_MONTH
-                * (KV_WRITE_CLASS_USD_PER_MILLION + REQUEST_USD_PER_MILLION)
-                / 1e6,
         )
+    }
+
+    /// The idle host's cost per 30-day month, as measured (relists and cron aside).
+    pub(crate) fn month_dollars(&self) -> f64 {
+        self.per_hour().dollars() * HOURS_PER_MONTH
     }
 }

@@ -23,13 +23,16 @@
 //! deltas hold the system's own operations only. The measuring tools are in `measure` and
 //! `timeline`, the tables and the header in `report`.
 
+mod after_idle;
 mod api;
+mod compare;
 mod cost;
 mod footprint;
 mod idle;
 mod lone;
 mod measure;
 mod pickup;
+mod reconnect;
 mod report;
 mod throughput;
 mod timeline;
@@ -45,13 +48,16 @@ use clap::{builder::RangedU64ValueParser, Parser};
 use stack::{repo_root, Stack, StackOptions};
 
 use crate::{
+    after_idle::after_idle,
     api::api_latency,
+    compare::{render_comparison, ModeRun},
     cost::render_cost,
     footprint::render_footprint,
     idle::idle,
     lone::lone,
     measure::DaemonProbe,
     pickup::pickup,
+    reconnect::reconnect,
     report::{emit, header, Report},
     throughput::{render_throughput, throughput},
 };
@@ -60,6 +66,9 @@ use crate::{
 const SERVER: &str = "production";
 /// A server no daemon serves, for the API latency run.
 const UNSERVED: &str = "bench-unserved";
+
+/// The daemon's own MAX_CONCURRENCY default (`local-consumer --help`).
+const DAEMON_DEFAULT_CONCURRENCY: usize = 8;
 
 /// How long any single task may take before the run is declared stuck.
 const TASK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -71,17 +80,44 @@ const THROUGHPUT_TIMEOUT: Duration = Duration::from_secs(900);
 static DAEMON: LazyLock<local_consumer::config::Cli> =
     LazyLock::new(|| local_consumer::config::Cli::parse_from(["local-consumer"]));
 
+/// A dispatch mode (the workers' `DISPATCH_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub(crate) enum Mode {
+    Kv,
+    Durable,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Kv => "kv",
+            Mode::Durable => "durable",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 enum Section {
+    /// Back-to-back lone tasks.
     Lone,
+    /// Lone tasks after --idle-gap-secs idle, followed with `?wait`.
+    AfterIdle,
     Throughput,
-    Api,
     /// Idle cost per daemon (alias `cost`).
     #[value(alias = "cost")]
     Idle,
+    /// Worker restart under a running daemon.
+    Reconnect,
     Footprint,
+    /// Not in the default run: POST latency under load on a stack without a daemon.
+    Api,
+    /// Not in the default run: one task after --pickup-idle-secs idle.
     Pickup,
 }
+
+/// What runs when `--only` is not given.
+const DEFAULT_SECTIONS: [Section; 6] =
+    [Section::Lone, Section::AfterIdle, Section::Throughput, Section::Idle, Section::Reconnect, Section::Footprint];
 
 /// Benchmark the local stack (Arrakis simulator, no injected latency) and print a report:
 /// lone-task latency, throughput per daemon MAX_CONCURRENCY, API latency under load, cost per
@@ -90,12 +126,23 @@ enum Section {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "bench")]
 struct BenchOptions {
-    /// Sections to run, comma-separated (default: all).
+    /// Dispatch modes to run, comma-separated, each on its own stack; the summary puts them
+    /// side by side.
+    #[arg(long = "mode", value_enum, value_delimiter = ',', default_values_t = [Mode::Kv, Mode::Durable])]
+    modes: Vec<Mode>,
+    /// Sections to run, comma-separated (default: lone, after-idle, throughput, idle,
+    /// reconnect, footprint).
     #[arg(long = "only", value_enum, value_delimiter = ',')]
     sections: Vec<Section>,
     /// Lone tasks, submitted one at a time.
-    #[arg(long, default_value_t = 50, value_parser = at_least_one::<usize>)]
+    #[arg(long, default_value_t = 30, value_parser = at_least_one::<usize>)]
     lone: usize,
+    /// Lone tasks after idle, each after --idle-gap-secs without work.
+    #[arg(long, default_value_t = 20, value_parser = at_least_one::<usize>)]
+    after_idle: usize,
+    /// Idle time before each after-idle task, in seconds.
+    #[arg(long, default_value_t = 6)]
+    idle_gap_secs: u64,
     /// Pause a random 0..N ms before each lone task (default 0: submit as soon as the previous
     /// one is reported), to decouple submissions from the phase of the doorbell checks.
     #[arg(long, default_value_t = 0)]
@@ -109,8 +156,9 @@ struct BenchOptions {
     /// Concurrent submitters in the throughput runs.
     #[arg(long, default_value_t = 32, value_parser = at_least_one::<usize>)]
     submitters: usize,
-    /// The daemon's MAX_CONCURRENCY for each throughput run (a fresh stack each), 1 to 1024.
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 32],
+    /// The daemon's MAX_CONCURRENCY for each throughput run, 1 to 1024 (the daemon's default
+    /// runs on the mode's stack, any other on a fresh stack).
+    #[arg(long, value_delimiter = ',', default_values_t = [DAEMON_DEFAULT_CONCURRENCY],
           value_parser = RangedU64ValueParser::<usize>::new().range(1..=1024))]
     concurrency: Vec<usize>,
     /// POST /vm/tasks requests in the API latency run.
@@ -119,8 +167,9 @@ struct BenchOptions {
     /// Concurrent clients in the API latency run.
     #[arg(long, default_value_t = 32, value_parser = at_least_one::<usize>)]
     api_clients: usize,
-    /// Minimum length of the idle-cost window, in seconds (it ends at a long poll's end).
-    #[arg(long, default_value_t = 60, value_parser = at_least_one::<u64>)]
+    /// Minimum length of the idle-cost window, in seconds (in the KV mode it ends at a long
+    /// poll's end).
+    #[arg(long, default_value_t = 50, value_parser = at_least_one::<u64>)]
     idle_secs: u64,
     /// How long the daemon is idle before the pickup task, in seconds.
     #[arg(long, default_value_t = 40)]
@@ -154,7 +203,11 @@ fn parse_var(s: &str) -> Result<(String, String), String> {
 
 impl BenchOptions {
     fn wants(&self, section: Section) -> bool {
-        self.sections.is_empty() || self.sections.contains(&section)
+        if self.sections.is_empty() {
+            DEFAULT_SECTIONS.contains(&section)
+        } else {
+            self.sections.contains(&section)
+        }
     }
 
     /// The command line, as printed in the report.
@@ -182,69 +235,105 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Runs the selected sections, printing each table to stdout as it is measured and a summary
-/// of the targets at the end. Progress goes to the log (stderr).
+/// Runs the selected sections in each mode, printing each table to stdout as it is measured,
+/// then the modes side by side and a summary of the targets. Progress goes to the log
+/// (stderr).
 async fn run(opts: BenchOptions) -> Result<()> {
     ensure!(opts.tasks >= opts.vms, "--tasks must be at least --vms");
     let root = repo_root();
     let mut report = Report::default();
     emit(&header(&root, &opts));
+    let mut runs = Vec::new();
+    for &mode in &opts.modes {
+        let started = Instant::now();
+        let run = run_mode(&opts, mode, &mut report).await?;
+        tracing::info!("{mode} mode done in {:.0} s", started.elapsed().as_secs_f64());
+        runs.push(run);
+    }
+    if opts.wants(Section::Footprint) {
+        let rss = runs.iter().flat_map(|r| r.throughput.iter()).rev().find_map(|r| r.memory);
+        emit(&render_footprint(&root, rss, &mut report.targets));
+    }
+    emit(&render_comparison(&opts, &runs, &mut report.targets));
+    emit(&report.summary());
+    Ok(())
+}
 
-    let mut lone_result = None;
-    let mut idle_result = None;
-    let mut throughput_results = Vec::new();
-
-    let idle_on_latency_stack = opts.wants(Section::Idle) && opts.worker_vars.is_empty();
-    if opts.wants(Section::Lone) || opts.wants(Section::Pickup) || idle_on_latency_stack {
-        tracing::info!("starting the latency stack");
-        let stack = Stack::start(with_vars(StackOptions::default(), &opts.worker_vars)).await?;
+/// One mode: one stack for the latency, idle, throughput (at the daemon's default
+/// concurrency) and restart sections; fresh stacks for other concurrencies and the API run.
+async fn run_mode(opts: &BenchOptions, mode: Mode, report: &mut Report) -> Result<ModeRun> {
+    let mut run = ModeRun::new(mode);
+    emit(&format!("# {mode} mode\n"));
+    let shared_throughput = opts.wants(Section::Throughput) && opts.concurrency.contains(&DAEMON.max_concurrency);
+    let needs_stack = [Section::Lone, Section::AfterIdle, Section::Idle, Section::Reconnect, Section::Pickup]
+        .into_iter()
+        .any(|s| opts.wants(s))
+        || shared_throughput;
+    if needs_stack {
+        tracing::info!("{mode}: starting the stack");
+        let mut stack = Stack::start(stack_options(opts, mode)).await?;
         let daemon = DaemonProbe::new(&stack);
         let mut last_task_done = Instant::now();
         if opts.wants(Section::Lone) {
             let result = lone(&stack, &daemon, opts.lone, opts.lone_gap_ms).await?;
             last_task_done = result.last_done;
             emit(&result.render(&mut report.targets));
-            lone_result = Some(result);
+            run.lone = Some(result);
         }
-        if idle_on_latency_stack {
-            let result = idle(&stack, &daemon, opts.idle_secs).await?;
+        if opts.wants(Section::AfterIdle) {
+            let result = after_idle(&stack, &daemon, opts.after_idle, Duration::ZERO).await?;
+            emit(&result.render(&mode.to_string()));
+            run.back_to_back = Some(result);
+            let result = after_idle(&stack, &daemon, opts.after_idle, Duration::from_secs(opts.idle_gap_secs)).await?;
+            emit(&result.render(&mode.to_string()));
+            last_task_done = Instant::now();
+            run.after_idle = Some(result);
+        }
+        if opts.wants(Section::Idle) {
+            if !opts.worker_vars.is_empty() {
+                tracing::warn!("idle: measured with the --var overrides, not the shipped vars");
+            }
+            let result = idle(&stack, &daemon, opts.idle_secs, mode).await?;
             emit(&result.render());
-            idle_result = Some(result);
+            run.idle = Some(result);
         }
         if opts.wants(Section::Pickup) {
             let result = pickup(&stack, &daemon, last_task_done, opts.pickup_idle_secs).await?;
             emit(&result.render(&mut report.targets));
         }
-        shut_down(stack).await;
-    }
-    if opts.wants(Section::Idle) && !idle_on_latency_stack {
-        tracing::info!("starting a stack with the shipped worker vars for the idle measurement");
-        let stack = Stack::start(StackOptions::default()).await?;
-        let daemon = DaemonProbe::new(&stack);
-        let result = idle(&stack, &daemon, opts.idle_secs).await?;
-        emit(&result.render());
-        idle_result = Some(result);
+        if shared_throughput {
+            run.throughput.push(throughput(opts, &stack, &daemon, DAEMON.max_concurrency).await?);
+        }
+        if opts.wants(Section::Reconnect) {
+            let result = reconnect(&mut stack, mode).await?;
+            run.reconnect = Some(result);
+        }
         shut_down(stack).await;
     }
     if opts.wants(Section::Throughput) {
-        for &concurrency in &opts.concurrency {
-            throughput_results.push(throughput(&opts, concurrency).await?);
+        for &concurrency in opts.concurrency.iter().filter(|&&c| c != DAEMON.max_concurrency) {
+            tracing::info!("{mode}: throughput on a fresh stack with MAX_CONCURRENCY {concurrency}");
+            let stack = Stack::start(stack_options(opts, mode).daemon_env("MAX_CONCURRENCY", concurrency)).await?;
+            let daemon = DaemonProbe::new(&stack);
+            run.throughput.push(throughput(opts, &stack, &daemon, concurrency).await?);
+            shut_down(stack).await;
         }
-        emit(&render_throughput(&opts, &throughput_results, &mut report.targets));
+        run.throughput.sort_by_key(|r| r.concurrency);
+        emit(&render_throughput(opts, &run.throughput, &mut report.targets));
     }
     if opts.wants(Section::Api) {
-        let result = api_latency(&opts).await?;
+        let result = api_latency(opts, mode).await?;
         emit(&result.render());
     }
-    if lone_result.is_some() || !throughput_results.is_empty() || idle_result.is_some() {
-        emit(&render_cost(lone_result.as_ref(), &throughput_results, idle_result.as_ref()));
+    if run.lone.is_some() || !run.throughput.is_empty() || run.idle.is_some() {
+        emit(&render_cost(run.lone.as_ref(), &run.throughput, run.idle.as_ref()));
     }
-    if opts.wants(Section::Footprint) {
-        let rss = throughput_results.iter().rev().find(|r| r.concurrency == 32).and_then(|r| r.memory);
-        emit(&render_footprint(&root, rss, &mut report.targets));
-    }
-    emit(&report.summary());
-    Ok(())
+    Ok(run)
+}
+
+/// The stack options of a mode's stacks: the mode and any `--var` overrides.
+fn stack_options(opts: &BenchOptions, mode: Mode) -> StackOptions {
+    with_vars(StackOptions::default(), &opts.worker_vars).worker_var("DISPATCH_MODE", mode)
 }
 
 fn with_vars(mut opts: StackOptions, vars: &[(String, String)]) -> StackOptions {

@@ -113,28 +113,29 @@ impl Ops {
     }
 
     pub(crate) fn total(&self) -> OpCounts {
-        let (a, c) = (&self.api, &self.consumer);
-        OpCounts {
-            kv_reads: a.kv_reads + c.kv_reads,
-            kv_writes: a.kv_writes + c.kv_writes,
-            kv_deletes: a.kv_deletes + c.kv_deletes,
-            kv_lists: a.kv_lists + c.kv_lists,
-            queue_sends: a.queue_sends + c.queue_sends,
-            queue_acks: a.queue_acks + c.queue_acks,
-            queue_retries: a.queue_retries + c.queue_retries,
-        }
+        combine(&self.api, &self.consumer, |a, b| a + b)
     }
 }
 
 fn sub(a: &OpCounts, b: &OpCounts) -> OpCounts {
+    combine(a, b, u64::saturating_sub)
+}
+
+/// Applies `f` to each pair of counts.
+fn combine(a: &OpCounts, b: &OpCounts, f: impl Fn(u64, u64) -> u64) -> OpCounts {
     OpCounts {
-        kv_reads: a.kv_reads.saturating_sub(b.kv_reads),
-        kv_writes: a.kv_writes.saturating_sub(b.kv_writes),
-        kv_deletes: a.kv_deletes.saturating_sub(b.kv_deletes),
-        kv_lists: a.kv_lists.saturating_sub(b.kv_lists),
-        queue_sends: a.queue_sends.saturating_sub(b.queue_sends),
-        queue_acks: a.queue_acks.saturating_sub(b.queue_acks),
-        queue_retries: a.queue_retries.saturating_sub(b.queue_retries),
+        kv_reads: f(a.kv_reads, b.kv_reads),
+        kv_writes: f(a.kv_writes, b.kv_writes),
+        kv_deletes: f(a.kv_deletes, b.kv_deletes),
+        kv_lists: f(a.kv_lists, b.kv_lists),
+        queue_sends: f(a.queue_sends, b.queue_sends),
+        queue_acks: f(a.queue_acks, b.queue_acks),
+        queue_retries: f(a.queue_retries, b.queue_retries),
+        do_requests: f(a.do_requests, b.do_requests),
+        do_ws_messages: f(a.do_ws_messages, b.do_ws_messages),
+        do_active_ms: f(a.do_active_ms, b.do_active_ms),
+        do_rows_read: f(a.do_rows_read, b.do_rows_read),
+        do_rows_written: f(a.do_rows_written, b.do_rows_written),
     }
 }
 

@@ -7,8 +7,9 @@ use vm_task_types::Timestamp;
 
 use crate::{
     cost::{
-        KV_READ_USD_PER_MILLION, KV_WRITE_CLASS_USD_PER_MILLION, QUEUE_OPS_PER_MESSAGE, QUEUE_OP_USD_PER_MILLION,
-        REQUEST_USD_PER_MILLION,
+        DO_GB_S_USD_PER_MILLION, DO_MEMORY_GB, DO_REQUEST_USD_PER_MILLION, DO_ROW_READ_USD_PER_MILLION,
+        DO_ROW_WRITTEN_USD_PER_MILLION, DO_WS_MESSAGES_PER_REQUEST, KV_READ_USD_PER_MILLION,
+        KV_WRITE_CLASS_USD_PER_MILLION, QUEUE_OPS_PER_MESSAGE, QUEUE_OP_USD_PER_MILLION, REQUEST_USD_PER_MILLION,
     },
     BenchOptions, DAEMON,
 };
@@ -82,7 +83,7 @@ pub(crate) fn header(root: &Path, opts: &BenchOptions) -> String {
         opts.worker_vars.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
     };
     let sections = if opts.sections.is_empty() {
-        "all".to_owned()
+        "the default ones".to_owned()
     } else {
         opts.sections.iter().map(|s| format!("{s:?}").to_lowercase()).collect::<Vec<_>>().join(",")
     };
@@ -92,6 +93,7 @@ pub(crate) fn header(root: &Path, opts: &BenchOptions) -> String {
          - machine: {cores} cores ({processors} processors in /proc/cpuinfo), {mem:.1} GiB memory, CPU: {model}; \
            load average at start {load}\n\
          - command: `{command}`\n\
+         - dispatch modes: {modes} (the workers' DISPATCH_MODE; each mode on its own stacks)\n\
          - sections: {sections}\n\
          - stacks: both workers under `wrangler dev` (local KV and Queues, one isolate per worker, through the dev \
            gateway), the Arrakis simulator with no injected latency, the release daemon; all on loopback, sharing \
@@ -109,12 +111,16 @@ pub(crate) fn header(root: &Path, opts: &BenchOptions) -> String {
          - prices (Cloudflare Workers Paid, USD, included free allotments ignored): KV reads \
            ${KV_READ_USD_PER_MILLION:.2}/M; KV writes, deletes, lists ${KV_WRITE_CLASS_USD_PER_MILLION:.2}/M each; \
            Queues ${QUEUE_OP_USD_PER_MILLION:.2}/M operations, {QUEUE_OPS_PER_MESSAGE} per message (write, read, \
-           delete) plus 1 per retry; Workers requests ${REQUEST_USD_PER_MILLION:.2}/M; a month is 30 days\n",
+           delete) plus 1 per retry; Workers requests ${REQUEST_USD_PER_MILLION:.2}/M; Durable Objects requests \
+           ${DO_REQUEST_USD_PER_MILLION:.2}/M (WebSocket messages received {DO_WS_MESSAGES_PER_REQUEST}:1), duration \
+           ${DO_GB_S_USD_PER_MILLION:.2}/M GB-s at {DO_MEMORY_GB} GB per active object, SQLite rows read \
+           ${DO_ROW_READ_USD_PER_MILLION:.3}/M, written ${DO_ROW_WRITTEN_USD_PER_MILLION:.2}/M; a month is 30 days\n",
         started = utc_now(),
         dirty = if dirty { " with uncommitted changes" } else { "" },
         mem = mem_kb as f64 / 1024.0 / 1024.0,
         load = load.join(" "),
         command = opts.command(),
+        modes = opts.modes.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", "),
         wait_poll = shipped(&api_toml, "WAIT_POLL_MS"),
         batch = shipped(&consumer_toml, "max_batch_size"),
         batch_timeout = shipped(&consumer_toml, "max_batch_timeout"),

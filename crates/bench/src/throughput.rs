@@ -9,15 +9,14 @@ use std::{
 use anyhow::Result;
 use futures::{stream, StreamExt};
 use serde_json::json;
-use stack::{Stack, StackOptions};
+use stack::Stack;
 use vm_task_types::TaskStatus;
 
 use crate::{
     measure::{fetch_tasks, log_len, percentile, snapshot, DaemonProbe, Ops, Requests},
     report::{describe_counts, mark, meminfo_kb, ms, table},
-    shut_down,
     timeline::{phase_ends, statuses, Splits},
-    with_vars, BenchOptions, SERVER, THROUGHPUT_TIMEOUT,
+    BenchOptions, SERVER, THROUGHPUT_TIMEOUT,
 };
 
 /// Target printed beside the throughput figures.
@@ -40,7 +39,7 @@ pub(crate) struct ThroughputResult {
     /// First POST sent until the daemon had reported every accepted task.
     wall: Option<Duration>,
     statuses: BTreeMap<String, usize>,
-    completed: usize,
+    pub(crate) completed: usize,
     splits: Splits,
     /// When the last task was buffered, claimed and completed, in ms after the first was created.
     ends: Option<[u64; 3]>,
@@ -55,18 +54,20 @@ fn vm_tasks(tasks: usize, vms: usize, v: usize) -> usize {
     tasks / vms + usize::from(v < tasks % vms)
 }
 
-pub(crate) async fn throughput(opts: &BenchOptions, concurrency: usize) -> Result<ThroughputResult> {
-    tracing::info!("throughput: starting a stack with MAX_CONCURRENCY {concurrency}");
-    let stack_opts = with_vars(StackOptions::default(), &opts.worker_vars).daemon_env("MAX_CONCURRENCY", concurrency);
-    let stack = Stack::start(stack_opts).await?;
-    let daemon = DaemonProbe::new(&stack);
+/// Runs on `stack`, whose daemon runs with MAX_CONCURRENCY `concurrency`.
+pub(crate) async fn throughput(
+    opts: &BenchOptions,
+    stack: &Stack,
+    daemon: &DaemonProbe,
+    concurrency: usize,
+) -> Result<ThroughputResult> {
     let pid = stack.daemon_pid();
     if pid.is_none() {
         tracing::warn!("could not find the daemon's pid; no memory figures");
     }
     let api = stack.client();
     let log = stack.log_path("wrangler");
-    // A second after startup: the daemon sits in its first long poll.
+    // Let the daemon settle into waiting for work.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_before_kb = pid.and_then(|p| proc_status_kb(p, "VmRSS"));
     let reported = daemon.finished().await?;
@@ -137,7 +138,6 @@ pub(crate) async fn throughput(opts: &BenchOptions, concurrency: usize) -> Resul
     let fetched = fetch_tasks(&api, &ids).await;
     let statuses = statuses(&fetched);
     let completed = fetched.iter().flatten().filter(|t| t.status == TaskStatus::Completed).count();
-    shut_down(stack).await;
     Ok(ThroughputResult {
         concurrency,
         submitted: ids.len(),
@@ -153,6 +153,13 @@ pub(crate) async fn throughput(opts: &BenchOptions, concurrency: usize) -> Resul
         requests: Requests::read(&log, log_from, log_to),
         memory,
     })
+}
+
+impl ThroughputResult {
+    /// Tasks per second from the first POST until every accepted task was reported.
+    pub(crate) fn rate(&self) -> Option<f64> {
+        self.wall.map(|w| self.submitted as f64 / w.as_secs_f64())
+    }
 }
 
 fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
