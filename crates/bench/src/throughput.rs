@@ -226,7 +226,8 @@ pub(crate) fn render_throughput(
         "## Throughput\n\n\
          {tasks} tasks over {vms} VMs (each VM: 1 `launch_vm`, then `run_command` `echo x`), submitted by {subs} \
          concurrent submitters (each takes a VM and submits its tasks one after another, so per-VM order holds); \
-         a fresh stack per daemon MAX_CONCURRENCY. Rate: tasks from the first POST until the daemon had reported \
+         at the daemon's default MAX_CONCURRENCY on the mode's stack after its other sections, any other on a \
+         fresh stack. Rate: tasks from the first POST until the daemon had reported \
          every accepted task (its `/metrics`, polled every 50 ms); statuses read afterwards.\n\n{rows}\n\
          Where the time goes (timeline splits p50 / p99; per task: daemon requests, server-side p50 in \
          parentheses from the wrangler log; queue batches × mean messages; when the last task was buffered, claimed and \
