@@ -40,7 +40,7 @@ pub(crate) fn render_footprint(root: &Path, memory: Option<Memory>, targets: &mu
     }
     let memory_text = match memory {
         Some(m) => table(
-            &["daemon memory (MAX_CONCURRENCY 32 stack)", "kB", "MiB"],
+            &["daemon memory (the last throughput run's stack)", "kB", "MiB"],
             &[
                 vec![
                     "VmRSS idle, before the throughput run".into(),
@@ -51,9 +51,7 @@ pub(crate) fn render_footprint(root: &Path, memory: Option<Memory>, targets: &mu
                 vec!["VmHWM (peak RSS) after the throughput run".into(), m.hwm_kb.to_string(), mib(m.hwm_kb)],
             ],
         ),
-        None => {
-            "Daemon memory: run the `throughput` section with MAX_CONCURRENCY 32 (the default) to measure it.\n".into()
-        }
+        None => "Daemon memory: run the `throughput` section to measure it.\n".into(),
     };
     format!("## Footprint\n\n{}\n{memory_text}", table(&["artifact", "raw", "gzip -9", "target"], &rows))
 }

@@ -215,7 +215,7 @@ impl IdleResult {
     pub(crate) fn periodic_month(&self) -> Cost {
         let month_secs = HOURS_PER_MONTH as u64 * 3600;
         let relists = month_secs / DAEMON.relist_seconds.max(1);
-        let reports = if DAEMON.host_report_seconds == 0 { 0 } else { month_secs / DAEMON.host_report_seconds };
+        let reports = month_secs.checked_div(DAEMON.host_report_seconds).unwrap_or(0);
         let (ops, requests) = match self.mode {
             Mode::Kv => (OpCounts { kv_lists: relists, kv_writes: 2 * reports, ..OpCounts::default() }, relists),
             Mode::Durable => (
