@@ -23,10 +23,11 @@
 //!   finished and cancelled tasks remembered), whether a predecessor is out of the way
 //!   (`decide::predecessor` along the chain), what a claim's answer means (`edge::answer`,
 //!   `decide::claim_refused`, `decide::after_claim`: run, terminal, held, not visible yet with
-//!   its backoff, no answer), what a report's answer means (`decide::after_report`: accepted,
-//!   kept for the next claim, replaced by a failed report, retried), whether a claimed command may be sent (`decide::not_resent`,
-//!   unless [`DaemonRules`] model the old daemon) and what a job's end does to the state
-//!   (`Core::ended`: outcomes kept unreported, 404s given up). The driver around them is
+//!   its backoff, no answer), what a report's answer means (`decide::after_report`:
+//!   accepted, kept for the next claim, replaced by a failed report, retried), whether a
+//!   claimed command may be sent (`decide::not_resent`, unless [`DaemonRules`] model the old
+//!   daemon) and what a job's end does to the state (`Core::ended`: outcomes kept unreported,
+//!   404s given up). The driver around them is
 //!   still the model's own: one job at a time, polls at the doorbell interval instead of the
 //!   long-poll loop, a report retried on its own schedule, lifecycle operations looking at the
 //!   VM first (the executor's rule), claim ids fixed per process and task. The tokio loop
