@@ -454,9 +454,15 @@ impl<S: HostStore> HostQueue<S> {
     pub fn mirrored(&mut self, written: &Task, now: Timestamp) {
         self.mirrors
             .insert(written.id, Mirror { written_at: Some(now), refused_at: None, status: Some(written.status) });
-        if let Some(entry) = self.entries.get_mut(&written.id) {
-            // Kept in memory only: after a restart the record is written once more, harmlessly.
-            entry.mirrored_gen = entry.mirrored_gen.max(written.gen);
+        let Some(entry) = self.entries.get_mut(&written.id) else { return };
+        entry.mirrored_gen = entry.mirrored_gen.max(written.gen);
+        // A live task's is kept in memory only (after a restart its record is written once
+        // more). A finished one's is stored, one row: else every wake of the object (after a
+        // restart, or after each hibernation) wrote the record of every finished task it still
+        // retains again, a KV write each.
+        if written.status.is_terminal() && entry.mirrored_gen >= entry.task.gen {
+            let entry = entry.clone();
+            self.store.put_entry(&entry);
         }
     }
 
