@@ -17,7 +17,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use uuid::Uuid;
 use vm_task_types::{
     validate::check_segment,
-    wire::{ClaimRequest, LeaseResponse, TaskDetailResponse, UpdateStatusResponse},
+    wire::{CancelRequestedResponse, ClaimRequest, LeaseResponse, TaskDetailResponse, UpdateStatusResponse},
     Task, TaskStatus, Timestamp,
 };
 
@@ -110,16 +110,7 @@ pub fn handle<S: HostStore>(
                 return Ok(Reply::json(200, &status_reply(&task, "task cancelled")));
             }
             // A running long command: the same 202 as the KV mode's.
-            Ok(Reply::json(
-                202,
-                &serde_json::json!({
-                    "success": true,
-                    "taskId": id,
-                    "status": "cancel_requested",
-                    "message": "the command is running; the daemon stops it in the guest at its next heartbeat \
-                                and the task ends cancelled with the output so far; read the task for the outcome",
-                }),
-            ))
+            Ok(Reply::json(202, &CancelRequestedResponse::running(id)))
         }),
         _ => Err(Refusal::not_found_path(method, path)),
     };

@@ -6,9 +6,9 @@ use uuid::Uuid;
 use vm_task_types::{
     validate::{self, parse_task_id},
     wire::{
-        CreateTaskResponse, HealthResponse, HostEntry, ListHostsResponse, ListTasksResponse, ListVmsResponse,
-        StatsResponse, TaskDetailResponse, TaskStatusResponse, UpdateStatusRequest, UpdateStatusResponse,
-        VmStatusResponse, VmSummary,
+        CancelRequestedResponse, CreateTaskResponse, HealthResponse, HostEntry, ListHostsResponse, ListTasksResponse,
+        ListVmsResponse, StatsResponse, TaskDetailResponse, TaskStatusResponse, UpdateStatusRequest,
+        UpdateStatusResponse, VmStatusResponse, VmSummary,
     },
     FieldError, Limits, Operation, OperationKind, Task, TaskStatus, TaskSummary, TimelineEvent, Timestamp, VmState,
 };
@@ -673,16 +673,7 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             }
             let now = self.clock.now();
             if now >= deadline {
-                return Ok(Response::json(
-                    202,
-                    &serde_json::json!({
-                        "success": true,
-                        "taskId": id,
-                        "status": "cancel_requested",
-                        "message": "a daemon is claiming the task; it will not run if the claim sees this cancel, \
-                                    and every later claim will; read the task for the outcome",
-                    }),
-                ));
+                return Ok(Response::json(202, &CancelRequestedResponse::claim_in_flight(id)));
             }
             self.clock.sleep_ms(CANCEL_POLL_MS.min(deadline.millis_since(now))).await;
             task = self.tasks.require(id).await?;
@@ -706,22 +697,9 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
         };
         let propagation = self.config.kv_propagation_secs;
         match settle_cancel(&task, &intent, now, propagation) {
-            CancelSettlement::Wait { until } => Ok(Response::json(
-                202,
-                &serde_json::json!({
-                    "success": true,
-                    "taskId": id,
-                    "status": "cancel_requested",
-                    "cancelFinalAt": until,
-                    "message": format!(
-                        "no daemon will run the task from now on; one at another location may have claimed it \
-                         before this cancel reached it, which KV shows everywhere within {} s. At {until} the task \
-                         is cancelled unless such a claim took it (then its own result stands); read the task \
-                         for the outcome",
-                        2 * propagation
-                    ),
-                }),
-            )),
+            CancelSettlement::Wait { until } => {
+                Ok(Response::json(202, &CancelRequestedResponse::until(id, until, propagation)))
+            }
             settlement @ (CancelSettlement::Cancel | CancelSettlement::FailUnknown) => {
                 let task =
                     apply_cancel_settlement(&self.tasks, &self.buffer, &self.clock, task, &intent, settlement).await?;
@@ -764,16 +742,7 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             let intent = CancelIntent { at: self.clock.now(), message: "cancelled by client while running".into() };
             paced(&self.clock, || self.tasks.put_cancel_intent(id, &intent)).await?;
         }
-        Ok(Response::json(
-            202,
-            &serde_json::json!({
-                "success": true,
-                "taskId": id,
-                "status": "cancel_requested",
-                "message": "the command is running; the daemon stops it in the guest at its next heartbeat \
-                            and the task ends cancelled with the output so far; read the task for the outcome",
-            }),
-        ))
+        Ok(Response::json(202, &CancelRequestedResponse::running(id)))
     }
 
     /// The cancel won: the record becomes cancelled and the buffer entry goes.

@@ -247,6 +247,66 @@ pub struct UpdateStatusResponse {
     pub message: String,
 }
 
+/// `DELETE /vm/tasks/:id` answered 202: the cancel is recorded but not final yet; the task's
+/// record says how it ends. One type for both dispatch modes, so the answer and its wording
+/// do not drift apart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelRequestedResponse {
+    pub success: bool,
+    pub task_id: Uuid,
+    /// Always `cancel_requested`, which is no task status.
+    pub status: String,
+    /// Across locations: when the cancel becomes final.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_final_at: Option<Timestamp>,
+    pub message: String,
+}
+
+impl CancelRequestedResponse {
+    fn new(task_id: Uuid, cancel_final_at: Option<Timestamp>, message: String) -> Self {
+        Self { success: true, task_id, status: "cancel_requested".into(), cancel_final_at, message }
+    }
+
+    /// A daemon's claim was in flight and did not decide in time.
+    pub fn claim_in_flight(task_id: Uuid) -> Self {
+        Self::new(
+            task_id,
+            None,
+            "a daemon is claiming the task; it will not run if the claim sees this cancel, and every later \
+             claim will; read the task for the outcome"
+                .into(),
+        )
+    }
+
+    /// A long command is running: the daemon stops it at its next heartbeat.
+    pub fn running(task_id: Uuid) -> Self {
+        Self::new(
+            task_id,
+            None,
+            "the command is running; the daemon stops it in the guest at its next heartbeat and the task \
+             ends cancelled with the output so far; read the task for the outcome"
+                .into(),
+        )
+    }
+
+    /// A pending task where a claim at another location may not have seen the cancel yet; KV
+    /// shows a write everywhere within `propagation_secs`.
+    pub fn until(task_id: Uuid, final_at: Timestamp, propagation_secs: u64) -> Self {
+        Self::new(
+            task_id,
+            Some(final_at),
+            format!(
+                "no daemon will run the task from now on; one at another location may have claimed it before \
+                 this cancel reached it, which KV shows everywhere within {} s. At {final_at} the task is \
+                 cancelled unless such a claim took it (then its own result stands); read the task for the \
+                 outcome",
+                2 * propagation_secs
+            ),
+        )
+    }
+}
+
 /// `GET /vm/:vmName/status`, answered from the VM registry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
