@@ -263,7 +263,8 @@ async fn webhook_batch(
     Ok(())
 }
 
-/// The durable mode's queue handler: each task to its server's object, concurrently.
+/// The durable mode's queue handler: the batch's tasks to their servers' objects, one request
+/// per object ([`ConsumerFront::hand_off_batch`]).
 async fn hand_off_batch(
     env: &Env,
     service: &Service<'_>,
@@ -281,16 +282,21 @@ async fn hand_off_batch(
         now: WorkerClock.now(),
     };
     let retry = Delivery::Retry { delay_secs: config.retry_delay_secs };
-    let handoffs = bodies.iter().map(|body| async {
-        let Ok(message) = serde_json::from_value::<vm_task_edge::QueueMessage>(body.clone()) else {
-            // Unreadable: the dead letter queue marks what it can.
-            return retry;
-        };
+    let mut deliveries = vec![retry; bodies.len()];
+    let mut handed = Vec::with_capacity(bodies.len());
+    for (i, body) in bodies.iter().enumerate() {
+        // Unreadable: retried, and the dead letter queue marks what it can.
+        let Ok(message) = serde_json::from_value::<vm_task_edge::QueueMessage>(body.clone()) else { continue };
         if config.fault_fail_buffering_vm.as_deref() == Some(message.vm_name.as_str()) {
             // Fault injection for tests, as in the KV mode: this VM's tasks reach the DLQ.
-            return retry;
+            continue;
         }
-        match front.hand_off(&message).await {
+        handed.push((i, message));
+    }
+    let messages: Vec<_> = handed.iter().map(|(_, m)| m.clone()).collect();
+    let handoffs = front.hand_off_batch(&messages).await;
+    for ((i, message), handoff) in handed.iter().zip(handoffs) {
+        deliveries[*i] = match handoff {
             Handoff::Done => Delivery::Ack,
             Handoff::Retry(why) => {
                 worker::console_warn!("task {} not handed to its host queue: {why}", message.task_id);
@@ -301,9 +307,9 @@ async fn hand_off_batch(
                 let delay_secs = Handoff::not_visible_delay_secs(config.kv_propagation_secs, config.retry_delay_secs);
                 Delivery::Retry { delay_secs }
             }
-        }
-    });
-    Ok(futures::future::join_all(handoffs).await)
+        };
+    }
+    Ok(deliveries)
 }
 
 /// The durable mode's dead letters: each to its object, which fails it unless it holds it.

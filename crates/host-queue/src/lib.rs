@@ -19,6 +19,9 @@ mod protocol;
 mod queue;
 mod store;
 
-pub use protocol::{CancelRequest, ClaimGranted, EnqueueOutcome, FencedLease, FencedReport, Push, ReadyList, Refusal};
+pub use protocol::{
+    CancelRequest, ClaimGranted, EnqueueBatch, EnqueueBatchReply, EnqueueOutcome, FencedLease, FencedReport, Push,
+    ReadyList, Refusal,
+};
 pub use queue::{Effects, HostQueue, QueueConfig, MIRROR_WINDOW_MS};
 pub use store::{HostStore, MemoryStore, StoreOps, StoredEntry};

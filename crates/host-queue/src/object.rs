@@ -5,6 +5,7 @@
 //! | request | body | reply |
 //! |---|---|---|
 //! | `POST /enqueue` | the task record | [`EnqueueOutcome`] |
+//! | `POST /enqueue-batch` | [`EnqueueBatch`]: a queue batch's tasks for this server, in order | [`EnqueueBatchReply`]: one outcome per task, in order |
 //! | `GET /ready` | — | [`ReadyList`] |
 //! | `GET /tasks/{id}` | — | `TaskDetailResponse` (404 when not held) |
 //! | `POST /tasks/{id}/claim` | `ClaimRequest` | [`crate::ClaimGranted`] |
@@ -22,7 +23,9 @@ use vm_task_types::{
 };
 
 use crate::{
-    protocol::{CancelRequest, EnqueueOutcome, FencedLease, FencedReport, ReadyList, Refusal},
+    protocol::{
+        CancelRequest, EnqueueBatch, EnqueueBatchReply, EnqueueOutcome, FencedLease, FencedReport, ReadyList, Refusal,
+    },
     queue::HostQueue,
     store::HostStore,
 };
@@ -59,6 +62,10 @@ pub fn handle<S: HostStore>(
         ("POST", ["enqueue"]) => parse::<Task>(body).map(|task| {
             let outcome: EnqueueOutcome = queue.enqueue(task, now);
             Reply::json(200, &outcome)
+        }),
+        ("POST", ["enqueue-batch"]) => parse::<EnqueueBatch>(body).map(|batch| {
+            let outcomes = queue.enqueue_all(batch.tasks, now);
+            Reply::json(200, &EnqueueBatchReply { outcomes })
         }),
         ("GET", ["ready"]) => Ok(Reply::json(200, &ready_list(queue, instance))),
         ("GET", ["tasks", id]) => task_id(id).and_then(|id| {

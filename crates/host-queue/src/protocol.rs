@@ -129,6 +129,22 @@ pub enum EnqueueOutcome {
     Finished,
 }
 
+/// `POST /enqueue-batch`: the tasks of one queue batch bound for this server, in the batch's
+/// order, handed over in one request (one per server and batch instead of one per message).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnqueueBatch {
+    pub tasks: Vec<Task>,
+}
+
+/// The reply to [`EnqueueBatch`]: each task's outcome, in the request's order, so the
+/// consumer acks or retries each message on its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnqueueBatchReply {
+    pub outcomes: Vec<EnqueueOutcome>,
+}
+
 /// The tasks a daemon may claim now, oldest first: one per VM, the VM's oldest live task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

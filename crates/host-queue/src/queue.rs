@@ -160,6 +160,11 @@ impl<S: HostStore> HostQueue<S> {
         EnqueueOutcome::Queued
     }
 
+    /// A queue batch's tasks for this server, in order, in one step: each as [`Self::enqueue`].
+    pub fn enqueue_all(&mut self, tasks: Vec<Task>, now: Timestamp) -> Vec<EnqueueOutcome> {
+        tasks.into_iter().map(|task| self.enqueue(task, now)).collect()
+    }
+
     /// What a daemon may claim now, oldest first: each VM's oldest live task, when pending.
     pub fn ready(&self) -> Vec<BufferedTask> {
         let mut seen_vms = BTreeSet::new();

@@ -9,7 +9,7 @@ use futures::executor::block_on;
 use host_queue::{
     front::{ApiFront, ConsumerFront, Handoff, HostQueues},
     object::{self, Reply},
-    HostQueue, MemoryStore, QueueConfig,
+    EnqueueBatch, EnqueueBatchReply, EnqueueOutcome, HostQueue, MemoryStore, QueueConfig,
 };
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -20,7 +20,7 @@ use vm_task_edge::{
     http::{Request, Response},
     memory::{Invocation, ManualClock, MemoryKv, MemoryQueue, SeqIds},
     store::{BufferStore, TaskStore},
-    Clock,
+    Clock, QueueMessage,
 };
 use vm_task_types::{wire::ClaimResponse, TaskStatus, Timestamp};
 
@@ -33,6 +33,10 @@ struct Objects {
     queues: RefCell<BTreeMap<String, HostQueue<MemoryStore>>>,
     kv: TaskStore<MemoryKv>,
     clock: ManualClock,
+    /// Every request, as `server method path`.
+    calls: RefCell<Vec<String>>,
+    /// A server whose object cannot be reached.
+    unreachable: RefCell<Option<String>>,
 }
 
 impl Objects {
@@ -67,6 +71,10 @@ impl HostQueues for Objects {
     async fn call(&self, server: &str, method: &str, path: &str, body: Vec<u8>) -> Result<Reply, String> {
         let now = self.clock.now();
         let path = path.split('?').next().unwrap_or_default().to_owned();
+        self.calls.borrow_mut().push(format!("{server} {method} {path}"));
+        if self.unreachable.borrow().as_deref() == Some(server) {
+            return Err(format!("object {server} unreachable"));
+        }
         let reply = {
             let mut queues = self.queues.borrow_mut();
             let queue = queues
@@ -103,6 +111,8 @@ impl Edge {
                 queues: RefCell::new(BTreeMap::new()),
                 kv: TaskStore::new(tasks.clone()),
                 clock: clock.clone(),
+                calls: RefCell::new(Vec::new()),
+                unreachable: RefCell::new(None),
             },
             tasks,
             hosts: MemoryKv::with_production_limits(&invocation),
@@ -172,21 +182,38 @@ impl Edge {
         r.json_body::<Value>().unwrap()["taskId"].as_str().unwrap().parse().unwrap()
     }
 
-    /// The queue consumer's hand-off of everything queued.
+    /// The queue consumer's hand-off of everything queued, as one batch.
     fn deliver(&self) {
-        for message in self.queue.drain() {
-            self.invocation.begin();
-            let store = TaskStore::new(self.tasks.clone());
-            let front = ConsumerFront {
-                tasks: &store,
-                queues: &self.objects,
-                consumer_tokens: &self.consumer_tokens,
-                max_wait_secs: 30,
-                host_registry: &self.hosts,
-                now: self.clock.now(),
-            };
-            assert_eq!(block_on(front.hand_off(&message)), Handoff::Done);
-        }
+        let messages = self.queue.drain();
+        let answers = self.hand_off_batch(&messages);
+        assert!(answers.iter().all(|a| *a == Handoff::Done), "{answers:?}");
+    }
+
+    /// One queue batch through the consumer front, as the worker hands it over.
+    fn hand_off_batch(&self, messages: &[QueueMessage]) -> Vec<Handoff> {
+        self.invocation.begin();
+        let store = TaskStore::new(self.tasks.clone());
+        let front = ConsumerFront {
+            tasks: &store,
+            queues: &self.objects,
+            consumer_tokens: &self.consumer_tokens,
+            max_wait_secs: 30,
+            host_registry: &self.hosts,
+            now: self.clock.now(),
+        };
+        block_on(front.hand_off_batch(messages))
+    }
+
+    fn submit_to(&self, vm: &str, server: &str) -> Uuid {
+        let body = json!({"type": "stop_vm", "payload": {"vmName": vm, "targetServer": server}});
+        let r = self.api(Request::new("POST", "/vm/tasks").bearer(CLIENT).json_body(&body));
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        r.json_body::<Value>().unwrap()["taskId"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// The object requests made so far that hand tasks over.
+    fn enqueue_calls(&self) -> Vec<String> {
+        self.objects.calls.borrow().iter().filter(|c| c.contains("/enqueue")).cloned().collect()
     }
 
     fn claim(&self, id: Uuid, claim: u128) -> Response {
@@ -595,4 +622,116 @@ fn a_message_whose_record_is_not_visible_yet_is_retried_after_half_the_propagati
     assert!(matches!(block_on(front.hand_off(&message)), Handoff::NotVisible(_)));
     assert_eq!(Handoff::not_visible_delay_secs(60, 5), 30, "4 deliveries span 90 s > 60 s");
     assert_eq!(Handoff::not_visible_delay_secs(0, 5), 5, "one location: the flat delay");
+}
+
+/// A queue batch reaches each server's object in one request, whatever its size, and every
+/// message gets its own answer: new tasks on two servers, one whose record is not readable
+/// here yet, one the object already holds (a redelivered message) and one cancelled before
+/// its message arrived.
+#[test]
+fn a_batch_goes_to_each_object_in_one_request_and_each_message_gets_its_own_answer() {
+    let edge = Edge::new();
+    let held = edge.submit("vm-0");
+    let redelivered = edge.queue.drain().remove(0);
+    assert_eq!(edge.hand_off_batch(std::slice::from_ref(&redelivered)), [Handoff::Done]);
+    edge.objects.calls.borrow_mut().clear();
+    let cancelled = edge.submit("vm-9");
+    assert_eq!(edge.cancel(cancelled).status, 200);
+    let cancelled_message = edge.queue.drain().remove(0);
+    let new: Vec<Uuid> = (1..=4).map(|n| edge.submit(&format!("vm-{n}"))).collect();
+    let elsewhere: Vec<Uuid> = (5..=6).map(|n| edge.submit_to(&format!("vm-{n}"), "staging")).collect();
+    let mut messages = edge.queue.drain();
+    let unseen = QueueMessage { task_id: Uuid::from_u128(u128::MAX), ..messages[0].clone() };
+    messages.insert(2, unseen);
+    messages.insert(0, redelivered);
+    messages.push(cancelled_message);
+    edge.clock.advance_ms(1_100);
+
+    let answers = edge.hand_off_batch(&messages);
+
+    assert_eq!(answers.len(), messages.len());
+    for (message, answer) in messages.iter().zip(&answers) {
+        if message.task_id == Uuid::from_u128(u128::MAX) {
+            assert!(matches!(answer, Handoff::NotVisible(_)), "{answer:?}");
+        } else {
+            assert_eq!(*answer, Handoff::Done, "task {}", message.task_id);
+        }
+    }
+    assert_eq!(
+        edge.enqueue_calls(),
+        ["production POST /enqueue-batch", "staging POST /enqueue-batch"],
+        "one request per server for the whole batch"
+    );
+    let listed = |server: &str| -> Vec<Uuid> {
+        let r = edge.consumer(Request::new("GET", &format!("/tasks/ready?server={server}")).bearer(CONSUMER));
+        r.json_body::<Value>().unwrap()["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["taskId"].as_str().unwrap().parse().unwrap())
+            .collect()
+    };
+    let mut production = vec![held];
+    production.extend(&new);
+    assert_eq!(listed("production"), production, "the cancelled task is not offered");
+    assert_eq!(listed("staging"), elsewhere);
+}
+
+/// An object that cannot be reached has its messages retried; the other server's are acked.
+/// Handing the same batch over again then queues what was missing and nothing twice.
+#[test]
+fn an_unreachable_object_has_its_messages_retried_and_a_second_hand_off_is_harmless() {
+    let edge = Edge::new();
+    let on_production = [edge.submit("vm-1"), edge.submit("vm-2")];
+    let on_staging = edge.submit_to("vm-3", "staging");
+    let messages = edge.queue.drain();
+    *edge.objects.unreachable.borrow_mut() = Some("staging".into());
+
+    let answers = edge.hand_off_batch(&messages);
+    assert_eq!(answers[..2], [Handoff::Done, Handoff::Done]);
+    assert!(matches!(&answers[2], Handoff::Retry(why) if why.contains("unreachable")), "{answers:?}");
+
+    *edge.objects.unreachable.borrow_mut() = None;
+    let version_before = edge.objects.queues.borrow()["production"].version();
+    assert_eq!(edge.hand_off_batch(&messages), [Handoff::Done, Handoff::Done, Handoff::Done]);
+    assert_eq!(edge.objects.queues.borrow()["production"].version(), version_before, "nothing new on production");
+    for id in on_production {
+        assert_eq!(edge.live_status(id), TaskStatus::Pending);
+    }
+    assert_eq!(edge.objects.queues.borrow()["staging"].task(on_staging).unwrap().status, TaskStatus::Pending);
+}
+
+/// The object's batch route: one outcome per task in the request's order (a task listed twice
+/// is a duplicate the second time; a finished record is not queued), and the same batch again
+/// changes nothing.
+#[test]
+fn the_objects_batch_route_answers_each_task_in_order_and_is_idempotent() {
+    let edge = Edge::new();
+    let ids: Vec<Uuid> = (1..=3).map(|n| edge.submit(&format!("vm-{n}"))).collect();
+    let record = |id: Uuid| block_on(TaskStore::new(edge.tasks.clone()).load(id)).unwrap().unwrap();
+    let mut finished = record(ids[2]);
+    finished.status = TaskStatus::Cancelled;
+    let batch = EnqueueBatch { tasks: vec![record(ids[1]), record(ids[0]), record(ids[1]), finished] };
+    let body = serde_json::to_vec(&batch).unwrap();
+    let mut queue = HostQueue::load(MemoryStore::new(), QueueConfig::default());
+    let now = edge.clock.now();
+
+    let reply = object::handle(&mut queue, 7, "POST", "/enqueue-batch", &body, now);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let outcomes = serde_json::from_str::<EnqueueBatchReply>(&reply.body).unwrap().outcomes;
+    use EnqueueOutcome::*;
+    assert_eq!(outcomes, [Queued, Queued, Duplicate, Finished]);
+    let pushed: Vec<Uuid> = queue.effects(now).push.iter().map(|t| t.task_id).collect();
+    assert_eq!(pushed, ids[..2], "both new tasks pushed in one pass");
+    assert!(queue.task(ids[2]).is_none(), "a finished record is not held");
+
+    let version = queue.version();
+    let again = object::handle(&mut queue, 7, "POST", "/enqueue-batch", &body, now);
+    let outcomes = serde_json::from_str::<EnqueueBatchReply>(&again.body).unwrap().outcomes;
+    assert_eq!(outcomes, [Duplicate, Duplicate, Duplicate, Finished]);
+    assert_eq!(queue.version(), version);
+    assert!(queue.effects(now).push.is_empty(), "nothing pushed twice");
+
+    let bad = object::handle(&mut queue, 7, "POST", "/enqueue-batch", b"{\"tasks\": 3}", now);
+    assert_eq!(bad.status, 400, "{}", bad.body);
 }
