@@ -14,7 +14,7 @@ mod host_queue_object;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use host_queue::front::{connect_route, ConsumerFront, Handoff};
+use host_queue::front::{connect_route, ConsumerFront};
 pub use host_queue_object::HostQueueObject;
 
 use serde_json::Value;
@@ -140,14 +140,7 @@ async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<
     let durable = if durable_mode(&env) {
         let queues = DurableQueues(env.durable_object(HOST_QUEUE)?);
         let host_registry = CountingKv::new(WorkerKv(env.kv(TASK_BUFFER)?), &COUNTERS);
-        let front = ConsumerFront {
-            tasks: &service.tasks,
-            queues: &queues,
-            consumer_tokens: &config.consumer_tokens,
-            max_wait_secs: config.max_wait_secs,
-            host_registry: &host_registry,
-            now: WorkerClock.now(),
-        };
+        let front = ConsumerFront::new(&service.tasks, &queues, &host_registry, &config, WorkerClock.now());
         front.handle(&request).await
     } else {
         None
@@ -273,43 +266,12 @@ async fn hand_off_batch(
 ) -> worker::Result<Vec<Delivery>> {
     let queues = DurableQueues(env.durable_object(HOST_QUEUE)?);
     let host_registry = CountingKv::new(WorkerKv(env.kv(TASK_BUFFER)?), &COUNTERS);
-    let front = ConsumerFront {
-        tasks: &service.tasks,
-        queues: &queues,
-        consumer_tokens: &config.consumer_tokens,
-        max_wait_secs: config.max_wait_secs,
-        host_registry: &host_registry,
-        now: WorkerClock.now(),
-    };
-    let retry = Delivery::Retry { delay_secs: config.retry_delay_secs };
-    let mut deliveries = vec![retry; bodies.len()];
-    let mut handed = Vec::with_capacity(bodies.len());
-    for (i, body) in bodies.iter().enumerate() {
-        // Unreadable: retried, and the dead letter queue marks what it can.
-        let Ok(message) = serde_json::from_value::<vm_task_edge::QueueMessage>(body.clone()) else { continue };
-        if config.fault_fail_buffering_vm.as_deref() == Some(message.vm_name.as_str()) {
-            // Fault injection for tests, as in the KV mode: this VM's tasks reach the DLQ.
-            continue;
-        }
-        handed.push((i, message));
+    let front = ConsumerFront::new(&service.tasks, &queues, &host_registry, config, WorkerClock.now());
+    let handed = front.deliver_batch(bodies, config).await;
+    for warning in &handed.warnings {
+        worker::console_warn!("{warning}");
     }
-    let messages: Vec<_> = handed.iter().map(|(_, m)| m.clone()).collect();
-    let handoffs = front.hand_off_batch(&messages).await;
-    for ((i, message), handoff) in handed.iter().zip(handoffs) {
-        deliveries[*i] = match handoff {
-            Handoff::Done => Delivery::Ack,
-            Handoff::Retry(why) => {
-                worker::console_warn!("task {} not handed to its host queue: {why}", message.task_id);
-                retry
-            }
-            Handoff::NotVisible(why) => {
-                worker::console_warn!("task {} not handed to its host queue: {why}", message.task_id);
-                let delay_secs = Handoff::not_visible_delay_secs(config.kv_propagation_secs, config.retry_delay_secs);
-                Delivery::Retry { delay_secs }
-            }
-        };
-    }
-    Ok(deliveries)
+    Ok(handed.deliveries)
 }
 
 /// The durable mode's dead letters: each to its object, which fails it unless it holds it.
@@ -321,14 +283,7 @@ async fn dead_letter_durable(
 ) -> worker::Result<Vec<Delivery>> {
     let queues = DurableQueues(env.durable_object(HOST_QUEUE)?);
     let host_registry = CountingKv::new(WorkerKv(env.kv(TASK_BUFFER)?), &COUNTERS);
-    let front = ConsumerFront {
-        tasks: &service.tasks,
-        queues: &queues,
-        consumer_tokens: &config.consumer_tokens,
-        max_wait_secs: config.max_wait_secs,
-        host_registry: &host_registry,
-        now: WorkerClock.now(),
-    };
+    let front = ConsumerFront::new(&service.tasks, &queues, &host_registry, config, WorkerClock.now());
     Ok(front.dead_letter_batch(bodies).await)
 }
 
@@ -336,14 +291,7 @@ async fn reconcile(env: &Env, config: &ConsumerConfig) -> worker::Result<()> {
     let service = service(env, config)?;
     let queues = DurableQueues(env.durable_object(HOST_QUEUE)?);
     let host_registry = CountingKv::new(WorkerKv(env.kv(TASK_BUFFER)?), &COUNTERS);
-    let front = ConsumerFront {
-        tasks: &service.tasks,
-        queues: &queues,
-        consumer_tokens: &config.consumer_tokens,
-        max_wait_secs: config.max_wait_secs,
-        host_registry: &host_registry,
-        now: WorkerClock.now(),
-    };
+    let front = ConsumerFront::new(&service.tasks, &queues, &host_registry, config, WorkerClock.now());
     let recovered = front
         .reconcile(WorkerClock.now(), config.rebuffer_after_secs, config.max_queued_secs + 86_400, 900)
         .await

@@ -35,9 +35,9 @@
 //!   `Send` futures and this world is single-threaded `Rc` state.
 //!
 //! In the `durable` dispatch mode ([`Mode::Durable`]) both workers put `host-queue`'s fronts
-//! before their KV-mode services, as the real workers do: the queue consumer hands each task to
-//! its server's object (`ConsumerFront::hand_off`), dead letters go to the object, the cron
-//! reconciles; each object ([`crate::durable`]) lives at a location, runs the real
+//! before their KV-mode services, as the real workers do: the queue consumer hands each batch
+//! to its servers' objects (`ConsumerFront::deliver_batch`, the deployed handler), dead letters
+//! go to the object, the cron reconciles; each object ([`crate::durable`]) lives at a location, runs the real
 //! `HostQueue`, is evicted now and then, fires its alarm at least once (sometimes twice), and
 //! writes its KV mirror through the production KV model; daemons keep a socket to their
 //! object, take its pushes (lost with the socket at the loss rate, then reopened, and the
@@ -57,7 +57,7 @@ use std::time::Duration;
 
 use futures::executor::block_on;
 use host_queue::{
-    front::{ApiFront, ConsumerFront, Handoff},
+    front::{ApiFront, ConsumerFront},
     QueueConfig as ObjectConfig,
 };
 use serde_json::{json, Value};
@@ -853,14 +853,8 @@ impl Sim {
         let service = self.consumer_service(&inv);
         let registry = self.buffer_kv.at(&inv);
         let fronted = self.objects.as_ref().map(|o| o.at(self.now)).and_then(|queues| {
-            let front = ConsumerFront {
-                tasks: &service.tasks,
-                queues: &queues,
-                consumer_tokens: &self.consumer_config.consumer_tokens,
-                max_wait_secs: self.consumer_config.max_wait_secs,
-                host_registry: &registry,
-                now: Timestamp(self.now),
-            };
+            let front =
+                ConsumerFront::new(&service.tasks, &queues, &registry, &self.consumer_config, Timestamp(self.now));
             block_on(front.handle(&request))
         });
         let response = match fronted {
@@ -1102,47 +1096,17 @@ impl Sim {
             let decisions = if let Some(queues) = self.objects.as_ref().map(|o| o.at(self.now)).filter(|_| dead_letters)
             {
                 let registry = self.buffer_kv.at(&inv);
-                let front = ConsumerFront {
-                    tasks: &service.tasks,
-                    queues: &queues,
-                    consumer_tokens: &self.consumer_config.consumer_tokens,
-                    max_wait_secs: self.consumer_config.max_wait_secs,
-                    host_registry: &registry,
-                    now: Timestamp(self.now),
-                };
+                let front =
+                    ConsumerFront::new(&service.tasks, &queues, &registry, &self.consumer_config, Timestamp(self.now));
                 block_on(front.dead_letter_batch(&bodies))
             } else if dead_letters {
                 block_on(service.dead_letter_batch(&bodies))
             } else if let Some(queues) = self.objects.as_ref().map(|o| o.at(self.now)) {
-                // `hand_off_batch`: each task to its server's object.
+                // The deployed queue handler: the batch to its servers' objects.
                 let registry = self.buffer_kv.at(&inv);
-                let front = ConsumerFront {
-                    tasks: &service.tasks,
-                    queues: &queues,
-                    consumer_tokens: &self.consumer_config.consumer_tokens,
-                    max_wait_secs: self.consumer_config.max_wait_secs,
-                    host_registry: &registry,
-                    now: Timestamp(self.now),
-                };
-                let retry = Delivery::Retry { delay_secs: self.consumer_config.retry_delay_secs };
-                let mut decisions = Vec::new();
-                for body in &bodies {
-                    let decision = match serde_json::from_value::<QueueMessage>(body.clone()) {
-                        Ok(message) => match block_on(front.hand_off(&message)) {
-                            Handoff::Done => Delivery::Ack,
-                            Handoff::Retry(_) => retry,
-                            Handoff::NotVisible(_) => Delivery::Retry {
-                                delay_secs: Handoff::not_visible_delay_secs(
-                                    self.consumer_config.kv_propagation_secs,
-                                    self.consumer_config.retry_delay_secs,
-                                ),
-                            },
-                        },
-                        Err(_) => retry,
-                    };
-                    decisions.push(decision);
-                }
-                decisions
+                let front =
+                    ConsumerFront::new(&service.tasks, &queues, &registry, &self.consumer_config, Timestamp(self.now));
+                block_on(front.deliver_batch(&bodies, &self.consumer_config)).deliveries
             } else {
                 block_on(service.buffer_batch(&bodies))
             };
@@ -1193,14 +1157,8 @@ impl Sim {
             // message was lost are handed to their objects again.
             let service = self.consumer_service(&inv);
             let registry = self.buffer_kv.at(&inv);
-            let front = ConsumerFront {
-                tasks: &service.tasks,
-                queues: &queues,
-                consumer_tokens: &self.consumer_config.consumer_tokens,
-                max_wait_secs: self.consumer_config.max_wait_secs,
-                host_registry: &registry,
-                now: Timestamp(self.now),
-            };
+            let front =
+                ConsumerFront::new(&service.tasks, &queues, &registry, &self.consumer_config, Timestamp(self.now));
             let look_back = self.consumer_config.max_queued_secs + 86_400;
             let recovered = block_on(front.reconcile(
                 Timestamp(self.now),

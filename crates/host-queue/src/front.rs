@@ -14,8 +14,13 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 use vm_task_edge::{
-    auth::Tokens, consumer::Delivery, http::Request, http::Response, record_host_report, store::TaskStore, KvStore,
-    QueueMessage,
+    auth::Tokens,
+    consumer::{ConsumerConfig, Delivery},
+    http::Request,
+    http::Response,
+    record_host_report,
+    store::TaskStore,
+    KvStore, QueueMessage,
 };
 use vm_task_types::{
     validate::{check_server_name, parse_task_id},
@@ -91,7 +96,72 @@ pub struct ConsumerFront<'a, S, Q> {
     pub now: Timestamp,
 }
 
+impl<'a, S, Q> ConsumerFront<'a, S, Q> {
+    /// The front for one invocation, its settings from the consumer worker's `config`.
+    pub fn new(
+        tasks: &'a TaskStore<S>,
+        queues: &'a Q,
+        host_registry: &'a S,
+        config: &'a ConsumerConfig,
+        now: Timestamp,
+    ) -> Self {
+        Self {
+            tasks,
+            queues,
+            consumer_tokens: &config.consumer_tokens,
+            max_wait_secs: config.max_wait_secs,
+            host_registry,
+            now,
+        }
+    }
+}
+
+/// What a queue batch's hand-off decided: one delivery per message, in order, and why any
+/// message is delivered again (for the worker's log).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchDeliveries {
+    pub deliveries: Vec<Delivery>,
+    pub warnings: Vec<String>,
+}
+
 impl<S: KvStore, Q: HostQueues> ConsumerFront<'_, S, Q> {
+    /// The queue handler of this mode, for the deployed worker and the production model alike:
+    /// reads the batch's messages, hands them over ([`Self::hand_off_batch`]) and turns each
+    /// outcome into an ack or a delayed retry. An unreadable message, and one of
+    /// `config.fault_fail_buffering_vm` (fault injection for tests, as in the KV mode), is
+    /// retried: the dead letter queue marks what it can.
+    pub async fn deliver_batch(&self, bodies: &[Value], config: &ConsumerConfig) -> BatchDeliveries {
+        let retry = Delivery::Retry { delay_secs: config.retry_delay_secs };
+        let mut deliveries = vec![retry; bodies.len()];
+        let mut warnings = Vec::new();
+        let mut handed = Vec::with_capacity(bodies.len());
+        for (i, body) in bodies.iter().enumerate() {
+            let Ok(message) = serde_json::from_value::<QueueMessage>(body.clone()) else { continue };
+            if config.fault_fail_buffering_vm.as_deref() == Some(message.vm_name.as_str()) {
+                continue;
+            }
+            handed.push((i, message));
+        }
+        let messages: Vec<_> = handed.iter().map(|(_, m)| m.clone()).collect();
+        let handoffs = self.hand_off_batch(&messages).await;
+        for ((i, message), handoff) in handed.iter().zip(handoffs) {
+            deliveries[*i] = match handoff {
+                Handoff::Done => Delivery::Ack,
+                Handoff::Retry(why) => {
+                    warnings.push(format!("task {} not handed to its host queue: {why}", message.task_id));
+                    retry
+                }
+                Handoff::NotVisible(why) => {
+                    warnings.push(format!("task {} not handed to its host queue: {why}", message.task_id));
+                    let delay_secs =
+                        Handoff::not_visible_delay_secs(config.kv_propagation_secs, config.retry_delay_secs);
+                    Delivery::Retry { delay_secs }
+                }
+            };
+        }
+        BatchDeliveries { deliveries, warnings }
+    }
+
     pub async fn handle(&self, request: &Request) -> Option<Response> {
         let segments: Vec<&str> = request.path.trim_matches('/').split('/').collect();
         let handled = matches!(

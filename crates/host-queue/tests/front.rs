@@ -16,6 +16,7 @@ use uuid::Uuid;
 use vm_task_edge::{
     api::{ApiConfig, ApiService},
     auth::Tokens,
+    consumer::{ConsumerConfig, Delivery},
     counting::{CountingQueue, OpCounters},
     http::{Request, Response},
     memory::{Invocation, ManualClock, MemoryKv, MemoryQueue, SeqIds},
@@ -202,6 +203,14 @@ impl Edge {
             now: self.clock.now(),
         };
         block_on(front.hand_off_batch(messages))
+    }
+
+    /// One queue batch through the deployed handler ([`ConsumerFront::deliver_batch`]).
+    fn deliver_batch(&self, bodies: &[Value], config: &ConsumerConfig) -> Vec<Delivery> {
+        self.invocation.begin();
+        let store = TaskStore::new(self.tasks.clone());
+        let front = ConsumerFront::new(&store, &self.objects, &self.hosts, config, self.clock.now());
+        block_on(front.deliver_batch(bodies, config)).deliveries
     }
 
     fn submit_to(&self, vm: &str, server: &str) -> Uuid {
@@ -734,4 +743,39 @@ fn the_objects_batch_route_answers_each_task_in_order_and_is_idempotent() {
 
     let bad = object::handle(&mut queue, 7, "POST", "/enqueue-batch", b"{\"tasks\": 3}", now);
     assert_eq!(bad.status, 400, "{}", bad.body);
+}
+
+#[test]
+fn the_queue_handler_acks_what_the_objects_took_and_retries_the_rest_with_its_own_delay() {
+    let edge = Edge::new();
+    edge.submit("vm-1");
+    edge.submit("vm-faulty");
+    let mut bodies: Vec<Value> = edge.queue.drain().iter().map(|m| serde_json::to_value(m).unwrap()).collect();
+    let mut unseen = bodies[0].clone();
+    unseen["taskId"] = json!(Uuid::from_u128(u128::MAX));
+    bodies.push(unseen);
+    bodies.push(json!({"not": "a task message"}));
+    edge.clock.advance_ms(1_100);
+    let config = ConsumerConfig {
+        retry_delay_secs: 5,
+        kv_propagation_secs: 60,
+        fault_fail_buffering_vm: Some("vm-faulty".into()),
+        ..ConsumerConfig::default()
+    };
+
+    let deliveries = edge.deliver_batch(&bodies, &config);
+
+    let not_visible = Handoff::not_visible_delay_secs(60, 5);
+    assert!(not_visible > 5, "a record not visible yet waits for propagation: {not_visible} s");
+    assert_eq!(
+        deliveries,
+        [
+            Delivery::Ack,
+            Delivery::Retry { delay_secs: 5 },
+            Delivery::Retry { delay_secs: not_visible },
+            Delivery::Retry { delay_secs: 5 },
+        ],
+        "handed over; fault-injected VM; record not visible here yet; unreadable"
+    );
+    assert_eq!(edge.enqueue_calls(), ["production POST /enqueue-batch"]);
 }
