@@ -21,7 +21,7 @@ use host_queue::{
     Effects, HostQueue, Push, QueueConfig,
 };
 use vm_task_edge::Clock;
-use vm_task_types::Timestamp;
+use vm_task_types::{wire::HostCall, Timestamp};
 use worker::{
     durable_object, DurableObject, Env, Request, Response, State, WebSocket, WebSocketIncomingMessage, WebSocketPair,
 };
@@ -163,11 +163,22 @@ impl DurableObject for HostQueueObject {
     async fn websocket_message(&self, ws: WebSocket, message: WebSocketIncomingMessage) -> worker::Result<()> {
         let _active = Active::begin(&self.inner);
         COUNTERS.count_do_ws_message();
-        // Anything but the auto-answered ping asks for the ready list again.
-        if let WebSocketIncomingMessage::String(_) = message {
-            if let Ok(tasks) = self.inner.step(|queue, _| queue.ready()) {
-                let _ = ws.send_with_str(serde_json::to_string(&Push::Ready { tasks }).unwrap_or_default());
-            }
+        let WebSocketIncomingMessage::String(text) = message else { return Ok(()) };
+        // A claim, heartbeat, release or report: answered on the socket, after which its
+        // effects (the KV record, pushes) run as after an HTTP request.
+        if let Ok(call) = serde_json::from_str::<HostCall>(&text) {
+            let now = WorkerClock.now();
+            let reply = self
+                .inner
+                .step(|queue, instance| object::handle_call(queue, instance, &call, now))
+                .unwrap_or_else(|unavailable| unavailable);
+            let _ = ws.send_with_str(object::answer(call.call, reply));
+            self.inner.spawn_effects();
+            return Ok(());
+        }
+        // Anything else but the auto-answered ping asks for the ready list again.
+        if let Ok(tasks) = self.inner.step(|queue, _| queue.ready()) {
+            let _ = ws.send_with_str(serde_json::to_string(&Push::Ready { tasks }).unwrap_or_default());
         }
         Ok(())
     }

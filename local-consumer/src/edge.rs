@@ -22,7 +22,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use uuid::Uuid;
 use vm_task_types::{
     wire::{
-        BufferedTask, ClaimRequest, ClaimResponse, ErrorBody, LeaseRequest, LeaseResponse, ReadyTasksResponse,
+        BufferedTask, ClaimRequest, ClaimResponse, ErrorBody, HostOp, LeaseRequest, LeaseResponse, ReadyTasksResponse,
         TaskStatusResponse, UpdateStatusRequest,
     },
     TaskStatus, Timestamp,
@@ -264,6 +264,27 @@ impl EdgeClient {
         uuid::Builder::from_random_bytes(bytes).into_uuid()
     }
 
+    /// `op` about task `id` over `server`'s push socket, read as its HTTP answer would be;
+    /// `None` when it must go over HTTP (no socket open, or no answer in time).
+    async fn over_socket<T: DeserializeOwned>(
+        &self,
+        server: Option<&str>,
+        id: Uuid,
+        op: HostOp,
+    ) -> Option<Result<T, EdgeError>> {
+        if !self.durable.load(SeqCst) {
+            return None;
+        }
+        let what = format!("{} of task {id} over the push socket", op.name());
+        let (status, body) = self.push.call(server?, id, op).await?;
+        Some(answer(status, &body, &what))
+    }
+
+    /// The durable mode's push sockets.
+    pub fn push_channel(&self) -> &PushChannel {
+        &self.push
+    }
+
     /// `GET /health` of both workers.
     pub async fn health(&self) -> Result<(), String> {
         for (name, base) in [("API worker", &self.api), ("consumer worker", &self.consumer)] {
@@ -458,7 +479,11 @@ impl Edge for EdgeClient {
             lease_seconds: Some(lease.as_secs()),
             buffered_at: Some(task.buffered_at),
         };
-        match self.send::<ClaimResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await {
+        let claimed = match self.over_socket(Some(&task.target_server), id, HostOp::Claim(body.clone())).await {
+            Some(answered) => answered,
+            None => self.send::<ClaimResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await,
+        };
+        match claimed {
             Ok(claim) => {
                 self.host.held.lock().expect("not poisoned").insert(id, task.target_server.clone());
                 Ok(ClaimOutcome::Claimed(Box::new(claim)))
@@ -472,24 +497,46 @@ impl Edge for EdgeClient {
     }
 
     async fn renew(&self, id: Uuid, claim_id: Uuid, lease: Duration) -> Result<Renewal, EdgeError> {
-        let url = self.lease_url(id, "heartbeat");
         let body = LeaseRequest { claim_id, lease_seconds: Some(lease.as_secs()), reason: None };
-        let lease = self.send::<LeaseResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await?;
+        let server = self.host.server_of(id);
+        let lease = match self.over_socket(server.as_deref(), id, HostOp::Heartbeat(body.clone())).await {
+            Some(answered) => answered?,
+            None => {
+                let url = self.lease_url(id, "heartbeat");
+                self.send::<LeaseResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await?
+            }
+        };
         Ok(Renewal { cancel_requested: lease.cancel_requested })
     }
 
     async fn release(&self, id: Uuid, claim_id: Uuid, reason: &str) -> Result<(), EdgeError> {
         let url = self.lease_url(id, "release");
         let body = LeaseRequest { claim_id, lease_seconds: None, reason: Some(reason.to_owned()) };
-        self.host.held.lock().expect("not poisoned").remove(&id);
+        let server = self.host.held.lock().expect("not poisoned").remove(&id);
+        if let Some(answered) =
+            self.over_socket::<LeaseResponse>(server.as_deref(), id, HostOp::Release(body.clone())).await
+        {
+            return answered.map(drop);
+        }
         self.send::<LeaseResponse>(Method::POST, url, Some(&body), Duration::from_secs(15)).await.map(drop)
     }
 
     async fn report(&self, id: Uuid, update: &UpdateStatusRequest) -> Result<(), EdgeError> {
         let mut url = self.api.join(&format!("vm/tasks/{id}/status")).expect("uuid path");
         self.name_server(&mut url, id);
-        if update.status.is_terminal() {
-            self.host.held.lock().expect("not poisoned").remove(&id);
+        let server = if update.status.is_terminal() {
+            self.host.held.lock().expect("not poisoned").remove(&id)
+        } else {
+            self.host.server_of(id)
+        };
+        match self
+            .over_socket::<serde_json::Value>(server.as_deref(), id, HostOp::Report(Box::new(update.clone())))
+            .await
+        {
+            // A task the object does not hold (purged after finishing, say) is the KV mode's
+            // handler's to answer, as over HTTP.
+            Some(Err(EdgeError::Refused { status: 404, .. })) | None => {}
+            Some(answered) => return answered.map(drop),
         }
         self.send::<serde_json::Value>(Method::PUT, url, Some(update), Duration::from_secs(15)).await.map(drop)
     }

@@ -175,7 +175,9 @@ pub async fn serve(
 }
 
 async fn render(State(state): State<HealthState>) -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], state.metrics.render())
+    let mut text = state.metrics.render();
+    state.edge.push_channel().render_metrics(&mut text);
+    ([("content-type", "text/plain; version=0.0.4")], text)
 }
 
 /// 200 when both workers and Arrakis answer, 503 naming what does not.

@@ -3,14 +3,18 @@
 //! object sends every task that becomes claimable, and on each (re)connect everything
 //! claimable now, so a reconnect redelivers what a lost connection missed.
 //!
-//! A push is only a hint for [`crate::edge::EdgeClient::ready`]: claims, heartbeats and
-//! reports stay HTTP with their usual idempotency, and a full listing every `RELIST_SECONDS`
-//! covers a push that never arrived. While connected the daemon sends no long polls, so an
+//! A push is only a hint for [`crate::edge::EdgeClient::ready`]: a full listing every
+//! `RELIST_SECONDS` covers a push that never arrived. Claims, heartbeats, releases and reports
+//! go over the same socket while it is open ([`PushChannel::call`]), straight to the object
+//! that answers them, skipping both workers' HTTP path; one that gets no answer (the socket
+//! dropped, or stayed silent for [`CALL_TIMEOUT`]) is sent again over HTTP, which the
+//! operations' idempotency makes safe. While connected the daemon sends no long polls, so an
 //! idle host costs the object nothing but a `ping` every [`PING_EVERY`], which the runtime
 //! answers without waking it, and the host report's full listing every `HOST_REPORT_SECONDS`
 //! (see [`crate::edge`]).
 
 use std::{
+    collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
         Arc, Mutex,
@@ -20,9 +24,10 @@ use std::{
 
 use futures::{SinkExt, StreamExt};
 use reqwest::Url;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_tungstenite::tungstenite::{client::IntoClientRequest, http::HeaderValue, Message};
-use vm_task_types::wire::{BufferedTask, HostPush, ReadyTasksResponse};
+use uuid::Uuid;
+use vm_task_types::wire::{BufferedTask, HostCall, HostOp, HostPush, ReadyTasksResponse};
 
 /// The bell of a listing made of pushed tasks starts with this; a polled bell never does.
 const PUSHED_BELL_PREFIX: &str = "push-";
@@ -58,6 +63,14 @@ const RECONNECT: RetryPolicy =
     RetryPolicy { retries: u32::MAX, base: Duration::from_millis(100), cap: Duration::from_secs(1) };
 /// A connection that says nothing (not even `pong`) for this long is taken as dead.
 const SILENCE_LIMIT: Duration = Duration::from_secs(3 * PING_EVERY.as_secs());
+/// A call over the socket unanswered for this long is sent over HTTP instead.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An answer to a call over the socket: the HTTP status and body the route would have given.
+pub type Answer = (u16, String);
+
+/// A call waiting for a socket to send it: the operation, and where its answer goes.
+type Outgoing = (Uuid, HostOp, oneshot::Sender<Answer>);
 
 /// The push channel of every served server.
 #[derive(Debug, Default)]
@@ -71,6 +84,12 @@ pub struct PushChannel {
     /// Counts sockets opened, so a poll backing off from an unreachable worker can stop
     /// waiting the moment a socket is back ([`PushChannel::opened`]).
     opens: tokio::sync::watch::Sender<u64>,
+    /// The open socket of each server, as the queue its calls are sent through.
+    callers: Mutex<HashMap<String, mpsc::UnboundedSender<Outgoing>>>,
+    /// Calls answered over a socket, and calls sent to one that gave no answer (then sent
+    /// over HTTP), by operation: `/metrics` shows whether the socket carries the work.
+    answered: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    unanswered: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl PushChannel {
@@ -120,6 +139,44 @@ impl PushChannel {
         }
     }
 
+    /// Sends `op` about task `id` over `server`'s socket and waits for the answer. `None`
+    /// when no socket of `server` is open, it closed before answering, or [`CALL_TIMEOUT`]
+    /// passed: the caller then sends the operation over HTTP.
+    pub async fn call(&self, server: &str, id: Uuid, op: HostOp) -> Option<Answer> {
+        let caller = self.callers.lock().unwrap_or_else(|p| p.into_inner()).get(server).cloned()?;
+        let name = op.name();
+        let (answer_to, answer) = oneshot::channel();
+        let answer = match caller.send((id, op, answer_to)) {
+            Ok(()) => tokio::time::timeout(CALL_TIMEOUT, answer).await.ok().and_then(Result::ok),
+            Err(_) => None,
+        };
+        let counts = if answer.is_some() { &self.answered } else { &self.unanswered };
+        *counts.lock().unwrap_or_else(|p| p.into_inner()).entry(name).or_default() += 1;
+        answer
+    }
+
+    /// The call counters in Prometheus' text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        for (name, help, counts) in [
+            (
+                "local_consumer_socket_calls_total",
+                "Claims, heartbeats, releases and reports answered over the push socket.",
+                &self.answered,
+            ),
+            (
+                "local_consumer_socket_calls_unanswered_total",
+                "Calls the push socket did not answer (closed, or silent for 10 s), sent over HTTP instead.",
+                &self.unanswered,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (op, count) in counts.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                let _ = writeln!(out, "{name}{{op=\"{op}\"}} {count}");
+            }
+        }
+    }
+
     fn deliver(&self, tasks: Vec<BufferedTask>) {
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).extend(tasks);
         self.arrived.notify_waiters();
@@ -136,7 +193,10 @@ async fn keep_connected(channel: Arc<PushChannel>, url: Url, token: String, serv
                 let opened = tokio::time::Instant::now();
                 channel.open.fetch_add(1, SeqCst);
                 channel.opens.send_modify(|n| *n += 1);
-                let outcome = serve(&channel, socket).await;
+                let (caller, calls) = mpsc::unbounded_channel();
+                channel.callers.lock().unwrap_or_else(|p| p.into_inner()).insert(server.clone(), caller);
+                let outcome = serve(&channel, socket, calls).await;
+                channel.callers.lock().unwrap_or_else(|p| p.into_inner()).remove(&server);
                 // Only a socket that stayed up resets the backoff: one the worker accepts and
                 // drops at once must not be reopened (and wake the poll) ten times a second.
                 if opened.elapsed() >= PING_EVERY {
@@ -165,11 +225,14 @@ async fn connect(url: &Url, token: &str) -> Result<Socket, String> {
     Ok(socket)
 }
 
-/// Reads pushes until the socket ends; says `ping` meanwhile.
-async fn serve(channel: &PushChannel, socket: Socket) -> String {
+/// Reads pushes and answers until the socket ends, sends the calls queued for it, and says
+/// `ping` meanwhile. Calls unanswered when it ends are dropped, which their callers see.
+async fn serve(channel: &PushChannel, socket: Socket, mut calls: mpsc::UnboundedReceiver<Outgoing>) -> String {
     let (mut sink, mut stream) = socket.split();
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
+    let mut next_call = 0u64;
+    let mut waiting: HashMap<u64, oneshot::Sender<Answer>> = HashMap::new();
     loop {
         tokio::select! {
             _ = ping.tick() => {
@@ -177,15 +240,29 @@ async fn serve(channel: &PushChannel, socket: Socket) -> String {
                     return e.to_string();
                 }
             }
+            Some((task_id, op, answer_to)) = calls.recv() => {
+                next_call += 1;
+                // A caller that gave up meanwhile leaves only its entry, dropped here.
+                waiting.retain(|_, waiter| !waiter.is_closed());
+                waiting.insert(next_call, answer_to);
+                let text = serde_json::to_string(&HostCall { call: next_call, task_id, op }).unwrap_or_default();
+                if let Err(e) = sink.send(Message::text(text)).await {
+                    return e.to_string();
+                }
+            }
             message = tokio::time::timeout(SILENCE_LIMIT, stream.next()) => match message {
                 Err(_) => return "silent too long".into(),
                 Ok(None) => return "closed by the worker".into(),
                 Ok(Some(Err(e))) => return e.to_string(),
-                Ok(Some(Ok(Message::Text(text)))) => {
-                    if let Ok(HostPush::Ready { tasks }) = serde_json::from_str(&text) {
-                        channel.deliver(tasks);
+                Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str(&text) {
+                    Ok(HostPush::Ready { tasks }) => channel.deliver(tasks),
+                    Ok(HostPush::Answer { call, status, body }) => {
+                        if let Some(waiter) = waiting.remove(&call) {
+                            let _ = waiter.send((status, body.to_string()));
+                        }
                     }
-                }
+                    Err(_) => {}
+                },
                 Ok(Some(Ok(Message::Close(_)))) => return "closed by the worker".into(),
                 Ok(Some(Ok(_))) => {}
             },
@@ -207,5 +284,56 @@ mod tests {
         // No TLS server answers, so the connection fails; what matters is what was sent.
         let _ = tokio::time::timeout(Duration::from_secs(5), connect(&url, "t")).await;
         assert_eq!(first_byte.await, 0x16, "the first byte of a TLS handshake record");
+    }
+
+    /// Calls go over the open socket and come back with their answer; a call whose socket
+    /// closes before answering, or to a server with no socket, returns `None` at once (the
+    /// caller then uses HTTP) rather than after [`CALL_TIMEOUT`].
+    #[tokio::test]
+    async fn calls_are_answered_over_the_socket_and_give_way_to_http_when_it_closes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut socket = tokio_tungstenite::accept_async(stream).await.unwrap();
+            while let Some(Ok(message)) = socket.next().await {
+                let Message::Text(text) = message else { continue };
+                let Ok(call) = serde_json::from_str::<HostCall>(&text) else { continue };
+                if call.call > 1 {
+                    // The second call: the worker goes away without answering.
+                    let _ = socket.close(None).await;
+                    return;
+                }
+                let body = serde_json::json!({"op": call.op.name(), "taskId": call.task_id});
+                let answer = HostPush::Answer { call: call.call, status: 200, body };
+                socket.send(Message::text(serde_json::to_string(&answer).unwrap())).await.unwrap();
+            }
+        });
+        let channel = Arc::new(PushChannel::default());
+        let consumer = Url::parse(&format!("http://127.0.0.1:{port}/")).unwrap();
+        channel.start(&consumer, "t", &["production".to_owned()]);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !channel.live() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the socket opens");
+
+        let id = Uuid::from_u128(9);
+        let lease = vm_task_types::wire::LeaseRequest { claim_id: id, lease_seconds: Some(60), reason: None };
+        let (status, body) = channel.call("production", id, HostOp::Heartbeat(lease.clone())).await.expect("answered");
+        assert_eq!(status, 200);
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body, serde_json::json!({"op": "heartbeat", "taskId": id}));
+
+        let started = tokio::time::Instant::now();
+        assert_eq!(channel.call("production", id, HostOp::Heartbeat(lease.clone())).await, None);
+        assert!(started.elapsed() < Duration::from_secs(2), "no wait for the timeout: {:?}", started.elapsed());
+        assert_eq!(channel.call("staging", id, HostOp::Heartbeat(lease)).await, None, "no socket to staging");
+        let mut metrics = String::new();
+        channel.render_metrics(&mut metrics);
+        assert!(metrics.contains("local_consumer_socket_calls_total{op=\"heartbeat\"} 1\n"), "{metrics}");
+        assert!(metrics.contains("local_consumer_socket_calls_unanswered_total{op=\"heartbeat\"} 1\n"), "{metrics}");
     }
 }

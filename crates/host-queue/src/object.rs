@@ -13,12 +13,19 @@
 //! | `PUT /tasks/{id}/status` | [`FencedReport`] | `UpdateStatusResponse` |
 //! | `POST /tasks/{id}/cancel` | [`CancelRequest`] | `UpdateStatusResponse`; 202 `cancel_requested` for a running long command |
 //! | `POST /tasks/{id}/dead-letter` | the task record | `UpdateStatusResponse`: failed, or the task as held |
+//!
+//! A connected daemon may send its claims, heartbeats, releases and reports as [`HostCall`]s
+//! over its socket instead ([`handle_call`]): the same steps, answered with the same statuses
+//! and bodies.
 
 use serde::{de::DeserializeOwned, Serialize};
 use uuid::Uuid;
 use vm_task_types::{
     validate::check_segment,
-    wire::{CancelRequestedResponse, ClaimRequest, LeaseResponse, TaskDetailResponse, UpdateStatusResponse},
+    wire::{
+        CancelRequestedResponse, ClaimRequest, HostCall, HostOp, HostPush, LeaseResponse, TaskDetailResponse,
+        UpdateStatusResponse,
+    },
     Task, TaskStatus, Timestamp,
 };
 
@@ -122,6 +129,25 @@ pub fn handle<S: HostStore>(
         _ => Err(Refusal::not_found_path(method, path)),
     };
     outcome.unwrap_or_else(Reply::refused)
+}
+
+/// A daemon's [`HostCall`] from its socket: the step of the HTTP route it stands for. The body
+/// is encoded again and served by [`handle`], so both ways in share every check and refusal.
+pub fn handle_call<S: HostStore>(queue: &mut HostQueue<S>, instance: u64, call: &HostCall, now: Timestamp) -> Reply {
+    let id = call.task_id;
+    let (method, path, body) = match &call.op {
+        HostOp::Claim(claim) => ("POST", format!("/tasks/{id}/claim"), serde_json::to_vec(claim)),
+        HostOp::Heartbeat(lease) => ("POST", format!("/tasks/{id}/heartbeat"), serde_json::to_vec(lease)),
+        HostOp::Release(lease) => ("POST", format!("/tasks/{id}/release"), serde_json::to_vec(lease)),
+        HostOp::Report(update) => ("PUT", format!("/tasks/{id}/status"), serde_json::to_vec(update)),
+    };
+    handle(queue, instance, method, &path, &body.unwrap_or_default(), now)
+}
+
+/// The [`HostPush::Answer`] that carries `reply` back to call number `call`.
+pub fn answer(call: u64, reply: Reply) -> String {
+    let body = serde_json::from_str(&reply.body).unwrap_or(serde_json::Value::String(reply.body));
+    serde_json::to_string(&HostPush::Answer { call, status: reply.status, body }).unwrap_or_default()
 }
 
 /// The claimable tasks and the version a long poll compares.

@@ -779,3 +779,59 @@ fn the_queue_handler_acks_what_the_objects_took_and_retries_the_rest_with_its_ow
     );
     assert_eq!(edge.enqueue_calls(), ["production POST /enqueue-batch"]);
 }
+
+/// A daemon's operation over its socket ([`object::handle_call`]) is the HTTP route's step:
+/// two objects holding the same task, one asked over HTTP and one over the socket, give the
+/// same status and body for a claim, a repeated claim, a stale heartbeat, a report, and a
+/// report of a task the object does not hold; the answer frame carries the call's number.
+#[test]
+fn a_call_over_the_socket_gets_the_same_answer_as_the_http_route() {
+    use vm_task_types::wire::{ClaimRequest, HostCall, HostOp, HostPush, LeaseRequest, UpdateStatusRequest};
+    let edge = Edge::new();
+    let id = edge.submit("vm-1");
+    let record = block_on(TaskStore::new(edge.tasks.clone()).load(id)).unwrap().unwrap();
+    let now = edge.clock.now();
+    let mut over_http = HostQueue::load(MemoryStore::new(), QueueConfig::default());
+    let mut over_socket = HostQueue::load(MemoryStore::new(), QueueConfig::default());
+    over_http.enqueue(record.clone(), now);
+    over_socket.enqueue(record, now);
+
+    let claim_id = Uuid::from_u128(42);
+    let claim = ClaimRequest {
+        consumer_id: "host-a".into(),
+        claim_id: Some(claim_id),
+        lease_seconds: Some(300),
+        buffered_at: None,
+    };
+    let stale = LeaseRequest { claim_id: Uuid::from_u128(7), lease_seconds: Some(300), reason: None };
+    let mut report: UpdateStatusRequest =
+        serde_json::from_value(json!({"status": "completed", "claimId": claim_id})).unwrap();
+    report.message = Some("done".into());
+    let unknown = Uuid::from_u128(u128::MAX);
+    let steps: Vec<(&str, String, Uuid, HostOp)> = vec![
+        ("POST", format!("/tasks/{id}/claim"), id, HostOp::Claim(claim.clone())),
+        ("POST", format!("/tasks/{id}/claim"), id, HostOp::Claim(claim)),
+        ("POST", format!("/tasks/{id}/heartbeat"), id, HostOp::Heartbeat(stale)),
+        ("PUT", format!("/tasks/{id}/status"), id, HostOp::Report(Box::new(report.clone()))),
+        ("PUT", format!("/tasks/{unknown}/status"), unknown, HostOp::Report(Box::new(report))),
+    ];
+    let mut statuses = Vec::new();
+    for (n, (method, path, task_id, op)) in steps.into_iter().enumerate() {
+        let body = match &op {
+            HostOp::Claim(b) => serde_json::to_vec(b),
+            HostOp::Heartbeat(b) | HostOp::Release(b) => serde_json::to_vec(b),
+            HostOp::Report(b) => serde_json::to_vec(b),
+        }
+        .unwrap();
+        let http = object::handle(&mut over_http, 7, method, &path, &body, now);
+        let call = HostCall { call: n as u64 + 1, task_id, op };
+        let socket = object::handle_call(&mut over_socket, 7, &call, now);
+        assert_eq!(socket, http, "{method} {path}");
+        let frame: HostPush = serde_json::from_str(&object::answer(call.call, socket)).unwrap();
+        let expected_body: Value = serde_json::from_str(&http.body).unwrap();
+        assert_eq!(frame, HostPush::Answer { call: call.call, status: http.status, body: expected_body });
+        statuses.push(http.status);
+    }
+    assert_eq!(statuses, [200, 200, 409, 200, 404], "claim, its retry, a stale heartbeat, a report, an unknown task");
+    assert_eq!(over_socket.task(id).unwrap().status, TaskStatus::Completed);
+}

@@ -371,6 +371,50 @@ pub struct ReadyTasksResponse {
 pub enum HostPush {
     /// Tasks that became claimable; on connect, everything claimable now.
     Ready { tasks: Vec<BufferedTask> },
+    /// The answer to the daemon's [`HostCall`] numbered `call`: the status and body the same
+    /// operation gets over HTTP.
+    Answer { call: u64, status: u16, body: serde_json::Value },
+}
+
+/// A claim, heartbeat, release or status report a daemon sends over its push socket instead
+/// of HTTP (the `durable` mode): the object behind the socket is the task's server's, so the
+/// operation skips the workers' HTTP path. Answered by [`HostPush::Answer`] with the same
+/// status and body as the HTTP route; a daemon whose socket drops (or says nothing in time)
+/// sends the same operation over HTTP, which its idempotency makes safe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostCall {
+    /// Chosen by the daemon, unique per socket; the answer carries it back.
+    pub call: u64,
+    pub task_id: Uuid,
+    #[serde(flatten)]
+    pub op: HostOp,
+}
+
+/// A [`HostCall`]'s operation and its body: the HTTP route's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", content = "body", rename_all = "camelCase")]
+pub enum HostOp {
+    /// `POST /tasks/{id}/claim`.
+    Claim(ClaimRequest),
+    /// `POST /tasks/{id}/heartbeat`.
+    Heartbeat(LeaseRequest),
+    /// `POST /tasks/{id}/release`.
+    Release(LeaseRequest),
+    /// `PUT /vm/tasks/{id}/status`.
+    Report(Box<UpdateStatusRequest>),
+}
+
+impl HostOp {
+    /// The operation's name, as on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            HostOp::Claim(_) => "claim",
+            HostOp::Heartbeat(_) => "heartbeat",
+            HostOp::Release(_) => "release",
+            HostOp::Report(_) => "report",
+        }
+    }
 }
 
 /// `POST /tasks/:id/claim`.

@@ -88,6 +88,20 @@ async fn metrics_count_the_work_and_healthz_follows_arrakis() {
         assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
     }
     assert!(text.lines().any(|l| l.starts_with("local_consumer_polls_total{outcome=")), "{text}");
+    // The durable mode's claims and reports ride the push socket, none falling back to HTTP;
+    // the KV mode has no socket.
+    let durable = std::env::var("STACK_DISPATCH_MODE").is_ok_and(|m| m.trim() == "durable");
+    let over_socket = |op: &str| {
+        let prefix = format!("local_consumer_socket_calls_total{{op=\"{op}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).map(|n| n.parse::<u64>().unwrap())
+    };
+    if durable {
+        assert_eq!(over_socket("claim"), Some(3), "{text}");
+        assert!(over_socket("report").is_some_and(|n| n >= 3), "{text}");
+    } else {
+        assert_eq!((over_socket("claim"), over_socket("report")), (None, None), "{text}");
+    }
+    assert!(!text.contains("local_consumer_socket_calls_unanswered_total{"), "{text}");
 
     let healthz = format!("{}/healthz", stack.metrics_url());
     let (status, body) = get(healthz.clone()).await;
