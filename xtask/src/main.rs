@@ -234,6 +234,8 @@ fn build_worker(root: &Path, name: &str) -> Result<()> {
         root.join("crates/vm-task-types"),
         root.join("crates/vm-task-edge"),
         root.join("crates/worker-glue"),
+        // The durable mode's queue and fronts, in both workers.
+        root.join("crates/host-queue"),
         crate_dir.join("src"),
         crate_dir.join("Cargo.toml"),
         root.join("Cargo.lock"),
