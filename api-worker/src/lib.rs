@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use host_queue::front::ApiFront;
+use host_queue::front::{hand_off_directly, ApiFront, HandoffQueue};
 use vm_task_edge::{
     api::{ApiConfig, ApiService},
     auth::{Cors, Tokens},
@@ -54,6 +54,7 @@ fn config(env: &Env) -> Result<ApiConfig, String> {
         host_live_secs: setting(env, "HOST_LIVE_SECONDS").trim().parse().unwrap_or(0),
         started_at: vm_task_types::Timestamp(STARTED_AT.load(Relaxed)),
         // As the consumer worker reads it: unset is production's window.
+        records_in_messages: setting(env, "DISPATCH_MODE").trim() == "durable",
         kv_propagation_secs: setting(env, "KV_PROPAGATION_SECONDS")
             .trim()
             .parse()
@@ -63,12 +64,15 @@ fn config(env: &Env) -> Result<ApiConfig, String> {
 }
 
 #[event(fetch)]
-async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<worker::Response> {
+async fn fetch(req: worker::Request, env: Env, ctx: Context) -> worker::Result<worker::Response> {
     let mut request = request_head(&req)?;
     let config = match config(&env) {
         Ok(config) => config,
         Err(problem) => return to_worker_response(vm_task_edge::http::Response::misconfigured(&problem)),
     };
+    // The durable mode's objects: the front's, and the queue's direct hand-off of new tasks.
+    let durable = setting(&env, "DISPATCH_MODE").trim() == "durable";
+    let objects = if durable { Some(DurableQueues(env.durable_object(HOST_QUEUE)?)) } else { None };
     let service = ApiService {
         // Cancels and reports make tasks terminal here: those writes queue the task's webhooks.
         tasks: TaskStore::with_webhooks(
@@ -80,7 +84,7 @@ async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<
             }),
         ),
         buffer: BufferStore::new(CountingKv::new(WorkerKv(env.kv(TASK_BUFFER)?), &COUNTERS)),
-        queue: CountingQueue::new(WorkerQueue(env.queue(VM_TASK_QUEUE)?), &COUNTERS),
+        queue: HandoffQueue::new(CountingQueue::new(WorkerQueue(env.queue(VM_TASK_QUEUE)?), &COUNTERS), durable),
         clock: WorkerClock,
         ids: WorkerIds,
         config: &config,
@@ -92,11 +96,10 @@ async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<
     }
     read_body(req, &mut request).await;
     let (method, path) = (request.method.clone(), request.path.clone());
-    let durable = if setting(&env, "DISPATCH_MODE").trim() == "durable" {
-        let queues = DurableQueues(env.durable_object(HOST_QUEUE)?);
+    let fronted = if let Some(queues) = &objects {
         let front = ApiFront {
             tasks: &service.tasks,
-            queues: &queues,
+            queues,
             client_tokens: &config.client_tokens,
             consumer_tokens: &config.consumer_tokens,
         };
@@ -104,10 +107,18 @@ async fn fetch(req: worker::Request, env: Env, _ctx: Context) -> worker::Result<
     } else {
         None
     };
-    let response = match durable {
+    let response = match fronted {
         Some(response) => response,
         None => service.handle(request).await,
     };
+    // A new task goes to its object once the client has its answer (the queue has it too).
+    let mut handoffs = service.queue.take_handoffs();
+    // Fault injection for tests, as in the consumer: a task of this VM cannot be buffered.
+    let fault_vm = setting(&env, "FAULT_FAIL_BUFFERING_VM");
+    handoffs.retain(|task| fault_vm.trim().is_empty() || task.vm_name() != fault_vm.trim());
+    if let (Some(objects), false) = (objects, handoffs.is_empty()) {
+        ctx.wait_until(async move { hand_off_directly(&objects, handoffs).await });
+    }
     if response.status >= 500 {
         worker::console_error!("{method} {path} -> {}: {}", response.status, String::from_utf8_lossy(&response.body));
     }

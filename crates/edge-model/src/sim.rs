@@ -57,7 +57,7 @@ use std::time::Duration;
 
 use futures::executor::block_on;
 use host_queue::{
-    front::{ApiFront, ConsumerFront},
+    front::{hand_off_directly, ApiFront, ConsumerFront, HandoffQueue},
     QueueConfig as ObjectConfig,
 };
 use serde_json::{json, Value};
@@ -262,6 +262,11 @@ enum Event {
         d: usize,
         gen: u32,
         seq: u64,
+    },
+    /// The API worker's direct hand-off of new tasks to their objects (durable mode), after
+    /// its answer; the tasks are kept in `direct`.
+    DirectHandoff {
+        key: u64,
     },
     /// Ready tasks pushed over the daemon's socket (durable mode), kept in `pushed`.
     DaemonPush {
@@ -468,6 +473,7 @@ struct Sim {
     objects: Option<ObjectsModel>,
     /// Pushes on their way to a daemon, by event key.
     pushed: BTreeMap<u64, Vec<BufferedTask>>,
+    direct: BTreeMap<u64, Vec<Task>>,
     outcome: Outcome,
 }
 
@@ -495,6 +501,7 @@ impl Sim {
             started_at: Timestamp(EPOCH_MS),
             kv_propagation_secs: settings.kv_propagation_secs,
             webhooks: Default::default(),
+            records_in_messages: settings.mode == Mode::Durable,
         };
         let consumer_config = ConsumerConfig {
             consumer_tokens: Tokens::parse(CONSUMER_TOKEN),
@@ -534,6 +541,7 @@ impl Sim {
             mode: settings.mode,
             objects: None,
             pushed: BTreeMap::new(),
+            direct: BTreeMap::new(),
             outcome: Outcome { seed, ..Outcome::default() },
         };
         sim.plan();
@@ -716,6 +724,12 @@ impl Sim {
                 self.daemons[d].idle = false;
                 self.daemon_poll(d)
             }
+            Event::DirectHandoff { key } => {
+                if let (Some(tasks), Some(objects)) = (self.direct.remove(&key), self.objects.clone()) {
+                    block_on(hand_off_directly(&objects.at(self.now), tasks));
+                    self.carry_out_objects();
+                }
+            }
             Event::DaemonPush { d, gen, key } => {
                 if let Some(tasks) = self.pushed.remove(&key) {
                     if self.alive(d, gen) && self.daemons[d].connected {
@@ -803,7 +817,9 @@ impl Sim {
         let service = ApiService {
             tasks: TaskStore::new(self.tasks_kv.at(&inv)),
             buffer: BufferStore::new(self.buffer_kv.at(&inv)),
-            queue: sent.clone(),
+            // As the API worker: in the durable mode a queued task goes straight to its object
+            // after the answer (`Event::DirectHandoff`).
+            queue: HandoffQueue::new(sent.clone(), objects.is_some()),
             clock: inv.clock(),
             ids: SimIds { rng: self.ids_rng.clone(), created: created.clone() },
             config: &self.api_config,
@@ -824,8 +840,18 @@ impl Sim {
             Some(response) => response,
             None => block_on(service.handle(request)),
         };
+        let handoffs = service.queue.take_handoffs();
+        drop(service);
         self.answered(&inv);
         self.carry_out_objects();
+        // `waitUntil` work: a few milliseconds after the answer, or never (the isolate went).
+        if !handoffs.is_empty() && !self.rng.chance(self.loss_rate) {
+            self.seq += 1;
+            let key = self.seq;
+            self.direct.insert(key, handoffs);
+            let delay = self.rng.range(1, 50);
+            self.schedule(delay, Event::DirectHandoff { key });
+        }
         for message in sent.sent.borrow().iter() {
             let at = self.queue.send(self.now, serde_json::to_value(message).unwrap_or_default());
             self.schedule_at(at, Event::QueueDeliver);
@@ -1068,7 +1094,7 @@ impl Sim {
         match status {
             Some(s) if s.is_terminal() => {
                 if s == TaskStatus::Completed {
-                    self.outcome.visible_latency_ms.push(self.now + self.lag - accepted.accepted_at);
+                    self.outcome.visible_latency_ms.push((self.now + self.lag).saturating_sub(accepted.accepted_at));
                 }
                 self.trace(format!("watcher@{}: task {} is {s}", LOCATIONS[location], short(task)));
             }
@@ -1425,7 +1451,8 @@ impl Sim {
         if let Some(a) = self.accepted.get_mut(&task) {
             if a.claimed_at.is_none() {
                 a.claimed_at = Some(self.now + self.lag);
-                let latency = self.now + self.lag - a.accepted_at;
+                // The direct hand-off can have the task claimed before its 202 reaches the client.
+                let latency = (self.now + self.lag).saturating_sub(a.accepted_at);
                 self.outcome.claim_latency_ms.push(latency);
                 if self.ops[a.op].step == 0 {
                     self.outcome.first_claim_latency_ms.push(latency);

@@ -10,7 +10,7 @@
 //! status report go to the task's object (the report straight there when it names the
 //! server); `GET ?wait=` waits on the object, which holds the live task and is never stale.
 
-use std::collections::BTreeMap;
+use std::{cell::RefCell, collections::BTreeMap};
 
 use serde_json::Value;
 use vm_task_edge::{
@@ -20,7 +20,7 @@ use vm_task_edge::{
     http::Response,
     record_host_report,
     store::TaskStore,
-    KvStore, QueueMessage,
+    KvStore, QueueMessage, StoreError, TaskQueue,
 };
 use vm_task_types::{
     validate::{check_server_name, parse_task_id},
@@ -29,6 +29,12 @@ use vm_task_types::{
 };
 
 use crate::{object::Reply, protocol::CancelRequest, EnqueueBatch, EnqueueBatchReply, EnqueueOutcome, ReadyList};
+
+/// How long a queue message's own copy of the task record ([`QueueMessage::task`]) is handed
+/// over as it is: half the object's `retain_secs` (600 s), so a cancel made before the
+/// hand-off is still held by the object when the message arrives (test
+/// `a_late_message_hands_over_the_record_in_kv_not_its_own_copy`).
+pub const RECORD_IN_MESSAGE_MAX_AGE_SECS: u64 = 300;
 
 /// The response header that tells a daemon which dispatch mode the worker runs.
 pub const MODE_HEADER: &str = "x-dispatch-mode";
@@ -79,6 +85,52 @@ impl Handoff {
     /// the consumer's location for 60 s (the dead letter handler then failed a cancelled task).
     pub fn not_visible_delay_secs(kv_propagation_secs: u64, retry_delay_secs: u32) -> u32 {
         retry_delay_secs.max(kv_propagation_secs.div_ceil(2) as u32)
+    }
+}
+
+/// The API worker's task queue in both modes: sends the message and, in this mode, keeps the
+/// task for a direct hand-off to its server's object ([`hand_off_directly`]) once the worker
+/// has answered, so a new task reaches its host without waiting for queue delivery (on the
+/// local stack that wait was most of a lone task's time). The queue still carries every task:
+/// a direct hand-off that fails is left to it, and the object takes the queue's copy as a
+/// duplicate, so nothing about delivery rests on the direct call. Kept only once the queue has
+/// the message: a task the queue refused is failed by the API, and no object may hold it.
+#[derive(Debug)]
+pub struct HandoffQueue<Q> {
+    pub queue: Q,
+    /// `None` in the KV mode.
+    handoffs: Option<RefCell<Vec<Task>>>,
+}
+
+impl<Q> HandoffQueue<Q> {
+    /// `direct`: this mode (hand tasks to their objects), else the KV mode's plain queue.
+    pub fn new(queue: Q, direct: bool) -> Self {
+        Self { queue, handoffs: direct.then(RefCell::default) }
+    }
+
+    /// The tasks queued so far, for [`hand_off_directly`].
+    pub fn take_handoffs(&self) -> Vec<Task> {
+        self.handoffs.as_ref().map(|h| std::mem::take(&mut *h.borrow_mut())).unwrap_or_default()
+    }
+}
+
+impl<Q: TaskQueue> TaskQueue for HandoffQueue<Q> {
+    async fn send(&self, message: &QueueMessage) -> Result<(), StoreError> {
+        self.queue.send(message).await?;
+        if let (Some(handoffs), Some(task)) = (&self.handoffs, &message.task) {
+            handoffs.borrow_mut().push((**task).clone());
+        }
+        Ok(())
+    }
+}
+
+/// Hands tasks a request queued ([`HandoffQueue::take_handoffs`]) to their objects, after the
+/// worker answered (off the client's path). A refusal or an unreachable object is left to the
+/// queue's delivery.
+pub async fn hand_off_directly<H: HostQueues>(objects: &H, tasks: Vec<Task>) {
+    for task in tasks {
+        let body = serde_json::to_vec(&task).unwrap_or_default();
+        let _ = objects.call(&task.target_server, "POST", "/enqueue", body).await;
     }
 }
 
@@ -216,9 +268,26 @@ impl<S: KvStore, Q: HostQueues> ConsumerFront<'_, S, Q> {
         decisions
     }
 
+    /// The record to hand over: the one the message carries while it is younger than
+    /// [`RECORD_IN_MESSAGE_MAX_AGE_SECS`], else the one in KV. Why the age: the record in the
+    /// message is as the POST made it, and only the object can have changed it since (a
+    /// cancel before the hand-off leaves a finished entry there, which it keeps
+    /// `retain_secs`); an older message could outlive that entry, and KV has the cancel.
+    async fn record_of(&self, message: &QueueMessage) -> Result<Option<Task>, String> {
+        match &message.task {
+            Some(task)
+                if task.id == message.task_id
+                    && self.now.millis_since(message.created_at) < RECORD_IN_MESSAGE_MAX_AGE_SECS * 1000 =>
+            {
+                Ok(Some((**task).clone()))
+            }
+            _ => self.tasks.load(message.task_id).await.map_err(|e| e.to_string()),
+        }
+    }
+
     /// Hands a queued task to its server's object, with the record the API stored.
     pub async fn hand_off(&self, message: &QueueMessage) -> Handoff {
-        let task = match self.tasks.load(message.task_id).await {
+        let task = match self.record_of(message).await {
             Ok(Some(task)) => task,
             Ok(None) => return Handoff::NotVisible(format!("task {} has no record here yet", message.task_id)),
             Err(e) => return Handoff::Retry(e.to_string()),
@@ -234,14 +303,15 @@ impl<S: KvStore, Q: HostQueues> ConsumerFront<'_, S, Q> {
         }
     }
 
-    /// Hands a queue batch's tasks to their servers' objects: every record read concurrently,
+    /// Hands a queue batch's tasks to their servers' objects: every record taken from its
+    /// message or, failing that, read from KV concurrently,
     /// then one `POST /enqueue-batch` per server (the batch's tasks for it, in order) instead of
     /// one request per message: under load the objects' requests, all on the worker's one
     /// thread, were where the hand-off's time went. One answer per message, in order, as
     /// [`Self::hand_off`] would give it; an object that fails its request gets its messages
     /// retried, each harmlessly (enqueueing a held task is a no-op).
     pub async fn hand_off_batch(&self, messages: &[QueueMessage]) -> Vec<Handoff> {
-        let records = futures::future::join_all(messages.iter().map(|m| self.tasks.load(m.task_id))).await;
+        let records = futures::future::join_all(messages.iter().map(|m| self.record_of(m))).await;
         let mut answers: Vec<Option<Handoff>> = vec![None; messages.len()];
         let mut by_server: BTreeMap<String, Vec<(usize, Task)>> = BTreeMap::new();
         for (i, (message, record)) in messages.iter().zip(records).enumerate() {

@@ -7,7 +7,7 @@ use std::{cell::RefCell, collections::BTreeMap};
 
 use futures::executor::block_on;
 use host_queue::{
-    front::{ApiFront, ConsumerFront, Handoff, HostQueues},
+    front::{hand_off_directly, ApiFront, ConsumerFront, Handoff, HandoffQueue, HostQueues},
     object::{self, Reply},
     EnqueueBatch, EnqueueBatchReply, EnqueueOutcome, HostQueue, MemoryStore, QueueConfig,
 };
@@ -100,6 +100,8 @@ struct Edge {
     consumer_tokens: Tokens,
     counters: OpCounters,
     ids: SeqIds,
+    /// The API worker hands each new task to its object right after queueing it.
+    direct_handoff: bool,
 }
 
 impl Edge {
@@ -125,11 +127,14 @@ impl Edge {
                 consumer_tokens: Tokens::parse(CONSUMER),
                 cursor_secret: b"secret".to_vec(),
                 wait_poll_ms: 250,
+                // As the API worker in this mode.
+                records_in_messages: true,
                 ..ApiConfig::default()
             },
             consumer_tokens: Tokens::parse(CONSUMER),
             counters: OpCounters::new(),
             ids: SeqIds::default(),
+            direct_handoff: true,
         }
     }
 
@@ -144,21 +149,22 @@ impl Edge {
             consumer_tokens: &self.api_config.consumer_tokens,
         };
         block_on(async {
-            match front.handle(&request).await {
-                Some(response) => response,
-                None => {
-                    let service = ApiService {
-                        tasks: TaskStore::new(self.tasks.clone()),
-                        buffer: BufferStore::new(self.hosts.clone()),
-                        queue: CountingQueue::new(self.queue.clone(), &self.counters),
-                        clock: self.clock.clone(),
-                        ids: self.ids.clone(),
-                        config: &self.api_config,
-                        counters: &self.counters,
-                    };
-                    service.handle(request).await
-                }
+            if let Some(response) = front.handle(&request).await {
+                return response;
             }
+            let service = ApiService {
+                tasks: TaskStore::new(self.tasks.clone()),
+                buffer: BufferStore::new(self.hosts.clone()),
+                // As the API worker: queued, then handed straight to the object after answering.
+                queue: HandoffQueue::new(CountingQueue::new(self.queue.clone(), &self.counters), self.direct_handoff),
+                clock: self.clock.clone(),
+                ids: self.ids.clone(),
+                config: &self.api_config,
+                counters: &self.counters,
+            };
+            let response = service.handle(request).await;
+            hand_off_directly(&self.objects, service.queue.take_handoffs()).await;
+            response
         })
     }
 
@@ -360,7 +366,8 @@ fn the_websocket_route_takes_a_consumer_token_a_valid_server_and_an_upgrade() {
 
 #[test]
 fn the_cron_hands_a_task_whose_queue_message_was_lost_to_its_object() {
-    let edge = Edge::new();
+    // The queue alone brings the tasks here, as when the API's direct hand-off failed.
+    let edge = Edge { direct_handoff: false, ..Edge::new() };
     let lost = edge.submit("vm-1");
     let delivered = edge.submit("vm-2");
     let messages = edge.queue.drain();
@@ -507,6 +514,9 @@ fn a_cancelled_long_commands_lease_ending_cancels_it() {
     edge.objects.alarm("production");
     assert_eq!(edge.live_status(id), TaskStatus::Cancelled);
     assert_eq!(edge.kv_status(id), TaskStatus::Cancelled);
+    // The rule behind it: a message still carrying its copy is younger than the object keeps
+    // what it finished.
+    assert!(host_queue::front::RECORD_IN_MESSAGE_MAX_AGE_SECS * 2 <= QueueConfig::default().retain_secs);
 }
 
 /// Was empty before: the durable mode's poll dropped the report, so `GET /hosts` showed no
@@ -583,7 +593,8 @@ fn a_report_naming_its_server_skips_the_record_read() {
 /// spared; one it does not hold is held as failed, so a later copy finds it finished.
 #[test]
 fn a_dead_letter_goes_to_the_object_which_spares_a_task_it_holds_and_fails_one_it_does_not() {
-    let edge = Edge::new();
+    // The queue alone brings the tasks here, as when the API's direct hand-off failed.
+    let edge = Edge { direct_handoff: false, ..Edge::new() };
     let held = edge.submit("vm-1");
     let never_handed = edge.submit("vm-2");
     let messages = edge.queue.drain();
@@ -612,10 +623,12 @@ fn a_dead_letter_goes_to_the_object_which_spares_a_task_it_holds_and_fails_one_i
     assert!(record.error.unwrap().contains("dead-lettered"));
 }
 
-/// A message whose record has not reached the consumer's location is delivered again after
-/// half of KV's propagation window, so the queue's retries outlast the window.
+/// The API's message carries the record: a location KV has not reached yet hands the task
+/// over at once (no read, no wait on propagation). A message without it (a record too large
+/// to carry) is delivered again after half of KV's propagation window there, so the queue's
+/// retries outlast the window.
 #[test]
-fn a_message_whose_record_is_not_visible_yet_is_retried_after_half_the_propagation_window() {
+fn a_message_carrying_its_record_is_handed_over_where_kv_has_not_propagated_it() {
     let edge = Edge::new();
     let store = TaskStore::new(MemoryKv::new()); // a location the record has not reached
     let front = ConsumerFront {
@@ -626,11 +639,67 @@ fn a_message_whose_record_is_not_visible_yet_is_retried_after_half_the_propagati
         host_registry: &edge.hosts,
         now: edge.clock.now(),
     };
-    edge.submit("vm-1");
+    let id = edge.submit("vm-1");
     let message = edge.queue.drain().remove(0);
-    assert!(matches!(block_on(front.hand_off(&message)), Handoff::NotVisible(_)));
+    assert_eq!(message.task.as_ref().map(|t| t.id), Some(id), "the API put the record in the message");
+    // As text: workers-rs would hand a JSON object's maps to the queue as empty `Map`s.
+    let wire = serde_json::to_value(&message).unwrap();
+    assert!(wire["task"].is_string(), "{wire}");
+    assert_eq!(serde_json::from_value::<QueueMessage>(wire).unwrap(), message);
+    let garbled = json!({"taskId": id, "type": "stop_vm", "vmName": "vm-1", "targetServer": "production",
+        "createdAt": message.created_at, "task": "{not json"});
+    assert_eq!(serde_json::from_value::<QueueMessage>(garbled).unwrap().task, None, "read from KV instead");
+    assert_eq!(block_on(front.hand_off(&message)), Handoff::Done);
+    assert_eq!(edge.live_status(id), TaskStatus::Pending, "the object holds it");
+
+    edge.submit("vm-2");
+    let without_record = QueueMessage { task: None, ..edge.queue.drain().remove(0) };
+    assert!(matches!(block_on(front.hand_off(&without_record)), Handoff::NotVisible(_)));
     assert_eq!(Handoff::not_visible_delay_secs(60, 5), 30, "4 deliveries span 90 s > 60 s");
     assert_eq!(Handoff::not_visible_delay_secs(0, 5), 5, "one location: the flat delay");
+}
+
+/// A record near the 64 KiB body limit stays out of the message (Queues bill per 64 KB), and
+/// the hand-off reads it from KV instead.
+#[test]
+fn a_large_record_stays_out_of_the_message_and_is_read_from_kv() {
+    let edge = Edge::new();
+    // The largest upload the API takes: 48 KiB of content.
+    let content = "x".repeat(vm_task_types::Limits::UPLOAD_MAX_BYTES);
+    let files = json!([{"path": "big.bin", "content": content}]);
+    let body =
+        json!({"type": "upload_files", "payload": {"vmName": "vm-big", "files": files, "targetServer": "production"}});
+    let r = edge.api(Request::new("POST", "/vm/tasks").bearer(CLIENT).json_body(&body));
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let message = edge.queue.drain().remove(0);
+    assert!(message.task.is_none());
+    assert!(serde_json::to_vec(&message).unwrap().len() < 1024, "the message stays small");
+    edge.clock.advance_ms(1_100);
+    assert_eq!(edge.hand_off_batch(std::slice::from_ref(&message)), [Handoff::Done]);
+    assert_eq!(edge.live_status(message.task_id), TaskStatus::Pending);
+}
+
+/// A message older than `RECORD_IN_MESSAGE_MAX_AGE_SECS` hands over the record in KV, not its
+/// own copy: a task cancelled before its message arrived, whose finished entry the object has
+/// since purged (after `retain_secs`), must not come back as pending from the copy.
+#[test]
+fn a_late_message_hands_over_the_record_in_kv_not_its_own_copy() {
+    let edge = Edge::new();
+    let id = edge.submit("vm-1");
+    assert_eq!(edge.cancel(id).status, 200);
+    let message = edge.queue.drain().remove(0);
+    assert_eq!(message.task.as_ref().map(|t| t.status), Some(TaskStatus::Pending), "the copy is as created");
+    // The first alarm writes the cancelled record KV refused within the POST's second; the
+    // next purges the entry.
+    edge.clock.advance_ms((QueueConfig::default().retain_secs + 60) * 1000);
+    edge.objects.alarm("production");
+    edge.clock.advance_ms(1_100);
+    edge.objects.alarm("production");
+    assert!(edge.objects.queues.borrow()["production"].task(id).is_none(), "the finished entry was purged");
+
+    assert_eq!(edge.hand_off_batch(&[message]), [Handoff::Done]);
+    assert!(edge.objects.queues.borrow()["production"].task(id).is_none(), "not queued again");
+    assert_eq!(edge.kv_status(id), TaskStatus::Cancelled);
 }
 
 /// A queue batch reaches each server's object in one request, whatever its size, and every
@@ -639,7 +708,8 @@ fn a_message_whose_record_is_not_visible_yet_is_retried_after_half_the_propagati
 /// its message arrived.
 #[test]
 fn a_batch_goes_to_each_object_in_one_request_and_each_message_gets_its_own_answer() {
-    let edge = Edge::new();
+    // The queue alone brings the tasks here, as when the API's direct hand-off failed.
+    let edge = Edge { direct_handoff: false, ..Edge::new() };
     let held = edge.submit("vm-0");
     let redelivered = edge.queue.drain().remove(0);
     assert_eq!(edge.hand_off_batch(std::slice::from_ref(&redelivered)), [Handoff::Done]);
@@ -747,7 +817,8 @@ fn the_objects_batch_route_answers_each_task_in_order_and_is_idempotent() {
 
 #[test]
 fn the_queue_handler_acks_what_the_objects_took_and_retries_the_rest_with_its_own_delay() {
-    let edge = Edge::new();
+    // The queue alone brings the tasks here, as when the API's direct hand-off failed.
+    let edge = Edge { direct_handoff: false, ..Edge::new() };
     edge.submit("vm-1");
     edge.submit("vm-faulty");
     let mut bodies: Vec<Value> = edge.queue.drain().iter().map(|m| serde_json::to_value(m).unwrap()).collect();
@@ -834,4 +905,38 @@ fn a_call_over_the_socket_gets_the_same_answer_as_the_http_route() {
     }
     assert_eq!(statuses, [200, 200, 409, 200, 404], "claim, its retry, a stale heartbeat, a report, an unknown task");
     assert_eq!(over_socket.task(id).unwrap().status, TaskStatus::Completed);
+}
+
+/// The API hands a new task to its object right after queueing it: the object holds it and has
+/// it ready for the daemon before any queue delivery, and the queue's copy, delivered later,
+/// changes nothing. A POST whose queue send fails reaches no object (the task is failed, and
+/// must not run); an object unreachable at the POST leaves the task to the queue.
+#[test]
+fn a_new_task_reaches_its_object_at_the_post_and_the_queue_copy_changes_nothing() {
+    let edge = Edge::new();
+    let id = edge.submit("vm-1");
+    assert_eq!(edge.enqueue_calls(), ["production POST /enqueue"], "handed over by the POST itself");
+    assert_eq!(edge.live_status(id), TaskStatus::Pending);
+    let ready = edge.consumer(Request::new("GET", "/tasks/ready?server=production").bearer(CONSUMER));
+    assert_eq!(ready.json_body::<Value>().unwrap()["tasks"][0]["taskId"], json!(id));
+    let version = edge.objects.queues.borrow()["production"].version();
+    edge.clock.advance_ms(1_100);
+    edge.deliver();
+    assert_eq!(edge.objects.queues.borrow()["production"].version(), version, "the queue's copy is a duplicate");
+
+    edge.queue.fail_sends(true);
+    let body = json!({"type": "stop_vm", "payload": {"vmName": "vm-2", "targetServer": "production"}});
+    let r = edge.api(Request::new("POST", "/vm/tasks").bearer(CLIENT).json_body(&body));
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    edge.queue.fail_sends(false);
+    assert_eq!(edge.objects.queues.borrow()["production"].live_count(), 1, "only vm-1's task is held");
+
+    *edge.objects.unreachable.borrow_mut() = Some("production".into());
+    edge.clock.advance_ms(1_100);
+    let late = edge.submit("vm-3");
+    *edge.objects.unreachable.borrow_mut() = None;
+    assert!(edge.objects.queues.borrow()["production"].task(late).is_none());
+    edge.clock.advance_ms(1_100);
+    edge.deliver();
+    assert_eq!(edge.live_status(late), TaskStatus::Pending, "the queue brought it");
 }

@@ -56,6 +56,9 @@ pub struct ApiConfig {
     pub kv_propagation_secs: u64,
     /// `WEBHOOK_URLS` and `WEBHOOK_ALLOW_HTTP_HOSTS`: checks a POST's `callbackUrl`.
     pub webhooks: crate::webhooks::WebhookConfig,
+    /// `DISPATCH_MODE = durable`: queue messages carry the task record
+    /// ([`QueueMessage::task`]), so the hand-off to the host queue object reads no KV.
+    pub records_in_messages: bool,
 }
 
 impl ApiConfig {
@@ -276,7 +279,9 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             paced(&self.clock, || self.tasks.put_json(&key, &record)).await?;
         }
         self.save(&task).await?;
-        if let Err(e) = self.queue.send(&QueueMessage::of(&task)).await {
+        let message =
+            if self.config.records_in_messages { QueueMessage::with_record(&task) } else { QueueMessage::of(&task) };
+        if let Err(e) = self.queue.send(&message).await {
             // The client gets a readable terminal task, never a silently lost one.
             task.record(self.clock.now(), "api", TimelineEvent::QueueFailed, Some(TaskStatus::Failed), e.to_string());
             task.error = Some(format!("could not be queued: {e}"));

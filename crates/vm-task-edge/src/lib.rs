@@ -40,7 +40,7 @@ pub use ports::{Clock, Ids, KvKey, KvPage, KvStore, StoreError, TaskQueue};
 pub const KV_PROPAGATION_SECS: u64 = 60;
 
 /// The queue message: enough to buffer the task without reading it back from KV.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct QueueMessage {
     pub task_id: uuid::Uuid,
@@ -51,9 +51,42 @@ pub struct QueueMessage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_task_id: Option<uuid::Uuid>,
     pub created_at: vm_task_types::Timestamp,
+    /// The durable mode's messages: the task record as the API stored it, so the hand-off
+    /// to the server's object reads nothing from KV (and waits on no propagation). Absent in
+    /// the KV mode, and when the message would reach [`QueueMessage::RECORD_MAX_BYTES`].
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "record_as_text")]
+    pub task: Option<Box<vm_task_types::Task>>,
+}
+
+/// The record in a queue message, as JSON text: workers-rs hands a map inside a message to
+/// JavaScript as a `Map`, which arrives empty (the first e2e run of the durable mode with the
+/// record as a value hung: every message failed to parse and was retried). Text that does
+/// not parse reads as no record, so the hand-off reads KV instead of retrying the message.
+mod record_as_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use vm_task_types::Task;
+
+    pub fn serialize<S: Serializer>(task: &Option<Box<Task>>, serializer: S) -> Result<S::Ok, S::Error> {
+        match task {
+            Some(task) => {
+                let text = serde_json::to_string(task).map_err(serde::ser::Error::custom)?;
+                serializer.serialize_some(&text)
+            }
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Box<Task>>, D::Error> {
+        let text: Option<String> = Option::deserialize(deserializer)?;
+        Ok(text.and_then(|text| serde_json::from_str(&text).ok()))
+    }
 }
 
 impl QueueMessage {
+    /// A record this large or larger is left out: Queues bill a message per 64 KB, and a
+    /// record near the 64 KiB body limit would make it two.
+    pub const RECORD_MAX_BYTES: usize = 48 * 1024;
+
     pub(crate) fn of(task: &vm_task_types::Task) -> Self {
         Self {
             task_id: task.id,
@@ -62,6 +95,17 @@ impl QueueMessage {
             target_server: task.target_server.clone(),
             previous_task_id: task.previous_task_id,
             created_at: task.created_at,
+            task: None,
+        }
+    }
+
+    /// [`QueueMessage::of`], carrying the record when the message stays under
+    /// [`QueueMessage::RECORD_MAX_BYTES`].
+    pub(crate) fn with_record(task: &vm_task_types::Task) -> Self {
+        let message = Self { task: Some(Box::new(task.clone())), ..Self::of(task) };
+        match serde_json::to_vec(&message) {
+            Ok(json) if json.len() < Self::RECORD_MAX_BYTES => message,
+            _ => Self::of(task),
         }
     }
 }

@@ -74,6 +74,7 @@ impl Edge {
                 // stack; tests of the cross-location rules set both workers' window.
                 kv_propagation_secs: 0,
                 webhooks: WebhookConfig::default(),
+                records_in_messages: false,
             },
             consumer_config: ConsumerConfig {
                 consumer_tokens: Tokens::parse(CONSUMER),
