@@ -270,37 +270,52 @@ impl<S: KvStore, B: KvStore, Q: TaskQueue, C: Clock, I: Ids> ApiService<'_, S, B
             timeline: Vec::new(),
         };
         task.record(now, "api", TimelineEvent::Created, None, format!("queued for server {}", task.target_server));
-        // The idempotency record goes first: once the queue has the task, a retry with the same
-        // key must find it, whatever fails after. A record whose task was never saved is
-        // harmless: the lookup finds no task and takes the key as new.
-        if let Some(Idempotency::New { key_hash, body_hash }) = &idempotency {
-            let record = IdempotencyRecord { task_id: id, body_hash: body_hash.clone() };
-            let key = crate::keys::idempotency(key_hash);
-            paced(&self.clock, || self.tasks.put_json(&key, &record)).await?;
-        }
-        self.save(&task).await?;
-        let message =
-            if self.config.records_in_messages { QueueMessage::with_record(&task) } else { QueueMessage::of(&task) };
-        if let Err(e) = self.queue.send(&message).await {
-            // The client gets a readable terminal task, never a silently lost one.
-            task.record(self.clock.now(), "api", TimelineEvent::QueueFailed, Some(TaskStatus::Failed), e.to_string());
-            task.error = Some(format!("could not be queued: {e}"));
-            self.save(&task).await?;
-            return Err(AppError::Unavailable(format!("task {id} could not be queued and was marked failed: {e}")));
-        }
+        // When a host last reported for the server (a failed read warns of nothing): read beside
+        // saving and queueing, not after, since only the answer's warnings need it (on the
+        // local stack each KV round trip on this path added to every POST under load).
+        let target_server = task.target_server.clone();
+        let (queued, seen) = futures::future::join(
+            self.store_and_queue(&mut task, &idempotency),
+            hosts::last_seen(&self.buffer.kv, &target_server),
+        )
+        .await;
+        queued?;
         // The task is queued and will run: from here on the answer is 202 whatever fails.
         // The registry is a hot key (two POSTs for one VM within a second), so its write waits
         // the window out; should it still fail, the next submission for the VM rewrites it,
         // and per-VM order holds through creation order in the daemon's listing meanwhile.
         let _ = self.note_in_registry(&task, registry).await;
-        // One read: when a host last reported for the server (a failed read warns of nothing).
-        let warnings = match hosts::last_seen(&self.buffer.kv, &task.target_server).await {
+        let warnings = match seen {
             Ok(seen) => hosts::unserved_warning(seen, &task.target_server, self.clock.now(), self.host_live_secs())
                 .into_iter()
                 .collect(),
             Err(_) => Vec::new(),
         };
         Ok(created_response(202, &task, warnings))
+    }
+
+    /// Saves a new task and queues it: the idempotency record first (once the queue has the
+    /// task, a retry with the same key must find it, whatever fails after; a record whose task
+    /// was never saved is harmless: the lookup finds no task and takes the key as new), then
+    /// the task record, then the message. A task the queue refuses is saved as failed.
+    async fn store_and_queue(&self, task: &mut Task, idempotency: &Option<Idempotency>) -> Result<(), AppError> {
+        if let Some(Idempotency::New { key_hash, body_hash }) = idempotency {
+            let record = IdempotencyRecord { task_id: task.id, body_hash: body_hash.clone() };
+            let key = crate::keys::idempotency(key_hash);
+            paced(&self.clock, || self.tasks.put_json(&key, &record)).await?;
+        }
+        self.save(task).await?;
+        let message =
+            if self.config.records_in_messages { QueueMessage::with_record(task) } else { QueueMessage::of(task) };
+        if let Err(e) = self.queue.send(&message).await {
+            // The client gets a readable terminal task, never a silently lost one.
+            task.record(self.clock.now(), "api", TimelineEvent::QueueFailed, Some(TaskStatus::Failed), e.to_string());
+            task.error = Some(format!("could not be queued: {e}"));
+            self.save(task).await?;
+            let id = task.id;
+            return Err(AppError::Unavailable(format!("task {id} could not be queued and was marked failed: {e}")));
+        }
+        Ok(())
     }
 
     /// Notes a queued task in its VM's registry entry.
