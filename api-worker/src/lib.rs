@@ -53,8 +53,8 @@ fn config(env: &Env) -> Result<ApiConfig, String> {
         // Unset or unparsable: the edge's default (HOST_LIVE_SECS_DEFAULT).
         host_live_secs: setting(env, "HOST_LIVE_SECONDS").trim().parse().unwrap_or(0),
         started_at: vm_task_types::Timestamp(STARTED_AT.load(Relaxed)),
-        // As the consumer worker reads it: unset is production's window.
         records_in_messages: setting(env, "DISPATCH_MODE").trim() == "durable",
+        // As the consumer worker reads it: unset is production's window.
         kv_propagation_secs: setting(env, "KV_PROPAGATION_SECONDS")
             .trim()
             .parse()
