@@ -168,17 +168,23 @@ impl Edge {
         })
     }
 
-    fn consumer(&self, request: Request) -> Response {
-        self.invocation.begin();
-        let store = TaskStore::new(self.tasks.clone());
-        let front = ConsumerFront {
-            tasks: &store,
+    /// The consumer worker's front at this moment, reading task records from `store` (this
+    /// edge's KV, or a location it has not reached).
+    fn front<'a>(&'a self, store: &'a TaskStore<MemoryKv>) -> ConsumerFront<'a, MemoryKv, Objects> {
+        ConsumerFront {
+            tasks: store,
             queues: &self.objects,
             consumer_tokens: &self.consumer_tokens,
             max_wait_secs: 30,
             host_registry: &self.hosts,
             now: self.clock.now(),
-        };
+        }
+    }
+
+    fn consumer(&self, request: Request) -> Response {
+        self.invocation.begin();
+        let store = TaskStore::new(self.tasks.clone());
+        let front = self.front(&store);
         block_on(front.handle(&request)).expect("a durable-mode consumer route")
     }
 
@@ -200,14 +206,7 @@ impl Edge {
     fn hand_off_batch(&self, messages: &[QueueMessage]) -> Vec<Handoff> {
         self.invocation.begin();
         let store = TaskStore::new(self.tasks.clone());
-        let front = ConsumerFront {
-            tasks: &store,
-            queues: &self.objects,
-            consumer_tokens: &self.consumer_tokens,
-            max_wait_secs: 30,
-            host_registry: &self.hosts,
-            now: self.clock.now(),
-        };
+        let front = self.front(&store);
         block_on(front.hand_off_batch(messages))
     }
 
@@ -372,14 +371,7 @@ fn the_cron_hands_a_task_whose_queue_message_was_lost_to_its_object() {
     let delivered = edge.submit("vm-2");
     let messages = edge.queue.drain();
     let store = TaskStore::new(edge.tasks.clone());
-    let front = ConsumerFront {
-        tasks: &store,
-        queues: &edge.objects,
-        consumer_tokens: &edge.consumer_tokens,
-        max_wait_secs: 30,
-        host_registry: &edge.hosts,
-        now: edge.clock.now(),
-    };
+    let front = edge.front(&store);
     let kept = messages.iter().find(|m| m.task_id == delivered).unwrap();
     assert_eq!(block_on(front.hand_off(kept)), Handoff::Done);
     let reconcile = |at_ms: u64| block_on(front.reconcile(Timestamp(START_MS + at_ms), 60, 3_600, 900)).unwrap();
@@ -599,14 +591,7 @@ fn a_dead_letter_goes_to_the_object_which_spares_a_task_it_holds_and_fails_one_i
     let never_handed = edge.submit("vm-2");
     let messages = edge.queue.drain();
     let store = TaskStore::new(edge.tasks.clone());
-    let front = ConsumerFront {
-        tasks: &store,
-        queues: &edge.objects,
-        consumer_tokens: &edge.consumer_tokens,
-        max_wait_secs: 30,
-        host_registry: &edge.hosts,
-        now: edge.clock.now(),
-    };
+    let front = edge.front(&store);
     let of = |id: Uuid| messages.iter().find(|m| m.task_id == id).unwrap();
     assert_eq!(block_on(front.hand_off(of(held))), Handoff::Done);
     let bodies: Vec<Value> = [held, never_handed].map(|id| serde_json::to_value(of(id)).unwrap()).to_vec();
@@ -631,14 +616,7 @@ fn a_dead_letter_goes_to_the_object_which_spares_a_task_it_holds_and_fails_one_i
 fn a_message_carrying_its_record_is_handed_over_where_kv_has_not_propagated_it() {
     let edge = Edge::new();
     let store = TaskStore::new(MemoryKv::new()); // a location the record has not reached
-    let front = ConsumerFront {
-        tasks: &store,
-        queues: &edge.objects,
-        consumer_tokens: &edge.consumer_tokens,
-        max_wait_secs: 30,
-        host_registry: &edge.hosts,
-        now: edge.clock.now(),
-    };
+    let front = edge.front(&store);
     let id = edge.submit("vm-1");
     let message = edge.queue.drain().remove(0);
     assert_eq!(message.task.as_ref().map(|t| t.id), Some(id), "the API put the record in the message");
