@@ -56,8 +56,9 @@ pub struct ConsumerConfig {
     /// the queue's `max_retries` bounds the attempts.
     pub retry_delay_secs: u32,
     /// `FAULT_FAIL_BUFFERING_VM`: fault injection for tests; buffering any task of this VM
-    /// fails, so its messages exhaust their retries and reach the dead letter queue. Unset in
-    /// every shipped config.
+    /// fails, so its messages exhaust their retries and reach the dead letter queue. In the
+    /// durable mode the API worker reads it too and skips its direct hand-off of such a task,
+    /// so the queue stays its only way in. Unset in every shipped config.
     pub fault_fail_buffering_vm: Option<String>,
     /// `REBUFFER_AFTER_SECONDS`: a task in no buffer this long after its creation is taken to
     /// have lost its queue message (or its entry), and is buffered by the sweep; an entry
