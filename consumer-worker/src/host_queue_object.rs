@@ -326,7 +326,15 @@ impl Inner {
             }
         }
         let next = self.queue.borrow().as_ref().and_then(|q| q.next_alarm()).map(Timestamp::as_millis);
-        if next != self.alarm_at.get() {
+        // Setting the alarm is a storage write (a commit). It is moved only earlier: one that
+        // rings before it is needed costs a wake that finds little to do and sets the next.
+        let set = self.alarm_at.get().filter(|at| *at > WorkerClock.now().as_millis());
+        let change = match (next, set) {
+            (Some(next), Some(set)) => next < set,
+            (None, None) => false,
+            _ => true,
+        };
+        if change {
             self.alarm_at.set(next);
             let storage = self.state.storage();
             let outcome = match next {

@@ -8,7 +8,8 @@
 //! servers instead of doorbells (and writes the host report it may carry, like the KV mode); claim, heartbeat and release go to the task's object (the
 //! server from `?server=`, else from the task record). API worker: `DELETE` and the daemon's
 //! status report go to the task's object (the report straight there when it names the
-//! server); `GET ?wait=` waits on the object, which holds the live task and is never stale.
+//! server); `GET` of a live task reads it from the object, which is never stale, and `?wait=`
+//! waits there.
 
 use std::{cell::RefCell, collections::BTreeMap};
 
@@ -539,9 +540,13 @@ impl<S: KvStore, Q: HostQueues> ApiFront<'_, S, Q> {
             ("GET", ["vm", "tasks", id] | ["vm", "tasks", id, "status"]) => *id,
             _ => return None,
         };
-        // `GET ?wait=N`: wait on the object. Anything else about reads is the KV mode's.
-        let wait_secs =
-            query(request, "wait")?.parse::<u64>().ok().filter(|n| (1..=Limits::WAIT_MAX_SECS).contains(n))?;
+        // A live task is read from its object, which is never stale (its KV record may lag by
+        // up to KV's write window, [`crate::MIRROR_WINDOW_MS`]); `?wait=N` waits on it there.
+        // A bad `wait` is the KV mode's to refuse, and finished tasks are read from KV.
+        let wait_secs = match query(request, "wait") {
+            None => 0,
+            Some(raw) => raw.parse::<u64>().ok().filter(|n| *n <= Limits::WAIT_MAX_SECS)?,
+        };
         let admitted = self
             .consumer_tokens
             .admit(request, "consumer", None)
@@ -555,7 +560,8 @@ impl<S: KvStore, Q: HostQueues> ApiFront<'_, S, Q> {
             Ok(reply) if reply.status == 200 => {
                 serde_json::from_str::<TaskDetailResponse>(&reply.body).map(|d| d.task).unwrap_or(task)
             }
-            // Not in the object within the wait (still queued): the record as it stands.
+            // Not in the object (still queued): the record as it stands.
+            Ok(_) if wait_secs == 0 => task,
             Ok(_) => self.tasks.load(id).await.ok().flatten().unwrap_or(task),
             Err(e) => return Some(unavailable(e)),
         };

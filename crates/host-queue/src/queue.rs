@@ -30,9 +30,14 @@ use crate::{
     store::{HostStore, StoredEntry},
 };
 
-/// KV takes one write per second per key. A status change is written at once; when KV refuses
-/// (429), or for a change that is only a note (buffered, lease renewed), the write waits this
-/// long (the window plus a margin for clock differences) and carries every change since.
+/// KV takes one write per second per key: this long (the window plus a margin for clock
+/// differences) after a record's last write (the API's at submission, or ours) or KV's last
+/// refusal, a change that leaves the task live (claimed, buffered, lease renewed) is written,
+/// carrying every change since. A task that finishes sooner is written once, as finished: the
+/// `processing` write it skips production KV would refuse anyway (429), and each write is
+/// billed. A terminal status is written at once, so a list read after `?wait` agrees with it
+/// (unless KV refuses: then after the window). `GET` of a live task asks its object, so
+/// readers of one task never see the lag.
 pub const MIRROR_WINDOW_MS: u64 = 1_100;
 
 /// What this instance knows about a task's KV record.
@@ -100,6 +105,9 @@ pub struct HostQueue<S> {
     mirrors: BTreeMap<Uuid, Mirror>,
     /// Tasks that became claimable since the last [`HostQueue::effects`].
     newly_ready: BTreeSet<Uuid>,
+    /// Finished tasks whose final record KV accepted, not yet noted in storage: noted with the
+    /// next write (or the alarm), so the KV write's answer costs no storage commit of its own.
+    unnoted: BTreeSet<Uuid>,
     /// Bumped whenever the claimable set may have grown; long polls wait for it to change.
     version: u64,
 }
@@ -109,7 +117,16 @@ impl<S: HostStore> HostQueue<S> {
     pub fn load(mut store: S, config: QueueConfig) -> Self {
         let entries = store.load_entries().into_iter().map(|e| (e.task.id, e)).collect();
         let next_fence = store.counter(FENCE_COUNTER) + 1;
-        Self { store, config, entries, next_fence, mirrors: BTreeMap::new(), newly_ready: BTreeSet::new(), version: 1 }
+        Self {
+            store,
+            config,
+            entries,
+            next_fence,
+            mirrors: BTreeMap::new(),
+            newly_ready: BTreeSet::new(),
+            unnoted: BTreeSet::new(),
+            version: 1,
+        }
     }
 
     pub fn store(&self) -> &S {
@@ -414,6 +431,7 @@ impl<S: HostStore> HostQueue<S> {
     /// The alarm: ends expired leases, fails tasks nobody claimed in time, purges old finished
     /// entries. Mirror writes that became due are in the next [`HostQueue::effects`].
     pub fn on_alarm(&mut self, now: Timestamp) {
+        self.store_notes();
         let ids: Vec<Uuid> = self.entries.keys().copied().collect();
         for id in ids {
             self.expire_if_due(id, now);
@@ -462,12 +480,22 @@ impl<S: HostStore> HostQueue<S> {
         let Some(entry) = self.entries.get_mut(&written.id) else { return };
         entry.mirrored_gen = entry.mirrored_gen.max(written.gen);
         // A live task's is kept in memory only (after a restart its record is written once
-        // more). A finished one's is stored, one row: else every wake of the object (after a
-        // restart, or after each hibernation) wrote the record of every finished task it still
-        // retains again, a KV write each.
+        // more). A finished one's is stored: else every wake of the object (after a restart,
+        // or after each hibernation) wrote the record of every finished task it still retains
+        // again, a KV write each. Stored with the next write or alarm, not now: a storage
+        // commit per KV answer was a fifth of the object's commits under load, and losing the
+        // note to a restart costs one repeated KV write.
         if written.status.is_terminal() && entry.mirrored_gen >= entry.task.gen {
-            let entry = entry.clone();
-            self.store.put_entry(&entry);
+            self.unnoted.insert(written.id);
+        }
+    }
+
+    /// Stores the notes [`Self::mirrored`] left for later.
+    fn store_notes(&mut self) {
+        for id in std::mem::take(&mut self.unnoted) {
+            if let Some(entry) = self.entries.get(&id) {
+                self.store.put_entry(entry);
+            }
         }
     }
 
@@ -482,14 +510,22 @@ impl<S: HostStore> HostQueue<S> {
     pub fn kv_settled(&self, id: Uuid, now: Timestamp) -> bool {
         let Some(entry) = self.entries.get(&id) else { return true };
         let mirror = self.mirrors.get(&id).copied().unwrap_or_default();
-        let waiting_on_kv = mirror.refused_at.is_some_and(|at| now < at.plus_millis(MIRROR_WINDOW_MS));
+        let waiting_on_kv = self.mirror_due_at(entry).is_some_and(|due| now < due);
         entry.mirrored_gen >= entry.task.gen || mirror.status == Some(entry.task.status) || waiting_on_kv
     }
 
     /// When the object must wake next: the earliest lease end, mirror write due, never-claimed
-    /// deadline or purge. `None`: nothing is scheduled (an idle object costs nothing).
+    /// deadline, note to store or purge. `None`: nothing is scheduled (an idle object costs
+    /// nothing).
     pub fn next_alarm(&self) -> Option<Timestamp> {
-        self.entries
+        let notes = self
+            .unnoted
+            .iter()
+            .filter_map(|id| self.mirrors.get(id).and_then(|m| m.written_at))
+            .map(|at| at.plus_millis(MIRROR_WINDOW_MS))
+            .min();
+        let entries = self
+            .entries
             .values()
             .filter_map(|e| {
                 let task = &e.task;
@@ -501,18 +537,18 @@ impl<S: HostStore> HostQueue<S> {
                 };
                 [mirror, deadline].into_iter().flatten().min()
             })
-            .min()
+            .min();
+        entries.into_iter().chain(notes).min()
     }
 
-    /// When the entry's record is due in KV; `None` when KV has it. A status change is due at
-    /// once unless KV just refused; a note waits for the window after the last write.
+    /// When the entry's record is due in KV ([`MIRROR_WINDOW_MS`]); `None` when KV has it.
     fn mirror_due_at(&self, entry: &StoredEntry) -> Option<Timestamp> {
         if entry.mirrored_gen >= entry.task.gen {
             return None;
         }
         let mirror = self.mirrors.get(&entry.task.id).copied().unwrap_or_default();
-        let urgent = mirror.status != Some(entry.task.status);
-        let since = if urgent { mirror.refused_at } else { mirror.refused_at.max(mirror.written_at) };
+        let newly_finished = entry.task.status.is_terminal() && mirror.status != Some(entry.task.status);
+        let since = if newly_finished { mirror.refused_at } else { mirror.refused_at.max(mirror.written_at) };
         Some(since.map_or(Timestamp(0), |at| at.plus_millis(MIRROR_WINDOW_MS)))
     }
 
@@ -605,6 +641,7 @@ impl<S: HostStore> HostQueue<S> {
     }
 
     fn put(&mut self, entry: StoredEntry) {
+        self.store_notes();
         self.store.put_entry(&entry);
         self.entries.insert(entry.task.id, entry);
     }

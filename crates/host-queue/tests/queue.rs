@@ -99,39 +99,66 @@ fn a_task_is_pushed_claimed_and_reported() {
 }
 
 #[test]
-fn status_changes_reach_kv_at_once_and_notes_wait_for_the_window() {
+fn a_record_is_written_at_most_once_per_kv_window_carrying_every_change_since() {
     let mut q = queue();
     q.enqueue(task(1, "vm-1"), at(20));
-    // The buffered note: the API wrote the record at T0, so it waits for T0 + window.
+    // The API wrote the record at T0: nothing more reaches KV before T0 + window.
     assert!(q.effects(at(20)).mirror.is_empty());
     assert_eq!(q.next_alarm(), Some(at(MIRROR_WINDOW_MS)));
     let granted = q.claim(id(1), &claim_req(1), at(30)).unwrap();
-    let fx = q.effects(at(30));
+    assert!(q.effects(at(30)).mirror.is_empty(), "KV would refuse a second write within the second");
+    assert!(q.kv_settled(id(1), at(30)), "waiting on KV's window counts as settled");
+    q.report(id(1), &report(1, Some(granted.fence), TaskStatus::Completed), at(60)).unwrap();
+    // Finished: written at once, the one write after the API's; `processing` never was.
+    let fx = q.effects(at(60));
+    assert_eq!(fx.mirror.iter().map(|t| t.status).collect::<Vec<_>>(), vec![TaskStatus::Completed]);
+    assert!(!q.kv_settled(id(1), at(60)), "due and not written yet");
+    q.mirrored(&fx.mirror[0], at(61));
+    assert!(q.kv_settled(id(1), at(61)));
+    assert!(q.effects(at(100 * MIRROR_WINDOW_MS)).mirror.is_empty(), "written once");
+}
+
+#[test]
+fn a_task_running_past_the_window_is_written_as_processing_once_the_window_has_passed() {
+    let mut q = queue();
+    q.enqueue(task(1, "vm-1"), at(20));
+    q.claim(id(1), &claim_req(1), at(30)).unwrap();
+    assert!(q.effects(at(MIRROR_WINDOW_MS - 1)).mirror.is_empty());
+    let fx = q.effects(at(MIRROR_WINDOW_MS));
     assert_eq!(fx.mirror.iter().map(|t| t.status).collect::<Vec<_>>(), vec![TaskStatus::Processing]);
-    assert!(!q.kv_settled(id(1), at(30)), "not settled until written");
-    q.mirrored(&fx.mirror[0], at(31));
-    assert!(q.kv_settled(id(1), at(31)));
-    q.heartbeat(id(1), &lease(1, Some(granted.fence)), at(40)).unwrap();
-    assert!(q.effects(at(40)).mirror.is_empty(), "a renewed lease is a note");
-    assert!(q.kv_settled(id(1), at(40)), "KV has the status");
-    assert_eq!(q.effects(at(31 + MIRROR_WINDOW_MS)).mirror.len(), 1);
+}
+
+#[test]
+fn a_change_after_a_quiet_window_is_written_at_once_and_a_note_waits_for_the_next_window() {
+    let mut q = queue();
+    q.enqueue(task(1, "vm-1"), at(20));
+    let granted = q.claim(id(1), &claim_req(1), at(5_000)).unwrap();
+    let fx = q.effects(at(5_000));
+    assert_eq!(fx.mirror.iter().map(|t| t.status).collect::<Vec<_>>(), vec![TaskStatus::Processing]);
+    assert!(!q.kv_settled(id(1), at(5_000)), "not settled until written");
+    q.mirrored(&fx.mirror[0], at(5_001));
+    assert!(q.kv_settled(id(1), at(5_001)));
+    q.heartbeat(id(1), &lease(1, Some(granted.fence)), at(5_010)).unwrap();
+    assert!(q.effects(at(5_010)).mirror.is_empty(), "a renewed lease waits for the window");
+    assert!(q.kv_settled(id(1), at(5_010)), "KV has the status");
+    assert_eq!(q.effects(at(5_001 + MIRROR_WINDOW_MS)).mirror.len(), 1);
 }
 
 #[test]
 fn a_refused_write_waits_the_window_and_carries_every_change_since() {
     let mut q = queue();
     q.enqueue(task(1, "vm-1"), at(0));
-    let granted = q.claim(id(1), &claim_req(1), at(30)).unwrap();
-    assert_eq!(q.effects(at(30)).mirror.len(), 1);
-    q.mirror_refused(id(1), at(30));
-    assert!(q.kv_settled(id(1), at(30)), "waiting on KV's limit counts as settled");
-    q.report(id(1), &report(1, Some(granted.fence), TaskStatus::Completed), at(60)).unwrap();
-    assert!(q.effects(at(60)).mirror.is_empty(), "coalesced while KV refuses");
-    assert_eq!(q.next_alarm(), Some(at(30 + MIRROR_WINDOW_MS)));
-    let fx = q.effects(at(30 + MIRROR_WINDOW_MS));
+    let granted = q.claim(id(1), &claim_req(1), at(2_000)).unwrap();
+    assert_eq!(q.effects(at(2_000)).mirror.len(), 1);
+    q.mirror_refused(id(1), at(2_000));
+    assert!(q.kv_settled(id(1), at(2_000)), "waiting on KV's limit counts as settled");
+    q.report(id(1), &report(1, Some(granted.fence), TaskStatus::Completed), at(2_030)).unwrap();
+    assert!(q.effects(at(2_030)).mirror.is_empty(), "coalesced while KV refuses");
+    assert_eq!(q.next_alarm(), Some(at(2_000 + MIRROR_WINDOW_MS)));
+    let fx = q.effects(at(2_000 + MIRROR_WINDOW_MS));
     assert_eq!(fx.mirror.len(), 1, "two transitions, one write");
     assert_eq!(fx.mirror[0].status, TaskStatus::Completed);
-    q.mirrored(&fx.mirror[0], at(30 + MIRROR_WINDOW_MS));
+    q.mirrored(&fx.mirror[0], at(2_000 + MIRROR_WINDOW_MS));
     assert!(q.effects(at(100 * MIRROR_WINDOW_MS)).mirror.is_empty(), "written once");
 }
 
@@ -334,9 +361,32 @@ fn a_finished_task_written_to_kv_is_not_written_again_after_a_restart() {
         q.mirrored(&written, at(5_000));
     }
     assert!(q.effects(at(6_000)).mirror.is_empty());
+    // That KV has it is stored with the next write or alarm, not in a commit of its own; a
+    // restart before then costs one more KV write.
+    let rows = q.store().ops.rows_written;
+    assert_eq!(q.next_alarm(), Some(at(5_000 + MIRROR_WINDOW_MS)));
+    let mut early = HostQueue::load(q.store().clone(), QueueConfig::default());
+    assert_eq!(early.effects(at(5_500)).mirror.len(), 1, "not noted yet: written again");
+    q.on_alarm(at(5_000 + MIRROR_WINDOW_MS));
+    assert_eq!(q.store().ops.rows_written, rows + 1);
     let mut q = HostQueue::load(q.into_store(), QueueConfig::default());
     assert_eq!(q.task(id(1)).unwrap().status, TaskStatus::Completed);
     assert!(q.effects(at(7_000)).mirror.is_empty(), "the finished record is in KV already");
+}
+
+#[test]
+fn that_kv_has_a_finished_record_is_stored_with_the_next_write() {
+    let mut q = queue();
+    q.enqueue(task(1, "vm-1"), at(0));
+    let granted = q.claim(id(1), &claim_req(1), at(10)).unwrap();
+    q.report(id(1), &report(1, Some(granted.fence), TaskStatus::Completed), at(20)).unwrap();
+    for written in q.effects(at(5_000)).mirror {
+        q.mirrored(&written, at(5_000));
+    }
+    q.enqueue(task(2, "vm-1"), at(5_010));
+    let mut q = HostQueue::load(q.into_store(), QueueConfig::default());
+    let rewritten: Vec<_> = q.effects(at(6_000)).mirror.iter().map(|t| t.id).collect();
+    assert_eq!(rewritten, vec![id(2)], "only the new task's record, never the finished one's");
 }
 
 #[test]
