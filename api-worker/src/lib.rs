@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use host_queue::front::{hand_off_directly, ApiFront, HandoffQueue};
+use host_queue::front::{hand_off_directly, ApiFront, HandoffQueue, Submissions};
 use vm_task_edge::{
     api::{ApiConfig, ApiService},
     auth::{Cors, Tokens},
@@ -35,6 +35,9 @@ const HOST_QUEUE: &str = "HOST_QUEUE";
 const OPENAPI: &str = include_str!("../../openapi.json");
 
 static COUNTERS: OpCounters = OpCounters::new();
+/// Submissions (`POST`s) in progress in this instance: a task is handed to its object directly
+/// only when its submission was alone ([`Submissions`]).
+static SUBMISSIONS: Submissions = Submissions::new();
 static STARTED_AT: AtomicU64 = AtomicU64::new(0);
 
 /// The worker's settings, or the problem with one of them.
@@ -66,6 +69,7 @@ fn config(env: &Env) -> Result<ApiConfig, String> {
 #[event(fetch)]
 async fn fetch(req: worker::Request, env: Env, ctx: Context) -> worker::Result<worker::Response> {
     let mut request = request_head(&req)?;
+    let submission = (request.method == "POST").then(|| SUBMISSIONS.begin());
     let config = match config(&env) {
         Ok(config) => config,
         Err(problem) => return to_worker_response(vm_task_edge::http::Response::misconfigured(&problem)),
@@ -111,8 +115,12 @@ async fn fetch(req: worker::Request, env: Env, ctx: Context) -> worker::Result<w
         Some(response) => response,
         None => service.handle(request).await,
     };
-    // A new task goes to its object once the client has its answer (the queue has it too).
+    // A new task goes to its object once the client has its answer (the queue has it too),
+    // unless other submissions are in progress: then the queue's batches carry it.
     let mut handoffs = service.queue.take_handoffs();
+    if !submission.is_some_and(|s| s.alone()) {
+        handoffs.clear();
+    }
     // Fault injection for tests, as in the consumer: a task of this VM cannot be buffered.
     let fault_vm = setting(&env, "FAULT_FAIL_BUFFERING_VM");
     handoffs.retain(|task| fault_vm.trim().is_empty() || task.vm_name() != fault_vm.trim());

@@ -7,7 +7,7 @@ use std::{cell::RefCell, collections::BTreeMap};
 
 use futures::executor::block_on;
 use host_queue::{
-    front::{hand_off_directly, ApiFront, ConsumerFront, Handoff, HandoffQueue, HostQueues},
+    front::{hand_off_directly, ApiFront, ConsumerFront, Handoff, HandoffQueue, HostQueues, Submissions},
     object::{self, Reply},
     EnqueueBatch, EnqueueBatchReply, EnqueueOutcome, HostQueue, MemoryStore, QueueConfig,
 };
@@ -926,4 +926,20 @@ fn a_new_task_reaches_its_object_at_the_post_and_the_queue_copy_changes_nothing(
     edge.clock.advance_ms(1_100);
     edge.deliver();
     assert_eq!(edge.live_status(late), TaskStatus::Pending, "the queue brought it");
+}
+
+#[test]
+fn a_submission_is_handed_off_directly_only_when_no_other_was_in_progress_as_it_began_or_ended() {
+    let submissions = Submissions::new();
+    let lone = submissions.begin();
+    assert!(lone.alone());
+    let overlapping = submissions.begin();
+    assert!(!lone.alone() && !overlapping.alone(), "both left to the queue's batches");
+    drop(overlapping);
+    assert!(lone.alone(), "the other ended first");
+    let began_during = submissions.begin();
+    drop(lone);
+    assert!(!began_during.alone(), "another was in progress as it began");
+    drop(began_during);
+    assert!(submissions.begin().alone(), "every submission ended is uncounted");
 }
