@@ -482,9 +482,9 @@ impl<S: HostStore> HostQueue<S> {
         // A live task's is kept in memory only (after a restart its record is written once
         // more). A finished one's is stored: else every wake of the object (after a restart,
         // or after each hibernation) wrote the record of every finished task it still retains
-        // again, a KV write each. Stored with the next write or alarm, not now: a storage
-        // commit per KV answer was a fifth of the object's commits under load, and losing the
-        // note to a restart costs one repeated KV write.
+        // again, a KV write each. Stored with the next write or alarm, not now: a commit of its
+        // own was one of every task's four, and losing the note to a restart costs one
+        // repeated KV write.
         if written.status.is_terminal() && entry.mirrored_gen >= entry.task.gen {
             self.unnoted.insert(written.id);
         }
