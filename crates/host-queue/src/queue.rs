@@ -30,14 +30,18 @@ use crate::{
     store::{HostStore, StoredEntry},
 };
 
-/// KV takes one write per second per key: this long (the window plus a margin for clock
-/// differences) after a record's last write (the API's at submission, or ours) or KV's last
-/// refusal, a change that leaves the task live (claimed, buffered, lease renewed) is written,
-/// carrying every change since. A task that finishes sooner is written once, as finished: the
-/// `processing` write it skips production KV would refuse anyway (429), and each write is
-/// billed. A terminal status is written at once, so a list read after `?wait` agrees with it
-/// (unless KV refuses: then after the window). `GET` of a live task asks its object, so
-/// readers of one task never see the lag.
+/// KV takes one write per second per key (this is the window plus a margin for clock
+/// differences). A record is written when its status changes, carrying every change since:
+/// - a terminal status at once, so a list read after `?wait` agrees with it (unless KV
+///   refuses: then this long after the refusal);
+/// - a live one (claimed, back to pending) once it has lasted this long and this long has
+///   passed since the record's last write (the API's at submission, or ours) or refusal. A task
+///   claimed and finished within a second is written once, as finished: its `processing`
+///   write would be refused by production KV when the claim follows the POST within the
+///   second (429), and billed otherwise, for a state a list would show for milliseconds;
+/// - notes (buffered, lease renewed) never on their own: they ride the next status write.
+///
+/// `GET` of a live task asks its object, so readers of one task never see the lag.
 pub const MIRROR_WINDOW_MS: u64 = 1_100;
 
 /// What this instance knows about a task's KV record.
@@ -547,8 +551,16 @@ impl<S: HostStore> HostQueue<S> {
             return None;
         }
         let mirror = self.mirrors.get(&entry.task.id).copied().unwrap_or_default();
-        let newly_finished = entry.task.status.is_terminal() && mirror.status != Some(entry.task.status);
-        let since = if newly_finished { mirror.refused_at } else { mirror.refused_at.max(mirror.written_at) };
+        let task = &entry.task;
+        if mirror.status == Some(task.status) {
+            // Only notes since (buffered, lease renewed): they ride the next status write.
+            return None;
+        }
+        let since = if task.status.is_terminal() {
+            mirror.refused_at
+        } else {
+            mirror.refused_at.max(mirror.written_at).max(status_since(task))
+        };
         Some(since.map_or(Timestamp(0), |at| at.plus_millis(MIRROR_WINDOW_MS)))
     }
 
@@ -651,6 +663,11 @@ impl<S: HostStore> HostQueue<S> {
             .unwrap_or(self.config.lease_default_secs)
             .clamp(self.config.lease_min_secs, self.config.lease_max_secs)
     }
+}
+
+/// When the task's current status began: its last status change on the timeline.
+fn status_since(task: &Task) -> Option<Timestamp> {
+    task.timeline.iter().rev().find(|e| e.to.is_some()).map(|e| e.at)
 }
 
 /// Only a long command can be stopped while it runs (the daemon runs it as a guest job).

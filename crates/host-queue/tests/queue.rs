@@ -102,11 +102,13 @@ fn a_task_is_pushed_claimed_and_reported() {
 fn a_record_is_written_at_most_once_per_kv_window_carrying_every_change_since() {
     let mut q = queue();
     q.enqueue(task(1, "vm-1"), at(20));
-    // The API wrote the record at T0: nothing more reaches KV before T0 + window.
+    // The buffered note is no status change: it rides the next write, never alone.
     assert!(q.effects(at(20)).mirror.is_empty());
-    assert_eq!(q.next_alarm(), Some(at(MIRROR_WINDOW_MS)));
+    assert!(q.effects(at(10 * MIRROR_WINDOW_MS)).mirror.is_empty());
+    assert!(q.next_alarm() > Some(at(10 * MIRROR_WINDOW_MS)), "nothing to wake for");
     let granted = q.claim(id(1), &claim_req(1), at(30)).unwrap();
     assert!(q.effects(at(30)).mirror.is_empty(), "KV would refuse a second write within the second");
+    assert_eq!(q.next_alarm(), Some(at(30 + MIRROR_WINDOW_MS)), "processing, if it lasts");
     assert!(q.kv_settled(id(1), at(30)), "waiting on KV's window counts as settled");
     q.report(id(1), &report(1, Some(granted.fence), TaskStatus::Completed), at(60)).unwrap();
     // Finished: written at once, the one write after the API's; `processing` never was.
@@ -123,25 +125,44 @@ fn a_task_running_past_the_window_is_written_as_processing_once_the_window_has_p
     let mut q = queue();
     q.enqueue(task(1, "vm-1"), at(20));
     q.claim(id(1), &claim_req(1), at(30)).unwrap();
-    assert!(q.effects(at(MIRROR_WINDOW_MS - 1)).mirror.is_empty());
-    let fx = q.effects(at(MIRROR_WINDOW_MS));
+    assert!(q.effects(at(29 + MIRROR_WINDOW_MS)).mirror.is_empty());
+    let fx = q.effects(at(30 + MIRROR_WINDOW_MS));
     assert_eq!(fx.mirror.iter().map(|t| t.status).collect::<Vec<_>>(), vec![TaskStatus::Processing]);
 }
 
 #[test]
-fn a_change_after_a_quiet_window_is_written_at_once_and_a_note_waits_for_the_next_window() {
+fn a_status_shorter_than_the_window_never_reaches_kv_even_long_after_the_last_write() {
+    let mut q = queue();
+    q.enqueue(task(1, "vm-1"), at(20));
+    // Claimed long after the API's write (under load, behind the VM's earlier tasks).
+    let granted = q.claim(id(1), &claim_req(1), at(5_000)).unwrap();
+    assert!(q.effects(at(5_000)).mirror.is_empty(), "processing waits until it has lasted a window");
+    q.report(id(1), &report(1, Some(granted.fence), TaskStatus::Completed), at(5_300)).unwrap();
+    let fx = q.effects(at(5_300));
+    assert_eq!(fx.mirror.iter().map(|t| t.status).collect::<Vec<_>>(), vec![TaskStatus::Completed], "one write");
+}
+
+#[test]
+fn a_status_that_lasts_a_window_is_written_and_a_note_rides_the_next_status_write() {
     let mut q = queue();
     q.enqueue(task(1, "vm-1"), at(20));
     let granted = q.claim(id(1), &claim_req(1), at(5_000)).unwrap();
-    let fx = q.effects(at(5_000));
+    assert!(q.effects(at(4_999 + MIRROR_WINDOW_MS)).mirror.is_empty());
+    let written_at = at(5_000 + MIRROR_WINDOW_MS);
+    let fx = q.effects(written_at);
     assert_eq!(fx.mirror.iter().map(|t| t.status).collect::<Vec<_>>(), vec![TaskStatus::Processing]);
-    assert!(!q.kv_settled(id(1), at(5_000)), "not settled until written");
-    q.mirrored(&fx.mirror[0], at(5_001));
-    assert!(q.kv_settled(id(1), at(5_001)));
-    q.heartbeat(id(1), &lease(1, Some(granted.fence)), at(5_010)).unwrap();
-    assert!(q.effects(at(5_010)).mirror.is_empty(), "a renewed lease waits for the window");
-    assert!(q.kv_settled(id(1), at(5_010)), "KV has the status");
-    assert_eq!(q.effects(at(5_001 + MIRROR_WINDOW_MS)).mirror.len(), 1);
+    assert!(!q.kv_settled(id(1), written_at), "not settled until written");
+    q.mirrored(&fx.mirror[0], written_at);
+    assert!(q.kv_settled(id(1), written_at));
+    q.heartbeat(id(1), &lease(1, Some(granted.fence)), written_at.plus_millis(10)).unwrap();
+    assert!(q.kv_settled(id(1), written_at.plus_millis(10)), "KV has the status");
+    assert!(q.effects(written_at.plus_millis(10 * MIRROR_WINDOW_MS)).mirror.is_empty(), "a renewed lease alone");
+    let done = written_at.plus_millis(20 * MIRROR_WINDOW_MS);
+    q.report(id(1), &report(1, Some(granted.fence), TaskStatus::Completed), done).unwrap();
+    let fx = q.effects(done);
+    assert_eq!(fx.mirror.len(), 1);
+    let renewed = fx.mirror[0].claim.as_ref().map(|c| c.lease_expires_at);
+    assert_eq!(renewed, Some(written_at.plus_millis(10).plus_secs(30)), "the lease renewal rode the final write");
 }
 
 #[test]
@@ -149,16 +170,17 @@ fn a_refused_write_waits_the_window_and_carries_every_change_since() {
     let mut q = queue();
     q.enqueue(task(1, "vm-1"), at(0));
     let granted = q.claim(id(1), &claim_req(1), at(2_000)).unwrap();
-    assert_eq!(q.effects(at(2_000)).mirror.len(), 1);
-    q.mirror_refused(id(1), at(2_000));
-    assert!(q.kv_settled(id(1), at(2_000)), "waiting on KV's limit counts as settled");
-    q.report(id(1), &report(1, Some(granted.fence), TaskStatus::Completed), at(2_030)).unwrap();
-    assert!(q.effects(at(2_030)).mirror.is_empty(), "coalesced while KV refuses");
-    assert_eq!(q.next_alarm(), Some(at(2_000 + MIRROR_WINDOW_MS)));
-    let fx = q.effects(at(2_000 + MIRROR_WINDOW_MS));
+    let refused = at(2_000 + MIRROR_WINDOW_MS);
+    assert_eq!(q.effects(refused).mirror.len(), 1);
+    q.mirror_refused(id(1), refused);
+    assert!(q.kv_settled(id(1), refused), "waiting on KV's limit counts as settled");
+    q.report(id(1), &report(1, Some(granted.fence), TaskStatus::Completed), refused.plus_millis(30)).unwrap();
+    assert!(q.effects(refused.plus_millis(30)).mirror.is_empty(), "coalesced while KV refuses");
+    assert_eq!(q.next_alarm(), Some(refused.plus_millis(MIRROR_WINDOW_MS)));
+    let fx = q.effects(refused.plus_millis(MIRROR_WINDOW_MS));
     assert_eq!(fx.mirror.len(), 1, "two transitions, one write");
     assert_eq!(fx.mirror[0].status, TaskStatus::Completed);
-    q.mirrored(&fx.mirror[0], at(2_000 + MIRROR_WINDOW_MS));
+    q.mirrored(&fx.mirror[0], refused.plus_millis(MIRROR_WINDOW_MS));
     assert!(q.effects(at(100 * MIRROR_WINDOW_MS)).mirror.is_empty(), "written once");
 }
 
@@ -344,8 +366,9 @@ fn a_restarted_queue_keeps_its_tasks_and_its_fences_keep_growing() {
     assert_eq!(q.ready().iter().map(|t| t.task_id).collect::<Vec<_>>(), vec![id(2)]);
     let second = q.claim(id(2), &claim_req(2), at(20)).unwrap();
     assert!(second.fence > first.fence);
-    // Records not yet known to be in KV are written again.
-    assert_eq!(q.effects(at(0)).mirror.len(), 2);
+    // Records not yet known to be in KV are written again (once their status has lasted a
+    // window, as any live status).
+    assert_eq!(q.effects(at(20 + MIRROR_WINDOW_MS)).mirror.len(), 2);
     q.report(id(1), &report(1, Some(first.fence), TaskStatus::Completed), at(30)).unwrap();
 }
 
