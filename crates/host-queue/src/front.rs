@@ -133,9 +133,12 @@ impl<Q: TaskQueue> TaskQueue for HandoffQueue<Q> {
 /// to its object directly: only when no other submission was in progress as it began or as it
 /// ended. A task submitted alongside others is left to the queue, whose consumer hands each
 /// object a batch in one request and one storage commit, where the direct hand-off cost both
-/// per task, and whose batches arrive within milliseconds under load anyway (object requests
-/// per task under load 1.11 → 0.13, BENCHMARKS.md). A lone task, the case the direct hand-off
-/// is for, still reaches its host without waiting for queue delivery.
+/// per task. That trades a task's wait for its host (on the local stack about 40 ms more when
+/// the queue is idle, queued→buffered p50 45 ms → 1 s under the bench's load) for throughput
+/// (object requests per task 1.11 → 0.13, and 1.4–1.6× → 1.5–2.2× the KV mode's). Handing off
+/// directly unless 4 or more others were in progress measured slower (1.46–1.77×), as did
+/// coalescing concurrent hand-offs (1.46–1.73×), BENCHMARKS.md. A lone task, the case the
+/// direct hand-off is for, still reaches its host without waiting for queue delivery.
 #[derive(Debug, Default)]
 pub struct Submissions(AtomicU32);
 
