@@ -508,14 +508,12 @@ impl<S: HostStore> HostQueue<S> {
         self.mirrors.entry(id).or_default().refused_at = Some(now);
     }
 
-    /// Whether the task's KV record says what the queue says, or is waiting on KV's write
-    /// limit (then readers of KV see it within [`MIRROR_WINDOW_MS`]). `?wait` answers once
-    /// this holds, so a list read after it agrees whenever KV allows.
+    /// Whether no write of the task's KV record is due now: KV has its status (notes aside), or
+    /// the write waits on KV's window ([`MIRROR_WINDOW_MS`]). `?wait` answers once this holds,
+    /// so a list read after it agrees whenever KV allows.
     pub fn kv_settled(&self, id: Uuid, now: Timestamp) -> bool {
         let Some(entry) = self.entries.get(&id) else { return true };
-        let mirror = self.mirrors.get(&id).copied().unwrap_or_default();
-        let waiting_on_kv = self.mirror_due_at(entry).is_some_and(|due| now < due);
-        entry.mirrored_gen >= entry.task.gen || mirror.status == Some(entry.task.status) || waiting_on_kv
+        self.mirror_due_at(entry).is_none_or(|due| now < due)
     }
 
     /// When the object must wake next: the earliest lease end, mirror write due, never-claimed
